@@ -1,0 +1,192 @@
+"""Wires settings, probe loops, the collector and the reports the HTTP server serves."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+from .backends import REGISTRY, Target, resolve_spec
+from .collector import HeartbeatCollector
+from .config import Settings
+from .errors import UnknownBackendError
+from .health import heartbeat_age, overall_health, target_health
+from .scheduler import Scheduler, TargetLoop, WorkerFactory
+from .state import ProbeRecord, TargetSnapshot, TargetState
+from .worker import Worker, WorkerSpec
+
+log = logging.getLogger("trt_heartbeat")
+
+# Preferred GPU backends for `auto`, best first; registered by their own modules.
+GPU_BACKENDS = ("tensorrt", "cuda")
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+
+
+def gpu_visible(proc_dir: Path = NVIDIA_PROC) -> bool:
+    """Whether the NVIDIA driver exposes a GPU to this host, without loading any CUDA library."""
+    try:
+        return any(proc_dir.iterdir())
+    except OSError:
+        return False
+
+
+def select_backend(name: str, has_gpu: bool) -> str:
+    """Resolve `auto`: a GPU backend where a GPU is visible, `reference` only where none is."""
+    if name != "auto":
+        resolve_spec(name)  # fail early on a typo, before any worker starts
+        return name
+    if not has_gpu:
+        return "reference"
+    for candidate in GPU_BACKENDS:
+        if candidate in REGISTRY:
+            return candidate
+    raise UnknownBackendError(
+        "backend auto: a GPU is visible but no GPU backend is available in this build; "
+        "set backend: reference to probe the CPU only"
+    )
+
+
+def default_targets(backend: str) -> list[Target]:
+    return [Target(gpu="cpu")]
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+class Exporter:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: str,
+        targets: Sequence[Target] | None = None,
+        *,
+        worker_factory: WorkerFactory = Worker,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self._wall_clock = wall_clock
+        spec = resolve_spec(backend)
+        loops = []
+        for target in targets if targets is not None else default_targets(backend):
+            state = TargetState(target, wall_clock, settings.history)
+            worker_spec = WorkerSpec(spec, target, settings.precision)
+            loops.append(
+                TargetLoop(
+                    worker_spec, state, settings,
+                    worker_factory=worker_factory, wall_clock=wall_clock,
+                )
+            )  # fmt: skip
+        self.scheduler = Scheduler(loops)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            HeartbeatCollector(self.scheduler.states, settings, backend, wall_clock)
+        )
+        ProcessCollector(registry=self.registry)
+
+    @property
+    def telemetry_path(self) -> str:
+        return self.settings.telemetry_path
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def alive(self) -> bool:
+        return self.scheduler.alive()
+
+    def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def _snapshots(self) -> list[TargetSnapshot]:
+        return [state.snapshot() for state in self.scheduler.states]
+
+    def health_report(self) -> tuple[dict[str, Any], bool]:
+        """The /health body, and whether the exporter is ready (healthy or degraded)."""
+        now = self._wall_clock()
+        hide = self.settings.hide_hardware_details
+        targets, healths = [], []
+        for snap in self._snapshots():
+            health = target_health(snap, now, self.settings)
+            healths.append(health)
+            last = snap.last_probe
+            entry: dict[str, Any] = {
+                "gpu": snap.target.gpu,
+                "status": health.status,
+                "reason": health.reason,
+                "heartbeat_age_seconds": round(heartbeat_age(snap, now), 3),
+                "last_result": last.result if last else None,
+                "consecutive_failures": snap.consecutive_failures,
+                "engine_loaded": snap.loaded,
+            }
+            if not hide:
+                entry["uuid"] = snap.target.uuid
+                if snap.engine is not None:
+                    entry["engine"] = {
+                        "backend": snap.engine.backend,
+                        "model": snap.engine.model,
+                        "precision": snap.engine.precision,
+                        "engine_sha256": snap.engine.engine_sha256,
+                        "versions": dict(snap.engine.versions),
+                    }
+                if snap.last_failure is not None:
+                    entry["last_failure"] = {
+                        "reason": str(snap.last_failure.reason),
+                        "message": snap.last_failure.message,
+                        "time": _iso(snap.last_failure.timestamp),
+                    }
+            targets.append(entry)
+        overall = overall_health(healths)
+        report = {
+            "status": overall.status,
+            "reason": overall.reason,
+            "version": __version__,
+            "backend": self.backend,
+            "targets": targets,
+        }
+        return report, overall.status != "unhealthy"
+
+    def probe_report(self) -> dict[str, Any]:
+        """The /probes body: the last few probes of each target, newest first."""
+        hide = self.settings.hide_hardware_details
+
+        def record(r: ProbeRecord) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "time": _iso(r.timestamp),
+                "result": r.result,
+                "reason": str(r.reason) if r.reason else None,
+                "phases_seconds": {k: round(v, 9) for k, v in r.phases.items()},
+                # JSON has no Infinity: a NaN/Inf output is said in the message instead.
+                "max_abs_error": r.max_abs_error
+                if r.max_abs_error is not None and math.isfinite(r.max_abs_error)
+                else None,
+            }
+            if not hide:
+                out["message"] = r.message
+            return out
+
+        return {
+            "backend": self.backend,
+            "pid": os.getpid(),
+            "targets": [
+                {
+                    "gpu": snap.target.gpu,
+                    **({} if hide else {"uuid": snap.target.uuid}),
+                    "probes": [record(r) for r in reversed(snap.history)],
+                }
+                for snap in self._snapshots()
+            ],
+        }

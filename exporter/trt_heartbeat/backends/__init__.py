@@ -1,0 +1,62 @@
+"""Probe backends, looked up by name and imported lazily.
+
+The exporter's parent process never imports a backend: only worker processes do, so CUDA,
+TensorRT and NVML code can never wedge or crash the HTTP server.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import cast
+
+from ..errors import UnknownBackendError
+from .base import Backend, BackendFactory, EngineInfo, RunResult, Target
+
+# name -> "module:attribute"; modules are imported only inside worker processes.
+REGISTRY: dict[str, str] = {
+    "reference": "trt_heartbeat.backends.reference:ReferenceBackend",
+}
+
+
+def known_backends() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def resolve_spec(name: str) -> str:
+    """Map a backend name to its import spec without importing it.
+
+    Besides the registered names, a `package.module:Class` spec loads a backend of your own.
+    """
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        if module and attr:
+            return name
+    raise UnknownBackendError(
+        f"unknown backend {name!r}: expected one of {', '.join(known_backends())} "
+        "or a 'package.module:Class' spec"
+    )
+
+
+def load_backend(spec: str) -> BackendFactory:
+    """Import a backend class from its spec (call only inside a worker process)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return cast(BackendFactory, getattr(module, attr))
+    except (ImportError, AttributeError) as exc:
+        raise UnknownBackendError(f"cannot load backend {spec!r}: {exc}") from exc
+
+
+__all__ = [
+    "REGISTRY",
+    "Backend",
+    "BackendFactory",
+    "EngineInfo",
+    "RunResult",
+    "Target",
+    "known_backends",
+    "load_backend",
+    "resolve_spec",
+]

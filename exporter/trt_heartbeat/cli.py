@@ -1,0 +1,309 @@
+"""Command line: serve, probe, check-config. Click lives here and nowhere else.
+
+Every flag is also an environment variable (TRT_HEARTBEAT_<FLAG>) and a config file key;
+precedence is flag > environment > file > default.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import jsonschema
+import yaml
+
+from . import __version__, config, logs
+from .app import Exporter, default_targets, gpu_visible, select_backend
+from .backends import resolve_spec
+from .config import Settings
+from .errors import HeartbeatError
+from .http_server import ExporterHTTPServer
+from .probe import run_probe
+from .worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
+
+log = logging.getLogger("trt_heartbeat")
+F = TypeVar("F", bound=Callable[..., Any])
+ENV_PREFIX = "TRT_HEARTBEAT"
+
+
+class BadInput(click.ClickException):
+    """Invalid configuration or flag values: exit code 2, one line, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigValue(click.ParamType):
+    """A flag value checked against the same schema fragment as its config key."""
+
+    def __init__(self, key: str, duration: bool = False) -> None:
+        self.key, self.duration = key, duration
+        node = config.schema()
+        for part in key.split("."):
+            node = node["properties"][part]
+        if "$ref" in node:
+            node = config.schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        self._schema = node
+        self.name = "duration" if duration else key.rsplit(".", 1)[-1]
+        self._expected = node.get("x-expected", "a valid value")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.duration:
+            try:
+                seconds = config.parse_duration(value)
+            except ValueError:
+                seconds = 0.0
+            if seconds > 0:
+                return seconds
+            self.fail(f"expected {self._expected}, got {value!r}", param, ctx)
+        try:
+            jsonschema.validate(value, self._schema)
+        except jsonschema.ValidationError:
+            self.fail(f"expected {self._expected}, got {value!r}", param, ctx)
+        return value
+
+
+# (flag, config key, type, help)
+_CONFIG_FLAGS: list[tuple[str, str, click.ParamType, str]] = [
+    ("--backend", "backend", ConfigValue("backend"),
+     "Probe backend: auto, reference, or package.module:Class. [default: auto]"),
+    ("--precision", "precision", click.Choice(["fp64", "fp32", "fp16"]),
+     "Precision of the probe network; sets the golden-output tolerance. [default: fp32]"),
+    ("--interval", "interval", ConfigValue("interval", duration=True),
+     "Time between probes of a target, e.g. 10s. [default: 10s]"),
+    ("--timeout", "timeout", ConfigValue("timeout", duration=True),
+     "Time a probe may take before its worker is replaced. [default: 5s]"),
+    ("--web.listen-address", "web.listen_address", ConfigValue("web.listen_address"),
+     "Address to serve HTTP on. [default: :9470]"),
+    ("--web.telemetry-path", "web.telemetry_path", ConfigValue("web.telemetry_path"),
+     "Path under which to expose metrics. [default: /metrics]"),
+    ("--log.level", "log.level", click.Choice(["debug", "info", "warning", "error"]),
+     "Log level. [default: info]"),
+    ("--log.format", "log.format", click.Choice(["text", "json"]),
+     "Log format: text or JSON lines. [default: text]"),
+]  # fmt: skip
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + "_" + flag.lstrip("-").replace(".", "_").replace("-", "_").upper()
+
+
+def _param_name(key: str) -> str:
+    return key.replace(".", "__")
+
+
+def config_options(func: F) -> F:
+    """Add --config and every config flag, each with its environment variable."""
+    for flag, key, kind, text in reversed(_CONFIG_FLAGS):
+        func = click.option(
+            flag, _param_name(key), type=kind, default=None, envvar=_env_name(flag),
+            show_envvar=True, help=text,
+        )(func)  # fmt: skip
+    return click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+        default=None, envvar=_env_name("--config"), show_envvar=True,
+        help="YAML or JSON configuration file.",
+    )(func)  # fmt: skip
+
+
+def _overrides(params: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for _, key, _, _ in _CONFIG_FLAGS:
+        value = params.get(_param_name(key))
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_settings(params: dict[str, Any]) -> Settings:
+    try:
+        return config.load(params.get("config_file"), _overrides(params))
+    except HeartbeatError as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _select(settings: Settings) -> tuple[str, bool]:
+    has_gpu = gpu_visible()
+    try:
+        return select_backend(settings.backend, has_gpu), has_gpu
+    except HeartbeatError as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _with_errors(func: F) -> F:
+    """Translate domain errors escaping a command into one clear line."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HeartbeatError as exc:
+            raise BadInput(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="trt-heartbeat-exporter")
+def cli() -> None:
+    """Prometheus exporter that runs a canonical inference on every GPU on a timer, checks the
+    answer against a golden output and exports the heartbeat."""
+
+
+@cli.command()
+@config_options
+@_with_errors
+def serve(**params: Any) -> None:
+    """Run the exporter: probe every target on a timer and serve /metrics, /health, /ping."""
+    settings = load_settings(params)
+    logs.configure(settings.log_level, settings.log_format)
+    backend, has_gpu = _select(settings)
+    exporter = Exporter(settings, backend)
+    try:
+        server = ExporterHTTPServer(settings.listen_host, settings.listen_port, exporter)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {settings.listen_address}: {exc.strerror or exc}"
+        ) from exc
+    if backend == "reference" and settings.backend == "auto":
+        log.warning(
+            "no GPU visible: probing the CPU with the reference backend; "
+            "build_info{backend=\"reference\"} says so",
+            extra={"fields": {"backend": backend}},
+        )
+    log.info(
+        "listening",
+        extra={"fields": {
+            "address": settings.listen_address, "port": server.port, "backend": backend,
+            "gpu_visible": has_gpu, "interval_seconds": settings.interval,
+            "timeout_seconds": settings.timeout, "version": __version__,
+            "config": settings.source,
+        }},
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("shutting down", extra={"fields": {"signal": signal.Signals(signum).name}})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start_background()
+    exporter.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        exporter.stop()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@cli.command()
+@config_options
+@click.option("--count", "-n", type=click.IntRange(1, 100000), default=3, show_default=True,
+              help="Number of probes per target.")  # fmt: skip
+@_with_errors
+def probe(count: int, **params: Any) -> None:
+    """Run COUNT probes once on each target and print a JSON report.
+
+    Exits 0 only if every probe passed, 1 otherwise: usable as a Kubernetes exec probe or a CI
+    step.
+    """
+    settings = load_settings(params)
+    logs.configure("error", settings.log_format)
+    backend, _ = _select(settings)
+    spec = resolve_spec(backend)
+    report: dict[str, Any] = {"backend": backend, "precision": settings.precision, "targets": []}
+    all_passed = True
+    for target in default_targets(backend):
+        worker = Worker(WorkerSpec(spec, target, settings.precision))
+        entry: dict[str, Any] = {"gpu": target.gpu, "uuid": target.uuid, "probes": []}
+        report["targets"].append(entry)
+        worker.start()
+        try:
+            info, load_seconds = worker.wait_ready(settings.startup_timeout, lambda: True)
+        except WorkerFailure as failure:
+            entry["error"] = {"reason": str(failure.reason), "message": str(failure)}
+            all_passed = False
+            continue
+        entry.update(engine=info.__dict__, engine_load_seconds=round(load_seconds, 6))
+        totals = []
+        try:
+            for _ in range(count):
+                outcome = run_probe(worker, settings.precision, settings.timeout, lambda: True)
+                record = outcome.record
+                entry["probes"].append({
+                    "result": record.result,
+                    "reason": str(record.reason) if record.reason else None,
+                    "message": record.message or None,
+                    "phases_seconds": record.phases,
+                    "max_abs_error": record.max_abs_error,
+                })  # fmt: skip
+                if record.result == "success":
+                    totals.append(record.phases["total"])
+                if outcome.restart_reason is not None:
+                    break  # the worker is gone; the report says why
+        except WorkerAborted:  # pragma: no cover - keep_waiting never aborts here
+            pass
+        finally:
+            worker.close()
+        passed = len(totals)
+        entry["passed"], entry["failed"] = passed, count - passed
+        if totals:
+            entry["total_seconds"] = {
+                "median": statistics.median(totals), "p99": _percentile(totals, 0.99),
+            }  # fmt: skip
+        all_passed = all_passed and passed == count
+    report["passed"] = all_passed
+    click.echo(json.dumps(report, indent=2, default=str))
+    sys.exit(0 if all_passed else 1)
+
+
+@cli.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(file: Path) -> None:
+    """Validate FILE and print the effective configuration (defaults filled in)."""
+    try:
+        settings = config.load(file)
+    except HeartbeatError as exc:
+        raise BadInput(str(exc)) from exc
+    click.echo(yaml.safe_dump(settings.effective(), sort_keys=False), nl=False)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: click's errors become one line on stderr and exit code 2."""
+    try:
+        code = cli.main(args=argv, prog_name="trt-heartbeat-exporter", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare group: show help
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        sys.exit(2)
+    except click.UsageError as exc:
+        click.echo(f"Error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

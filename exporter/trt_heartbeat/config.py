@@ -1,0 +1,298 @@
+"""Configuration: YAML or JSON file, environment and flags, validated against a JSON Schema.
+
+Precedence is flag > environment > file > default. Every error is one line that names the key
+path (or file line) and what was expected; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+# Labels the exporter sets itself; a constant label of the same name would clash.
+RESERVED_LABELS = frozenset(
+    {"gpu", "uuid", "result", "phase", "reason", "status", "backend", "model", "precision",
+     "engine_sha256", "version", "python_version", "tensorrt_version", "cuda_driver_version",
+     "driver_version", "le", "quantile"}
+)  # fmt: skip
+RESERVED_PATHS = frozenset({"/", "/health", "/ping", "/probes"})
+
+DEFAULTS: dict[str, Any] = {
+    "backend": "auto",
+    "precision": "fp32",
+    "interval": "10s",
+    "timeout": "5s",
+    "startup_timeout": "5m",
+    "latency_objective": "100ms",
+    "jitter": 0.1,
+    "history": 20,
+    "constant_labels": {},
+    "web": {
+        "listen_address": ":9470",
+        "telemetry_path": "/metrics",
+        "hide_hardware_details": False,
+    },
+    "log": {"level": "info", "format": "text"},
+}
+DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str
+    precision: str
+    interval: float
+    timeout: float
+    startup_timeout: float
+    max_age: float
+    latency_objective: float
+    jitter: float
+    history: int
+    listen_host: str
+    listen_port: int
+    telemetry_path: str
+    hide_hardware_details: bool
+    log_level: str
+    log_format: str
+    constant_labels: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # the config file, if any
+
+    @property
+    def listen_address(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+    def effective(self) -> dict[str, Any]:
+        """The configuration as a document that loads back to these settings."""
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "interval": format_duration(self.interval),
+            "timeout": format_duration(self.timeout),
+            "startup_timeout": format_duration(self.startup_timeout),
+            "max_age": format_duration(self.max_age),
+            "latency_objective": format_duration(self.latency_objective),
+            "jitter": self.jitter,
+            "history": self.history,
+            "constant_labels": dict(self.constant_labels),
+            "web": {
+                "listen_address": self.listen_address,
+                "telemetry_path": self.telemetry_path,
+                "hide_hardware_details": self.hide_hardware_details,
+            },
+            "log": {"level": self.log_level, "format": self.log_format},
+        }
+
+
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from a number or a Prometheus-style duration ("1m30s", "250ms")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {value!r}")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1 and (seconds * 1000).is_integer():
+        return f"{int(seconds * 1000)}ms"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+@cache
+def schema() -> dict[str, Any]:
+    text = resources.files("trt_heartbeat").joinpath("config_schema.json").read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML or JSON config file into a mapping."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from exc
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of configuration keys at the top level, "
+            f"got {_kind(document)}"
+        )
+    return document
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return json.dumps(value, default=str)
+
+
+def _key_path(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = set(error.schema.get("properties", {}))
+        unknown = sorted(str(k) for k in error.instance if k not in known)
+        path = [*error.absolute_path, unknown[0]] if unknown else list(error.absolute_path)
+        hint = f" (expected one of: {', '.join(sorted(known))})" if known else ""
+        return f"{_key_path(path)}: unknown key{hint}"
+    if error.validator in ("pattern", "not") and error.parent is None and error.schema_path and (
+        "propertyNames" in error.schema_path
+    ):
+        parent_schema = schema()
+        for part in list(error.schema_path)[:-1]:
+            parent_schema = parent_schema[part]
+        expected = parent_schema.get("x-expected", "a valid key")
+        return f"{_key_path([*error.absolute_path, error.instance])}: expected {expected}"
+    expected = error.schema.get("x-expected") if isinstance(error.schema, dict) else None
+    if expected:
+        return f"{_key_path(error.absolute_path)}: expected {expected}, got {_kind(error.instance)}"
+    return f"{_key_path(error.absolute_path)}: {error.message}"
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate(document: dict[str, Any], source: str = "") -> None:
+    """Validate against the schema; raise ConfigError naming the first problem."""
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(
+        validator.iter_errors(document),
+        key=lambda e: ([str(p) for p in e.absolute_path], str(e.validator)),
+    )
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        prefix = f"{source}: " if source else ""
+        raise ConfigError(f"{prefix}{_describe(errors[0])}{more}")
+
+
+def _listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build Settings from an optional file and overrides (flags and environment, nested)."""
+    source = str(path) if path else ""
+    document = read_file(path) if path else {}
+    validate(document, source)
+    if overrides:
+        validate(overrides, "flags")
+        document = _merge(document, overrides)
+    merged = _merge(DEFAULTS, document)
+    prefix = f"{source}: " if source else ""
+
+    seconds: dict[str, float] = {}
+    for key in DURATION_KEYS:
+        if key not in merged:
+            continue
+        value = parse_duration(merged[key])
+        if value <= 0:
+            raise ConfigError(f"{prefix}{key}: expected a positive duration, got {merged[key]!r}")
+        seconds[key] = value
+    seconds.setdefault("max_age", 3 * seconds["interval"])
+
+    if seconds["timeout"] >= seconds["interval"]:
+        raise ConfigError(
+            f"{prefix}timeout: must be shorter than interval ({format_duration(seconds['timeout'])}"
+            f" >= {format_duration(seconds['interval'])})"
+        )
+    if seconds["max_age"] < seconds["interval"]:
+        raise ConfigError(
+            f"{prefix}max_age: must be at least one interval ({format_duration(seconds['max_age'])}"
+            f" < {format_duration(seconds['interval'])})"
+        )
+    clashes = sorted(RESERVED_LABELS & set(merged["constant_labels"]))
+    if clashes:
+        raise ConfigError(
+            f"{prefix}constant_labels.{clashes[0]}: label is set by the exporter itself"
+        )
+    web = merged["web"]
+    host, port = _listen(web["listen_address"])
+    if port > 65535:
+        raise ConfigError(f"{prefix}web.listen_address: port {port} is out of range (0-65535)")
+    if web["telemetry_path"] in RESERVED_PATHS:
+        raise ConfigError(
+            f"{prefix}web.telemetry_path: {web['telemetry_path']} is used by another endpoint"
+        )
+    return Settings(
+        backend=merged["backend"],
+        precision=merged["precision"],
+        interval=seconds["interval"],
+        timeout=seconds["timeout"],
+        startup_timeout=seconds["startup_timeout"],
+        max_age=seconds["max_age"],
+        latency_objective=seconds["latency_objective"],
+        jitter=float(merged["jitter"]),
+        history=int(merged["history"]),
+        listen_host=host,
+        listen_port=port,
+        telemetry_path=web["telemetry_path"],
+        hide_hardware_details=bool(web["hide_hardware_details"]),
+        log_level=merged["log"]["level"],
+        log_format=merged["log"]["format"],
+        constant_labels=dict(merged["constant_labels"]),
+        source=source,
+    )

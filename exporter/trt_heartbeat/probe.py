@@ -1,0 +1,58 @@
+"""One probe as the frame sees it: time the round trip, check the answer, classify the result.
+
+Shared by the scheduler (`serve`) and the one-shot `probe` command so both judge a probe the
+same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import canonical
+from .errors import Reason
+from .state import ProbeRecord
+from .worker import Worker, WorkerFailure
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    record: ProbeRecord
+    # Set when the worker must be replaced; its value labels worker_restarts_total.
+    restart_reason: str | None = None
+    worker_seconds: float = 0.0
+
+
+def run_probe(
+    worker: Worker,
+    precision: str,
+    timeout: float,
+    keep_waiting: Callable[[], bool],
+    wall_clock: Callable[[], float] = time.time,
+    perf_counter: Callable[[], float] = time.perf_counter,
+) -> ProbeOutcome:
+    started = wall_clock()
+    t0 = perf_counter()
+    try:
+        reply = worker.probe(timeout, keep_waiting)
+    except WorkerFailure as failure:
+        result = "timeout" if failure.reason is Reason.TIMEOUT else "error"
+        elapsed = perf_counter() - t0
+        record = ProbeRecord(started, result, {"total": elapsed}, failure.reason, str(failure))
+        return ProbeOutcome(record, restart_reason=failure.restart_reason)
+    total = perf_counter() - t0
+    phases = {"total": total}
+    if reply.result is None:
+        reason = reply.reason or Reason.PROBE_ERROR
+        record = ProbeRecord(started, "error", phases, reason, reply.message)
+        return ProbeOutcome(record, restart_reason="error" if reply.fatal else None)
+    phases.update(reply.result.phases)
+    check = canonical.check_output(reply.result.output, precision)
+    if check.passed:
+        record = ProbeRecord(started, "success", phases, max_abs_error=check.max_abs_error)
+    else:
+        record = ProbeRecord(
+            started, "mismatch", phases, Reason.MISMATCH, check.reason, check.max_abs_error
+        )
+    return ProbeOutcome(record, worker_seconds=reply.worker_seconds)

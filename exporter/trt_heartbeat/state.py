@@ -1,0 +1,147 @@
+"""What the exporter knows about each target, updated by the scheduler, read at scrape time.
+
+Writers hold the lock only to copy a few numbers in; readers take an immutable snapshot. No
+lock is ever held while waiting on a worker, so scrapes never queue behind a wedged GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .backends import EngineInfo, Target
+from .errors import Reason
+
+# 10 us (a GPU kernel) ... 10 s (a probe about to time out).
+BUCKETS: tuple[float, ...] = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+RESULTS = ("success", "error", "timeout", "mismatch")
+RESTART_REASONS = ("timeout", "crash", "error")
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    cumulative: tuple[int, ...]  # one count per bucket in BUCKETS, then +Inf
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return self.cumulative[-1]
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self._counts = [0] * (len(BUCKETS) + 1)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self._sum += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        running, cumulative = 0, []
+        for n in self._counts:
+            running += n
+            cumulative.append(running)
+        return HistogramSnapshot(tuple(cumulative), self._sum)
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    timestamp: float  # wall clock at probe start
+    result: str  # one of RESULTS
+    phases: dict[str, float]  # seconds; "total" measured by the exporter
+    reason: Reason | None = None
+    message: str = ""
+    max_abs_error: float | None = None
+
+
+@dataclass(frozen=True)
+class TargetSnapshot:
+    target: Target
+    started_at: float  # when the exporter began probing this target
+    engine: EngineInfo | None  # the last model a worker loaded, kept while it is replaced
+    loaded: bool  # a worker holds the model now
+    engine_load_seconds: float | None
+    load_failure: tuple[Reason, str] | None
+    last_success: float | None
+    last_probe: ProbeRecord | None
+    last_failure: ProbeRecord | None
+    consecutive_failures: int
+    probes_total: dict[str, int]
+    restarts_total: dict[str, int]
+    durations: dict[str, HistogramSnapshot]
+    history: tuple[ProbeRecord, ...] = field(default=())
+
+
+class TargetState:
+    def __init__(self, target: Target, clock: Callable[[], float], history: int = 20) -> None:
+        self.target = target
+        self._lock = threading.Lock()
+        self._started_at = clock()
+        self._engine: EngineInfo | None = None
+        self._loaded = False
+        self._engine_load_seconds: float | None = None
+        self._load_failure: tuple[Reason, str] | None = None
+        self._last_success: float | None = None
+        self._last_probe: ProbeRecord | None = None
+        self._last_failure: ProbeRecord | None = None
+        self._consecutive_failures = 0
+        # Every label value starts at zero so rate() and increase() see the first failure.
+        self._probes = dict.fromkeys(RESULTS, 0)
+        self._restarts = dict.fromkeys(RESTART_REASONS, 0)
+        self._durations: dict[str, _Histogram] = {}
+        self._history: deque[ProbeRecord] = deque(maxlen=history)
+
+    def engine_loaded(self, info: EngineInfo, seconds: float) -> None:
+        with self._lock:
+            self._engine, self._engine_load_seconds, self._load_failure = info, seconds, None
+            self._loaded = True
+
+    def engine_failed(self, reason: Reason, message: str) -> None:
+        with self._lock:
+            self._loaded, self._load_failure = False, (reason, message)
+
+    def worker_lost(self, restart_reason: str) -> None:
+        with self._lock:
+            self._loaded = False
+            self._restarts[restart_reason] += 1
+
+    def record(self, probe: ProbeRecord) -> None:
+        with self._lock:
+            self._probes[probe.result] += 1
+            self._last_probe = probe
+            self._history.append(probe)
+            if probe.result == "success":
+                self._last_success = probe.timestamp + probe.phases.get("total", 0.0)
+                self._consecutive_failures = 0
+            else:
+                self._last_failure = probe
+                self._consecutive_failures += 1
+            if probe.result != "timeout":  # a timeout's duration is the timeout, not a latency
+                for phase, seconds in probe.phases.items():
+                    self._durations.setdefault(phase, _Histogram()).observe(seconds)
+
+    def snapshot(self) -> TargetSnapshot:
+        with self._lock:
+            return TargetSnapshot(
+                target=self.target,
+                started_at=self._started_at,
+                engine=self._engine,
+                loaded=self._loaded,
+                engine_load_seconds=self._engine_load_seconds,
+                load_failure=self._load_failure,
+                last_success=self._last_success,
+                last_probe=self._last_probe,
+                last_failure=self._last_failure,
+                consecutive_failures=self._consecutive_failures,
+                probes_total=dict(self._probes),
+                restarts_total=dict(self._restarts),
+                durations={k: h.snapshot() for k, h in self._durations.items()},
+                history=tuple(self._history),
+            )

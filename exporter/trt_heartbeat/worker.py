@@ -1,0 +1,205 @@
+"""Probe worker processes: the only place a backend is imported and run.
+
+Each target gets its own process, started with multiprocessing `spawn` (never `fork`: a forked
+CUDA context is unusable, and forking a threaded server copies its locks). The parent talks to it
+over a pipe and never blocks on it for longer than a short slice, so a wedged GPU can freeze the
+worker but never the exporter.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .backends import EngineInfo, RunResult, Target, load_backend
+from .errors import BackendError, Reason
+
+_SLICE = 0.1  # seconds between liveness checks while waiting on a worker
+_CLOSE_GRACE = 2.0  # seconds a worker gets to release its GPU before it is killed
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    backend_spec: str
+    target: Target
+    precision: str
+
+
+@dataclass(frozen=True)
+class ProbeReply:
+    """What the worker answered to one probe request."""
+
+    result: RunResult | None
+    worker_seconds: float  # wall time of backend.run() inside the worker
+    reason: Reason | None = None
+    message: str = ""
+    fatal: bool = False
+
+
+class WorkerFailure(Exception):
+    """The worker is gone or unusable; `restart_reason` labels worker_restarts_total."""
+
+    def __init__(self, reason: Reason, restart_reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.restart_reason = restart_reason
+
+
+class WorkerAborted(Exception):
+    """The caller asked to stop waiting (shutdown)."""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+
+
+def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -> None:
+    """Entry point of the worker process."""
+    # The parent owns shutdown; a Ctrl-C delivered to the process group must not race it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    start = time.perf_counter()
+    try:
+        factory = load_backend(spec.backend_spec)
+        backend = factory(spec.target, spec.precision)
+        info = backend.prepare()
+    except BackendError as exc:
+        conn.send(("load_failed", exc.reason, str(exc)))
+        return
+    except Exception as exc:
+        conn.send(("load_failed", Reason.ENGINE_LOAD_FAILED, _describe(exc)))
+        return
+    conn.send(("ready", info, time.perf_counter() - start))
+    try:
+        while True:
+            try:
+                command = conn.recv()
+            except EOFError:
+                return
+            if command != "probe":
+                return
+            t0 = time.perf_counter()
+            try:
+                result = backend.run()
+                conn.send(("ok", result, time.perf_counter() - t0))
+            except BackendError as exc:
+                conn.send(("error", exc.reason, str(exc), exc.fatal))
+            except Exception as exc:
+                # Unknown failure: the backend's state cannot be trusted any more.
+                detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                conn.send(("error", Reason.PROBE_ERROR, detail, True))
+    finally:
+        backend.close()
+
+
+class Worker:
+    """Parent-side handle of one worker process."""
+
+    def __init__(self, spec: WorkerSpec, context: Any = None) -> None:
+        self.spec = spec
+        self._ctx = context or multiprocessing.get_context("spawn")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self) -> None:
+        parent_conn, child_conn = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(child_conn, self.spec),
+            name=f"trt-heartbeat-worker-{self.spec.target.gpu}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        self._process, self._conn = process, parent_conn
+
+    def wait_ready(self, timeout: float, keep_waiting: Callable[[], bool]) -> tuple[EngineInfo, float]:
+        """Wait for the backend to load; returns its EngineInfo and load time in seconds."""
+        message = self._receive(timeout, keep_waiting, Reason.STARTUP_TIMEOUT, "startup")
+        if message[0] == "ready":
+            return message[1], message[2]
+        self.kill()
+        raise WorkerFailure(message[1], "error", message[2])
+
+    def probe(self, timeout: float, keep_waiting: Callable[[], bool]) -> ProbeReply:
+        assert self._conn is not None
+        try:
+            self._conn.send("probe")
+        except (BrokenPipeError, OSError) as exc:
+            raise self._crashed(f"worker pipe closed: {exc}") from exc
+        message = self._receive(timeout, keep_waiting, Reason.TIMEOUT, "timeout")
+        if message[0] == "ok":
+            return ProbeReply(result=message[1], worker_seconds=message[2])
+        _, reason, text, fatal = message
+        return ProbeReply(result=None, worker_seconds=0.0, reason=reason, message=text, fatal=fatal)
+
+    def _receive(
+        self, timeout: float, keep_waiting: Callable[[], bool], late: Reason, restart_reason: str
+    ) -> tuple[Any, ...]:
+        assert self._conn is not None and self._process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise WorkerFailure(late, restart_reason, f"no answer within {timeout:g}s")
+            try:
+                if self._conn.poll(min(_SLICE, remaining)):
+                    message: tuple[Any, ...] = self._conn.recv()
+                    return message
+            except (EOFError, OSError) as exc:
+                raise self._crashed(f"worker pipe closed: {exc}") from exc
+            if not self._process.is_alive():
+                raise self._crashed("worker exited")
+            if not keep_waiting():
+                raise WorkerAborted()
+
+    def _crashed(self, detail: str) -> WorkerFailure:
+        assert self._process is not None
+        self._process.join(_CLOSE_GRACE)
+        code = self._process.exitcode
+        self.kill()
+        if code is not None and code < 0:
+            try:
+                detail = f"worker killed by {signal.Signals(-code).name}"
+            except ValueError:
+                detail = f"worker killed by signal {-code}"
+        elif code is not None:
+            detail = f"worker exited with code {code}"
+        return WorkerFailure(Reason.WORKER_CRASH, "crash", detail)
+
+    def close(self) -> None:
+        """Ask the worker to release its backend, then make sure it is gone."""
+        if self._process is None:
+            return
+        if self._conn is not None:
+            try:
+                self._conn.send("close")
+            except (BrokenPipeError, OSError):
+                pass
+        self._process.join(_CLOSE_GRACE)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL works on a stopped or wedged worker where a polite request cannot."""
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if process is not None:
+            if process.is_alive():
+                process.kill()
+            process.join(_CLOSE_GRACE)
+            # A process stuck in the driver (D state) may outlive SIGKILL; leave it to the
+            # kernel rather than block the probe loop on it.
+            if process.exitcode is not None:
+                process.close()
+        if conn is not None:
+            conn.close()

@@ -29,8 +29,9 @@ class Tolerance:
     rtol: float
 
 
-# Outputs lie within +-0.15. fp32 allows for TF32 tensor-core matmuls (10-bit mantissa), which GPU runtimes use by default;
-# a real corruption (bit flip, wrong kernel, stale buffer) is orders of magnitude larger.
+# Outputs lie within +-0.15. fp32 allows for TF32 tensor-core matmuls (10-bit mantissa), which
+# GPU runtimes use by default; a real corruption (bit flip, wrong kernel, stale buffer) is orders
+# of magnitude larger.
 TOLERANCES: dict[str, Tolerance] = {
     "fp64": Tolerance(atol=1e-9, rtol=1e-9),
     "fp32": Tolerance(atol=5e-4, rtol=1e-3),

@@ -13,7 +13,6 @@ import signal
 import statistics
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -42,7 +41,7 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
-class ConfigValue(click.ParamType):
+class ConfigValue(click.ParamType):  # type: ignore[type-arg]
     """A flag value checked against the same schema fragment as its config key."""
 
     def __init__(self, key: str, duration: bool = False) -> None:
@@ -73,7 +72,7 @@ class ConfigValue(click.ParamType):
 
 
 # (flag, config key, type, help)
-_CONFIG_FLAGS: list[tuple[str, str, click.ParamType, str]] = [
+_CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
     ("--backend", "backend", ConfigValue("backend"),
      "Probe backend: auto, reference, or package.module:Class. [default: auto]"),
     ("--precision", "precision", click.Choice(["fp64", "fp32", "fp16"]),
@@ -101,18 +100,23 @@ def _param_name(key: str) -> str:
     return key.replace(".", "__")
 
 
-def config_options(func: F) -> F:
-    """Add --config and every config flag, each with its environment variable."""
+def config_flags(func: F) -> F:
+    """Add every config flag, each with its environment variable."""
     for flag, key, kind, text in reversed(_CONFIG_FLAGS):
         func = click.option(
             flag, _param_name(key), type=kind, default=None, envvar=_env_name(flag),
             show_envvar=True, help=text,
         )(func)  # fmt: skip
+    return func
+
+
+def config_options(func: F) -> F:
+    """Add --config and every config flag."""
     return click.option(
         "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
         default=None, envvar=_env_name("--config"), show_envvar=True,
         help="YAML or JSON configuration file.",
-    )(func)  # fmt: skip
+    )(config_flags(func))  # fmt: skip
 
 
 def _overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -129,9 +133,9 @@ def _overrides(params: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def load_settings(params: dict[str, Any]) -> Settings:
+def load_settings(params: dict[str, Any], file: Path | None = None) -> Settings:
     try:
-        return config.load(params.get("config_file"), _overrides(params))
+        return config.load(file or params.get("config_file"), _overrides(params))
     except HeartbeatError as exc:
         raise BadInput(str(exc)) from exc
 
@@ -182,7 +186,7 @@ def serve(**params: Any) -> None:
     if backend == "reference" and settings.backend == "auto":
         log.warning(
             "no GPU visible: probing the CPU with the reference backend; "
-            "build_info{backend=\"reference\"} says so",
+            'build_info{backend="reference"} says so',
             extra={"fields": {"backend": backend}},
         )
     log.info(
@@ -281,12 +285,14 @@ def probe(count: int, **params: Any) -> None:
 
 @cli.command("check-config")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(file: Path) -> None:
-    """Validate FILE and print the effective configuration (defaults filled in)."""
-    try:
-        settings = config.load(file)
-    except HeartbeatError as exc:
-        raise BadInput(str(exc)) from exc
+@config_flags
+def check_config(file: Path, **params: Any) -> None:
+    """Validate FILE and print the effective configuration.
+
+    Flags and TRT_HEARTBEAT_* environment variables are applied on top of FILE, and defaults
+    filled in, exactly as `serve` would see them.
+    """
+    settings = load_settings(params, file)
     click.echo(yaml.safe_dump(settings.effective(), sort_keys=False), nl=False)
 
 
@@ -298,7 +304,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
         sys.exit(2)
     except click.UsageError as exc:
-        click.echo(f"Error: {exc.format_message()} (see --help)", err=True)
+        command = exc.ctx.command_path if exc.ctx else "trt-heartbeat-exporter"
+        click.echo(f"Error: {exc.format_message()} See '{command} --help'.", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -26,7 +27,8 @@ from .state import BUCKETS, TargetSnapshot, TargetState
 PREFIX = "trt_heartbeat"
 # build_info labels filled from what the worker reports about the stack it runs on.
 STACK_VERSIONS = ("tensorrt_version", "cuda_driver_version", "driver_version")
-_BUCKET_LABELS = [*(floatToGoString(b) for b in BUCKETS), "+Inf"]
+_go_float = cast(Callable[[float], str], floatToGoString)  # untyped in client_python
+_BUCKET_LABELS = [*(_go_float(b) for b in BUCKETS), "+Inf"]
 _TIMER_NOTE = (
     " Probes run on the exporter's own timer, not per scrape, so HA Prometheus pairs and"
     " scrape settings do not multiply GPU load."
@@ -53,7 +55,7 @@ class _Families:
         return [*self.values, *values]
 
 
-class HeartbeatCollector(Collector):  # type: ignore[misc]
+class HeartbeatCollector(Collector):
     def __init__(
         self,
         states: Sequence[TargetState],

@@ -17,7 +17,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .errors import ConfigError
+from .backends import resolve_spec
+from .errors import ConfigError, UnknownBackendError
 
 # Labels the exporter sets itself; a constant label of the same name would clash.
 RESERVED_LABELS = frozenset(
@@ -151,11 +152,13 @@ def read_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: config file is not UTF-8 text") from exc
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        # Report where the construct began (an unclosed quote) when it differs from where the
+        # parser gave up (the end of the file).
+        mark = exc.context_mark or exc.problem_mark
         where = f"line {mark.line + 1}: " if mark else ""
-        problem = exc.problem or exc.context or "syntax error"
+        problem = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
@@ -185,21 +188,17 @@ def _key_path(path: Any) -> str:
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
+    node: dict[str, Any] = error.schema if isinstance(error.schema, dict) else {}
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        known = set(error.schema.get("properties", {}))
+        known = set(node.get("properties", {}))
         unknown = sorted(str(k) for k in error.instance if k not in known)
         path = [*error.absolute_path, unknown[0]] if unknown else list(error.absolute_path)
         hint = f" (expected one of: {', '.join(sorted(known))})" if known else ""
         return f"{_key_path(path)}: unknown key{hint}"
-    if error.validator in ("pattern", "not") and error.parent is None and error.schema_path and (
-        "propertyNames" in error.schema_path
-    ):
-        parent_schema = schema()
-        for part in list(error.schema_path)[:-1]:
-            parent_schema = parent_schema[part]
-        expected = parent_schema.get("x-expected", "a valid key")
+    if "propertyNames" in error.schema_path:
+        expected = node.get("x-expected", "a valid key")
         return f"{_key_path([*error.absolute_path, error.instance])}: expected {expected}"
-    expected = error.schema.get("x-expected") if isinstance(error.schema, dict) else None
+    expected = node.get("x-expected")
     if expected:
         return f"{_key_path(error.absolute_path)}: expected {expected}, got {_kind(error.instance)}"
     return f"{_key_path(error.absolute_path)}: {error.message}"
@@ -250,7 +249,8 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
             continue
         value = parse_duration(merged[key])
         if value <= 0:
-            raise ConfigError(f"{prefix}{key}: expected a positive duration, got {merged[key]!r}")
+            expected = schema()["$defs"]["duration"]["x-expected"]
+            raise ConfigError(f"{prefix}{key}: expected {expected}, got {_kind(merged[key])}")
         seconds[key] = value
     seconds.setdefault("max_age", 3 * seconds["interval"])
 
@@ -264,6 +264,11 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
             f"{prefix}max_age: must be at least one interval ({format_duration(seconds['max_age'])}"
             f" < {format_duration(seconds['interval'])})"
         )
+    if merged["backend"] != "auto":
+        try:
+            resolve_spec(merged["backend"])
+        except UnknownBackendError as exc:
+            raise ConfigError(f"{prefix}backend: {exc}") from exc
     clashes = sorted(RESERVED_LABELS & set(merged["constant_labels"]))
     if clashes:
         raise ConfigError(

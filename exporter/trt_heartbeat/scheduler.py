@@ -77,7 +77,7 @@ class TargetLoop:
         self._thread.join(timeout)
 
     def alive(self) -> bool:
-        """True while the loop thread runs and keeps ticking (it ticks even while a worker hangs)."""
+        """True while the loop thread runs and ticks (it ticks even while its worker hangs)."""
         stalled = time.monotonic() - self._last_tick > LOOP_STALL_SECONDS
         return self._thread.is_alive() and not stalled
 

@@ -8,6 +8,7 @@ worker but never the exporter.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -122,7 +123,9 @@ class Worker:
         child_conn.close()
         self._process, self._conn = process, parent_conn
 
-    def wait_ready(self, timeout: float, keep_waiting: Callable[[], bool]) -> tuple[EngineInfo, float]:
+    def wait_ready(
+        self, timeout: float, keep_waiting: Callable[[], bool]
+    ) -> tuple[EngineInfo, float]:
         """Wait for the backend to load; returns its EngineInfo and load time in seconds."""
         message = self._receive(timeout, keep_waiting, Reason.STARTUP_TIMEOUT, "startup")
         if message[0] == "ready":
@@ -182,10 +185,8 @@ class Worker:
         if self._process is None:
             return
         if self._conn is not None:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send("close")
-            except (BrokenPipeError, OSError):
-                pass
         self._process.join(_CLOSE_GRACE)
         self.kill()
 

@@ -34,7 +34,7 @@ def resolve_spec(name: str) -> str:
         if module and attr:
             return name
     raise UnknownBackendError(
-        f"unknown backend {name!r}: expected one of {', '.join(known_backends())} "
+        f"unknown backend {name!r}: expected auto, {', '.join(known_backends())} "
         "or a 'package.module:Class' spec"
     )
 

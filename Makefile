@@ -1,0 +1,41 @@
+# `make test` is the one command that installs what the tests need and runs all of them;
+# .ci/run calls it on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_PACKAGES := prometheus
+
+.PHONY: run test lint bench deps system-deps clean
+
+# Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s").
+run: $(VENV)/.installed
+	$(VENV)/bin/trt-heartbeat-exporter serve $(ARGS)
+
+test: lint
+	$(PY) -m pytest -q
+
+lint: deps
+	$(VENV)/bin/ruff check exporter tests bench
+	$(VENV)/bin/ruff format --check exporter tests bench
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(PY) bench/bench_overhead.py
+
+deps: system-deps $(VENV)/.installed
+
+# promtool (Debian package prometheus) checks the real scrape in the tests.
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    $(DEBIAN_PACKAGES) >/dev/null; }
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,lint]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache exporter/*.egg-info

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fault_backend import ENV as FAULT_ENV
+from trt_heartbeat import config
+from trt_heartbeat.app import Exporter
+from trt_heartbeat.http_server import ExporterHTTPServer
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+FAULT_SPEC = "fault_backend:FaultBackend"
+
+
+class Faults:
+    """Writes the fault backend's control file; workers read it on every probe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set(self, **control: Any) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(control))
+        tmp.replace(self.path)  # atomic: a worker never reads half a file
+
+
+@pytest.fixture
+def faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Faults:
+    path = tmp_path / "faults.json"
+    monkeypatch.setenv(FAULT_ENV, str(path))  # inherited by spawned workers
+    f = Faults(path)
+    f.set()
+    return f
+
+
+def settings(**overrides: Any) -> config.Settings:
+    base: dict[str, Any] = {
+        "backend": FAULT_SPEC, "interval": 0.3, "timeout": 0.25, "startup_timeout": 20,
+        "jitter": 0.0, "web": {"listen_address": "127.0.0.1:0"},
+    }  # fmt: skip
+    return config.load(None, config._merge(base, overrides))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """Poll until predicate() is truthy; the deadline only bounds a hung test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+class Running:
+    def __init__(self, exporter: Exporter, server: ExporterHTTPServer) -> None:
+        self.exporter = exporter
+        self.server = server
+        self.url = f"http://127.0.0.1:{server.port}"
+
+    def snapshot(self) -> Any:
+        return self.exporter.scheduler.states[0].snapshot()
+
+
+@pytest.fixture
+def run_exporter() -> Iterator[Callable[..., Running]]:
+    """Start an in-process exporter with real workers and a real HTTP server on loopback."""
+    started: list[Running] = []
+
+    def start(**overrides: Any) -> Running:
+        s = settings(**overrides)
+        exporter = Exporter(s, s.backend)
+        server = ExporterHTTPServer("127.0.0.1", 0, exporter)
+        server.start_background()
+        exporter.start()
+        running = Running(exporter, server)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.server.shutdown()
+        running.server.server_close()
+        running.exporter.stop()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRT_HEARTBEAT_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "exporter")])
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trt_heartbeat", *args],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(**env),
+    )  # fmt: skip
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; `make test` installs it")
+    return path

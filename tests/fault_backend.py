@@ -1,0 +1,81 @@
+"""Test-only backend that injects the faults we cannot cause for real on a CPU machine.
+
+It reads a JSON control file (path in $TRT_HEARTBEAT_FAULT_FILE) before loading and before every
+probe, so a test can change its behaviour while the exporter runs:
+  {"load": "ok|fail|hang|crash", "probe": "ok|raise|fatal|cuda|crash|hang|wrong|nan|slow",
+   "delay": seconds for "slow"}
+Without a control file it behaves like the reference backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+from typing import Any, ClassVar
+
+from trt_heartbeat.backends.base import EngineInfo, RunResult, Target
+from trt_heartbeat.backends.reference import ReferenceBackend
+from trt_heartbeat.errors import BackendError, Reason
+
+ENV = "TRT_HEARTBEAT_FAULT_FILE"
+
+
+def control() -> dict[str, Any]:
+    path = os.environ.get(ENV)
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return dict(json.load(fh))
+
+
+def segfault() -> None:
+    ctypes.string_at(0)  # a real SIGSEGV, as a crashing native library would cause
+
+
+class FaultBackend:
+    name: ClassVar[str] = "fault"
+    precisions: ClassVar[tuple[str, ...]] = ReferenceBackend.precisions
+
+    def __init__(self, target: Target, precision: str) -> None:
+        self._inner = ReferenceBackend(target, precision)
+
+    def prepare(self) -> EngineInfo:
+        mode = control().get("load", "ok")
+        if mode == "fail":
+            raise BackendError(Reason.ENGINE_LOAD_FAILED, "injected: engine build failed")
+        if mode == "hang":
+            time.sleep(3600)
+        if mode == "crash":
+            segfault()
+        info = self._inner.prepare()
+        versions = {"tensorrt_version": "0.0"}
+        return EngineInfo("fault", info.precision, info.model, "ab" * 32, versions)
+
+    def run(self) -> RunResult:
+        ctl = control()
+        mode = ctl.get("probe", "ok")
+        if mode == "raise":
+            raise BackendError(Reason.PROBE_ERROR, "injected: transient probe error")
+        if mode == "cuda":
+            raise BackendError(Reason.CUDA_ERROR, "injected: CUDA_ERROR_LAUNCH_FAILED", fatal=True)
+        if mode == "fatal":
+            raise RuntimeError("injected: unexpected backend failure")
+        if mode == "crash":
+            segfault()
+        if mode == "hang":
+            time.sleep(3600)
+        result = self._inner.run()
+        if mode == "slow":
+            time.sleep(float(ctl.get("delay", 0.2)))
+        if mode == "wrong":
+            return RunResult(result.output + 0.5, result.phases)
+        if mode == "nan":
+            out = result.output.copy()
+            out[0, 0] = float("nan")
+            return RunResult(out, result.phases)
+        return result
+
+    def close(self) -> None:
+        self._inner.close()

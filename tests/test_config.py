@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import cli
+from trt_heartbeat import config
+from trt_heartbeat.cli import cli as cli_group
+from trt_heartbeat.cli import main
+from trt_heartbeat.errors import ConfigError
+
+DATA = Path(__file__).parent / "testdata"
+DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds"
+
+# One file per error case; the message must name the key path and what was expected.
+INVALID = {
+    "unknown-key": "intervall: unknown key (expected one of: backend, constant_labels, history, "
+    "interval, jitter, latency_objective, log, max_age, precision, startup_timeout, timeout, web)",
+    "unknown-nested-key": "web.listen: unknown key (expected one of: hide_hardware_details, "
+    "listen_address, telemetry_path)",
+    "interval-not-duration": f'interval: expected {DURATION}, got "ten seconds"',
+    "interval-negative": f"interval: expected {DURATION}, got -5",
+    "interval-zero": f'interval: expected {DURATION}, got "0s"',
+    "timeout-not-shorter": "timeout: must be shorter than interval (10s >= 5s)",
+    "max-age-below-interval": "max_age: must be at least one interval (1s < 10s)",
+    "precision": 'precision: expected one of fp64, fp32, fp16, got "int8"',
+    "listen-address": "web.listen_address: expected host:port such as :9470, 127.0.0.1:9470 or "
+    '[::1]:9470, got "localhost"',
+    "listen-port": "web.listen_address: port 99999 is out of range (0-65535)",
+    "telemetry-path": 'web.telemetry_path: expected a URL path starting with /, got "metrics"',
+    "telemetry-path-taken": "web.telemetry_path: /health is used by another endpoint",
+    "label-name": "constant_labels.bad-name: expected a Prometheus label name "
+    "([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)",
+    "label-reserved": "constant_labels.gpu: label is set by the exporter itself",
+    "label-value": "constant_labels.track: expected a string label value, got 3",
+    "yaml-syntax": "line 3: invalid YAML: while scanning a quoted scalar found unexpected end "
+    "of stream",
+    "duplicate-key": "line 3: invalid YAML: duplicate key 'interval'",
+    "top-level-list": "expected a mapping of configuration keys at the top level, got a list",
+    "log-format": 'log.format: expected one of text, json, got "xml"',
+    "hide-not-bool": 'web.hide_hardware_details: expected true or false, got "maybe"',
+    "jitter": "jitter: expected a fraction of the interval between 0 and 0.5, got 2",
+    "history": "history: expected a whole number of probes between 1 and 1000, got 2.5",
+    "backend-empty": "backend: expected a backend name (auto, reference) or a "
+    "'package.module:Class' spec, got \"\"",
+    "backend-unknown": "backend: unknown backend 'tensorrtt': expected auto, reference or a "
+    "'package.module:Class' spec",
+    "web-not-mapping": 'web: expected a mapping, got ":9470"',
+}
+
+
+def test_every_invalid_file_has_an_expected_message() -> None:
+    files = {p.name.removeprefix("invalid-").removesuffix(".yaml") for p in DATA.glob("invalid-*")}
+    assert files == set(INVALID)
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_config_message(case: str) -> None:
+    path = DATA / f"invalid-{case}.yaml"
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: {INVALID[case]}"
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_config_exits_2_with_one_line(
+    case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = DATA / f"invalid-{case}.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", str(path)])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"Error: {path}: {INVALID[case]}\n"
+
+
+def test_serve_refuses_invalid_config_without_traceback() -> None:
+    path = DATA / "invalid-timeout-not-shorter.yaml"
+    result = cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"Error: {path}: {INVALID['timeout-not-shorter']}\n"
+    assert result.stdout == ""
+
+
+def test_missing_config_file() -> None:
+    result = cli("serve", "--config", "/nonexistent/heartbeat.yaml")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "Error: /nonexistent/heartbeat.yaml: cannot read config file: No such file or directory\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--interval", "soon"], "Invalid value for '--interval' (env var: "
+         f"'TRT_HEARTBEAT_INTERVAL'): expected {DURATION}, got 'soon'"),
+        (["--timeout", "-1"], "Invalid value for '--timeout' (env var: 'TRT_HEARTBEAT_TIMEOUT'): "
+         f"expected {DURATION}, got '-1'"),
+        (["--web.listen-address", "9470"], "Invalid value for '--web.listen-address' (env var: "
+         "'TRT_HEARTBEAT_WEB_LISTEN_ADDRESS'): expected host:port such as :9470, 127.0.0.1:9470 "
+         "or [::1]:9470, got '9470'"),
+        (["--precision", "int4"], "Invalid value for '--precision' (env var: "
+         "'TRT_HEARTBEAT_PRECISION'): 'int4' is not one of 'fp64', 'fp32', 'fp16'."),
+        (["--backend", "nope"], "unknown backend 'nope': expected auto, reference or a "
+         "'package.module:Class' spec"),
+        (["--interval", "1s", "--timeout", "2s"], "timeout: must be shorter than interval "
+         "(2s >= 1s)"),
+        (["--no-such-flag"], "No such option '--no-such-flag'. See 'trt-heartbeat-exporter serve "
+         "--help'."),
+    ],
+)  # fmt: skip
+def test_bad_flags_exit_2_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    result = cli("serve", TRT_HEARTBEAT_INTERVAL="never")
+    assert result.returncode == 2
+    assert "TRT_HEARTBEAT_INTERVAL" in result.stderr and "'never'" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_yaml_and_json_files_give_the_same_settings() -> None:
+    from_yaml = config.load(DATA / "valid-full.yaml")
+    from_json = config.load(DATA / "valid-full.json")
+    assert {**from_yaml.__dict__, "source": ""} == {**from_json.__dict__, "source": ""}
+    assert from_yaml.listen_host == "::1" and from_yaml.listen_port == 9471
+    assert from_yaml.interval == 30 and from_yaml.max_age == 120
+    assert from_yaml.latency_objective == 0.25
+    assert from_yaml.constant_labels == {"track": "canary", "release": "2.13.0"}
+
+
+def test_defaults() -> None:
+    s = config.load()
+    assert (s.backend, s.precision, s.interval, s.timeout) == ("auto", "fp32", 10, 5)
+    assert s.max_age == 30, "max_age defaults to three intervals"
+    assert (s.listen_host, s.listen_port, s.telemetry_path) == ("", 9470, "/metrics")
+
+
+def test_effective_config_round_trips(tmp_path: Path) -> None:
+    settings = config.load(DATA / "valid-full.yaml")
+    dumped = tmp_path / "effective.yaml"
+    dumped.write_text(yaml.safe_dump(settings.effective()))
+    again = config.load(dumped)
+    assert {**again.__dict__, "source": ""} == {**settings.__dict__, "source": ""}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10s", 10), ("500ms", 0.5), ("1m30s", 90), ("2h", 7200), ("1.5s", 1.5), (3, 3)],
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert config.parse_duration(text) == seconds
+    assert config.parse_duration(config.format_duration(seconds)) == seconds
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("interval: 30s\ntimeout: 3s\nlatency_objective: 200ms\n")
+    runner = CliRunner()
+    env = {"TRT_HEARTBEAT_INTERVAL": "20s", "TRT_HEARTBEAT_TIMEOUT": "4s"}
+    result = runner.invoke(cli_group, ["check-config", str(path), "--interval", "15s"], env=env)
+    assert result.exit_code == 0, result.output
+    effective = yaml.safe_load(result.output)
+    assert effective["interval"] == "15s"  # flag beats env and file
+    assert effective["timeout"] == "4s"  # env beats file
+    assert effective["latency_objective"] == "200ms"  # file beats default
+    assert effective["precision"] == "fp32"  # default
+    assert json.dumps(effective)  # printable, plain data

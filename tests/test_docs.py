@@ -1,0 +1,108 @@
+"""Tests that keep the docs true: the metric contract, reason codes, runbooks, CLI docs."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, Faults, Running, wait_for
+from trt_heartbeat.cli import cli
+from trt_heartbeat.errors import Reason
+from trt_heartbeat.health import AWAITING_FIRST_PROBE, OK, SLOW, STALE, STARTING
+
+DOCS = ROOT / "docs"
+ROW = re.compile(r"^\| `(trt_heartbeat_\w+)` \| (\w+) \|([^|]*)\|")
+
+
+def documented_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    table = {}
+    for line in (DOCS / "metrics.md").read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            name, kind, labels = match.groups()
+            table[name] = (kind, frozenset(re.findall(r"`(\w+)`", labels)))
+    return table
+
+
+def scraped_metrics(url: str) -> dict[str, tuple[str, frozenset[str]]]:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("trt_heartbeat_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels: set[str] = set()
+        for sample in family.samples:
+            labels |= set(sample.labels) - {"le"}
+        found[name] = (family.type, frozenset(labels))
+    return found
+
+
+def test_metrics_doc_equals_real_output(
+    run_exporter: Callable[..., Running], faults: Faults
+) -> None:
+    r = run_exporter()
+    # Visit every state once so that every family has series: pass, fail, pass.
+    wait_for(lambda: r.snapshot().probes_total["success"] >= 1)
+    faults.set(probe="raise")
+    wait_for(lambda: r.snapshot().probes_total["error"] >= 1)
+    faults.set()
+    wait_for(lambda: r.snapshot().last_probe.result == "success")
+    assert scraped_metrics(r.url) == documented_metrics()
+
+
+def test_reason_codes_are_documented_with_runbooks() -> None:
+    metrics = (DOCS / "metrics.md").read_text()
+    runbooks = (DOCS / "runbooks.md").read_text()
+    headings = set(re.findall(r"^### (\w+)$", runbooks, re.MULTILINE))
+    for reason in Reason:
+        assert f"| `{reason.value}` |" in metrics, reason
+        assert reason.value in headings, f"runbook section for {reason.value}"
+    for state in (STARTING, AWAITING_FIRST_PROBE, STALE, SLOW, "no_targets"):
+        assert state in headings, f"runbook section for {state}"
+    assert OK not in headings
+
+
+def test_readme_documents_every_command_and_flag() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, command in cli.commands.items():
+        assert f"trt-heartbeat-exporter {name}" in readme, name
+        assert command.help, f"{name} has help"
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--") and opt != "--help":
+                    assert f"`{opt}`" in readme, f"{name} {opt} in README"
+
+
+def test_readme_quick_start_matches_ci() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make test" in ci
+
+
+def test_changelog_names_the_current_version() -> None:
+    from trt_heartbeat import __version__
+
+    assert f"## {__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_every_doc_link_resolves() -> None:
+    for doc in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def test_config_schema_keys_are_documented() -> None:
+    from trt_heartbeat import config
+
+    readme = (ROOT / "README.md").read_text()
+    for key, node in config.schema()["properties"].items():
+        subkeys = node.get("properties", {})
+        for sub in subkeys:
+            assert f"`{key}.{sub}`" in readme, f"{key}.{sub}"
+        if not subkeys:
+            assert f"`{key}`" in readme, key

@@ -15,6 +15,7 @@ import pytest
 from fault_backend import ENV as FAULT_ENV
 from trt_heartbeat import config
 from trt_heartbeat.app import Exporter
+from trt_heartbeat.backends import Target
 from trt_heartbeat.http_server import ExporterHTTPServer
 
 TESTS = Path(__file__).parent
@@ -77,9 +78,9 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
     """Start an in-process exporter with real workers and a real HTTP server on loopback."""
     started: list[Running] = []
 
-    def start(**overrides: Any) -> Running:
+    def start(targets: list[Target] | None = None, **overrides: Any) -> Running:
         s = settings(**overrides)
-        exporter = Exporter(s, s.backend)
+        exporter = Exporter(s, s.backend, targets)
         server = ExporterHTTPServer("127.0.0.1", 0, exporter)
         server.start_background()
         exporter.start()

@@ -4,7 +4,8 @@ It reads a JSON control file (path in $TRT_HEARTBEAT_FAULT_FILE) before loading 
 probe, so a test can change its behaviour while the exporter runs:
   {"load": "ok|fail|hang|crash", "probe": "ok|raise|fatal|cuda|crash|hang|wrong|nan|slow",
    "delay": seconds for "slow"}
-Without a control file it behaves like the reference backend.
+A key "gpu:<index>" holds a control for that target alone. Without a control file it behaves
+like the reference backend.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from trt_heartbeat.errors import BackendError, Reason
 ENV = "TRT_HEARTBEAT_FAULT_FILE"
 
 
-def control() -> dict[str, Any]:
+def control(target: Target) -> dict[str, Any]:
     path = os.environ.get(ENV)
     if not path or not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as fh:
-        return dict(json.load(fh))
+        ctl = dict(json.load(fh))
+    return dict(ctl.get(f"gpu:{target.gpu}", ctl))
 
 
 def segfault() -> None:
@@ -39,10 +41,11 @@ class FaultBackend:
     precisions: ClassVar[tuple[str, ...]] = ReferenceBackend.precisions
 
     def __init__(self, target: Target, precision: str) -> None:
+        self._target = target
         self._inner = ReferenceBackend(target, precision)
 
     def prepare(self) -> EngineInfo:
-        mode = control().get("load", "ok")
+        mode = control(self._target).get("load", "ok")
         if mode == "fail":
             raise BackendError(Reason.ENGINE_LOAD_FAILED, "injected: engine build failed")
         if mode == "hang":
@@ -54,7 +57,7 @@ class FaultBackend:
         return EngineInfo("fault", info.precision, info.model, "ab" * 32, versions)
 
     def run(self) -> RunResult:
-        ctl = control()
+        ctl = control(self._target)
         mode = ctl.get("probe", "ok")
         if mode == "raise":
             raise BackendError(Reason.PROBE_ERROR, "injected: transient probe error")

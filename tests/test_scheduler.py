@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable
 
 from conftest import Faults, Running, wait_for
+from trt_heartbeat.backends import Target
 from trt_heartbeat.errors import Reason
 
 Start = Callable[..., Running]
@@ -129,3 +130,18 @@ def test_stop_closes_workers(run_exporter: Start, faults: Faults) -> None:
     assert loop.worker_pid is None
     wait_for(lambda: not _alive(pid), what="worker gone after stop")
     assert not r.exporter.alive()
+
+
+def test_targets_probe_concurrently_and_independently(run_exporter: Start, faults: Faults) -> None:
+    r = run_exporter(targets=[Target("0", "GPU-a"), Target("1", "GPU-b")])
+    states = r.exporter.scheduler.states
+    wait_for(lambda: all(s.snapshot().probes_total["success"] >= 1 for s in states))
+    faults.set(**{"gpu:0": {"probe": "hang"}, "gpu:1": {}})
+    before = states[1].snapshot().probes_total["success"]
+    # While target 0 hangs, times out and is replaced, target 1 keeps passing on schedule.
+    wait_for(lambda: states[0].snapshot().restarts_total["timeout"] >= 2)
+    after = states[1].snapshot()
+    assert after.probes_total["success"] >= before + 3
+    assert after.restarts_total["timeout"] == 0 and after.consecutive_failures == 0
+    pids = {loop.worker_pid for loop in r.exporter.scheduler.loops}
+    assert len(pids) == 2, "one worker process per target"

@@ -97,7 +97,8 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRT_HEARTBEAT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "exporter")])
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT / "exporter"), *inherited])
     env.update(extra)
     return env
 
@@ -114,3 +115,15 @@ def require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed; `make test` installs it")
     return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where an NVIDIA GPU is visible (docs/gpu-validation.md)."""
+    from trt_heartbeat.app import gpu_visible
+
+    if gpu_visible():
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, ClassVar
 
-from trt_heartbeat.backends.base import EngineInfo, RunResult, Target
+from trt_heartbeat.backends.base import BackendOptions, EngineInfo, RunResult, Target
 from trt_heartbeat.backends.reference import ReferenceBackend
 from trt_heartbeat.errors import BackendError, Reason
 
@@ -40,7 +40,7 @@ class FaultBackend:
     name: ClassVar[str] = "fault"
     precisions: ClassVar[tuple[str, ...]] = ReferenceBackend.precisions
 
-    def __init__(self, target: Target, precision: str) -> None:
+    def __init__(self, target: Target, precision: str, options: BackendOptions) -> None:
         self._target = target
         self._inner = ReferenceBackend(target, precision)
 
@@ -72,13 +72,14 @@ class FaultBackend:
         result = self._inner.run()
         if mode == "slow":
             time.sleep(float(ctl.get("delay", 0.2)))
+        output = result.output
         if mode == "wrong":
-            return RunResult(result.output + 0.5, result.phases)
+            output = output + 0.5
         if mode == "nan":
-            out = result.output.copy()
-            out[0, 0] = float("nan")
-            return RunResult(out, result.phases)
-        return result
+            output = output.copy()
+            output[0, 0] = float("nan")
+        # Pretend to hold device memory so the memory series exists, as on a GPU.
+        return RunResult(output, result.phases, 263 << 20, "test")
 
     def close(self) -> None:
         self._inner.close()

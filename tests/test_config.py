@@ -18,8 +18,9 @@ DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds
 
 # One file per error case; the message must name the key path and what was expected.
 INVALID = {
-    "unknown-key": "intervall: unknown key (expected one of: backend, constant_labels, history, "
-    "interval, jitter, latency_objective, log, max_age, precision, startup_timeout, timeout, web)",
+    "unknown-key": "intervall: unknown key (expected one of: backend, constant_labels, cuda_api, "
+    "engine_cache_dir, gpus, history, interval, jitter, latency_objective, log, max_age, "
+    "precision, startup_timeout, timeout, web)",
     "unknown-nested-key": "web.listen: unknown key (expected one of: hide_hardware_details, "
     "listen_address, telemetry_path)",
     "interval-not-duration": f'interval: expected {DURATION}, got "ten seconds"',
@@ -45,10 +46,13 @@ INVALID = {
     "hide-not-bool": 'web.hide_hardware_details: expected true or false, got "maybe"',
     "jitter": "jitter: expected a fraction of the interval between 0 and 0.5, got 2",
     "history": "history: expected a whole number of probes between 1 and 1000, got 2.5",
-    "backend-empty": "backend: expected a backend name (auto, reference) or a "
+    "backend-empty": "backend: expected a backend name (auto, reference, cuda, tensorrt) or a "
     "'package.module:Class' spec, got \"\"",
-    "backend-unknown": "backend: unknown backend 'tensorrtt': expected auto, reference or a "
-    "'package.module:Class' spec",
+    "backend-unknown": "backend: unknown backend 'tensorrtt': expected auto, cuda, reference, "
+    "tensorrt or a 'package.module:Class' spec",
+    "gpus": "gpus: expected all, or a list of GPU indexes (0, 1, ...) or UUIDs (GPU-...), got "
+    '[0, "first"]',
+    "cuda-api": 'cuda_api: expected one of cuda-python, pycuda, got "cupy"',
     "web-not-mapping": 'web: expected a mapping, got ":9470"',
 }
 
@@ -107,8 +111,8 @@ def test_missing_config_file() -> None:
          "or [::1]:9470, got '9470'"),
         (["--precision", "int4"], "Invalid value for '--precision' (env var: "
          "'TRT_HEARTBEAT_PRECISION'): 'int4' is not one of 'fp64', 'fp32', 'fp16'."),
-        (["--backend", "nope"], "unknown backend 'nope': expected auto, reference or a "
-         "'package.module:Class' spec"),
+        (["--backend", "nope"], "unknown backend 'nope': expected auto, cuda, reference, "
+         "tensorrt or a 'package.module:Class' spec"),
         (["--interval", "1s", "--timeout", "2s"], "timeout: must be shorter than interval "
          "(2s >= 1s)"),
         (["--no-such-flag"], "No such option '--no-such-flag'. See 'trt-heartbeat-exporter serve "

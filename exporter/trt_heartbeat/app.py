@@ -14,11 +14,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__
-from .backends import REGISTRY, Target, resolve_spec
+from . import __version__, gpus
+from .backends import GPU_BACKENDS, BackendOptions, Target, resolve_spec
 from .collector import HeartbeatCollector
 from .config import Settings
-from .errors import UnknownBackendError
 from .health import heartbeat_age, overall_health, target_health
 from .scheduler import Scheduler, TargetLoop, WorkerFactory
 from .state import ProbeRecord, TargetSnapshot, TargetState
@@ -26,37 +25,50 @@ from .worker import Worker, WorkerSpec
 
 log = logging.getLogger("trt_heartbeat")
 
-# Preferred GPU backends for `auto`, best first; registered by their own modules.
-GPU_BACKENDS = ("tensorrt", "cuda")
 NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+DEV = Path("/dev")
 
 
-def gpu_visible(proc_dir: Path = NVIDIA_PROC) -> bool:
-    """Whether the NVIDIA driver exposes a GPU to this host, without loading any CUDA library."""
+def gpu_visible(proc_dir: Path = NVIDIA_PROC, dev_dir: Path = DEV) -> bool:
+    """Whether the NVIDIA driver exposes a GPU here, without loading any CUDA library.
+
+    The NVIDIA container runtime mounts the driver's procfs entries and /dev/nvidiaN nodes of
+    the GPUs a container may see, so this also holds inside Kubernetes pods.
+    """
     try:
-        return any(proc_dir.iterdir())
+        if any(proc_dir.iterdir()):
+            return True
     except OSError:
-        return False
+        pass
+    return any(dev_dir.glob("nvidia[0-9]*"))
 
 
 def select_backend(name: str, has_gpu: bool) -> str:
-    """Resolve `auto`: a GPU backend where a GPU is visible, `reference` only where none is."""
+    """Resolve `auto`: tensorrt where a GPU is visible, reference only where none is.
+
+    With a GPU present a broken TensorRT makes the targets unhealthy (runtime_missing); it never
+    falls back to a CPU probe that would report a healthy heartbeat for a GPU it did not touch.
+    """
     if name != "auto":
         resolve_spec(name)  # fail early on a typo, before any worker starts
         return name
-    if not has_gpu:
-        return "reference"
-    for candidate in GPU_BACKENDS:
-        if candidate in REGISTRY:
-            return candidate
-    raise UnknownBackendError(
-        "backend auto: a GPU is visible but no GPU backend is available in this build; "
-        "set backend: reference to probe the CPU only"
-    )
+    return "tensorrt" if has_gpu else "reference"
 
 
-def default_targets(backend: str) -> list[Target]:
-    return [Target(gpu="cpu")]
+def targets_for(backend: str, settings: Settings) -> list[Target]:
+    if backend not in GPU_BACKENDS:
+        return [Target(gpu="cpu")]
+    try:
+        found = gpus.discover()
+    except gpus.DiscoveryError as exc:
+        # Probe what was asked for anyway: each worker then reports the real failure reason.
+        log.error("GPU discovery failed", extra={"fields": {"error": str(exc)}})
+        found = []
+    targets = gpus.select_targets(settings.gpus, found)
+    if not targets:
+        log.error("no GPU found to probe", extra={"fields": {"gpus": str(settings.gpus)}})
+        targets = [Target(gpu="0")]
+    return targets
 
 
 def _iso(ts: float | None) -> str | None:
@@ -77,10 +89,13 @@ class Exporter:
         self.backend = backend
         self._wall_clock = wall_clock
         spec = resolve_spec(backend)
+        options = BackendOptions(settings.cuda_api, settings.engine_cache_dir)
         loops = []
-        for target in targets if targets is not None else default_targets(backend):
+        for target in targets if targets is not None else targets_for(backend, settings):
             state = TargetState(target, wall_clock, settings.history)
-            worker_spec = WorkerSpec(spec, target, settings.precision)
+            worker_spec = WorkerSpec(
+                spec, target, settings.precision, options, bind_gpu=backend in GPU_BACKENDS
+            )
             loops.append(
                 TargetLoop(
                     worker_spec, state, settings,
@@ -141,7 +156,11 @@ class Exporter:
                         "precision": snap.engine.precision,
                         "engine_sha256": snap.engine.engine_sha256,
                         "versions": dict(snap.engine.versions),
+                        **dict(snap.engine.details),
                     }
+                if snap.gpu_memory is not None:
+                    entry["probe_gpu_memory_bytes"] = snap.gpu_memory[0]
+                    entry["probe_gpu_memory_source"] = snap.gpu_memory[1]
                 if snap.last_failure is not None:
                     entry["last_failure"] = {
                         "reason": str(snap.last_failure.reason),

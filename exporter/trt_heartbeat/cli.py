@@ -14,6 +14,7 @@ import statistics
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -22,8 +23,8 @@ import jsonschema
 import yaml
 
 from . import __version__, config, logs
-from .app import Exporter, default_targets, gpu_visible, select_backend
-from .backends import resolve_spec
+from .app import Exporter, gpu_visible, select_backend, targets_for
+from .backends import GPU_BACKENDS, BackendOptions, resolve_spec
 from .config import Settings
 from .errors import HeartbeatError
 from .http_server import ExporterHTTPServer
@@ -239,8 +240,10 @@ def probe(count: int, **params: Any) -> None:
     spec = resolve_spec(backend)
     report: dict[str, Any] = {"backend": backend, "precision": settings.precision, "targets": []}
     all_passed = True
-    for target in default_targets(backend):
-        worker = Worker(WorkerSpec(spec, target, settings.precision))
+    options = BackendOptions(settings.cuda_api, settings.engine_cache_dir)
+    for target in targets_for(backend, settings):
+        worker = Worker(WorkerSpec(spec, target, settings.precision, options,
+                                   bind_gpu=backend in GPU_BACKENDS))  # fmt: skip
         entry: dict[str, Any] = {"gpu": target.gpu, "uuid": target.uuid, "probes": []}
         report["targets"].append(entry)
         worker.start()
@@ -250,7 +253,7 @@ def probe(count: int, **params: Any) -> None:
             entry["error"] = {"reason": str(failure.reason), "message": str(failure)}
             all_passed = False
             continue
-        entry.update(engine=info.__dict__, engine_load_seconds=round(load_seconds, 6))
+        entry.update(engine=asdict(info), engine_load_seconds=round(load_seconds, 6))
         totals = []
         try:
             for _ in range(count):
@@ -294,6 +297,73 @@ def check_config(file: Path, **params: Any) -> None:
     """
     settings = load_settings(params, file)
     click.echo(yaml.safe_dump(settings.effective(), sort_keys=False), nl=False)
+
+
+@cli.command("build-engine")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the engine.",
+)
+@click.option(
+    "--gpu",
+    default="0",
+    show_default=True,
+    envvar=_env_name("--gpu"),
+    show_envvar=True,
+    help="GPU index or UUID to build on.",
+)
+@click.option(
+    "--engine-cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    envvar=_env_name("--engine-cache-dir"),
+    show_envvar=True,
+    help="Cache directory to write the plan and its manifest to. "
+    "[default: $XDG_CACHE_HOME/trt-heartbeat-exporter/engines]",
+)
+@click.option(
+    "--version-compatible",
+    is_flag=True,
+    help="Build a plan that newer TensorRT runtimes of the same major version load.",
+)
+@click.option(
+    "--hardware-compatible",
+    is_flag=True,
+    help="Build a plan that runs on any Ampere or newer GPU (may be slower).",
+)
+@click.option("--cuda-api", type=click.Choice(["cuda-python", "pycuda"]), default="cuda-python",
+              show_default=True, help="CUDA host API.")  # fmt: skip
+def build_engine(
+    precision: str,
+    gpu: str,
+    engine_cache_dir: str | None,
+    version_compatible: bool,
+    hardware_compatible: bool,
+    cuda_api: str,
+) -> None:
+    """Build the canonical TensorRT plan ahead of time and store it in the engine cache.
+
+    Run it where the full TensorRT is installed (an init container, a CI job) so that the probe
+    itself can run on the lean runtime. Prints the plan's manifest as JSON.
+    """
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before any CUDA library loads
+    from .backends.tensorrt import build_engine as build
+    from .engine_cache import default_cache_dir
+    from .errors import BackendError
+
+    try:
+        manifest = build(precision, engine_cache_dir or default_cache_dir(), version_compatible,
+                         hardware_compatible, cuda_api)  # fmt: skip
+    except BackendError as exc:
+        raise click.ClickException(f"{exc.reason}: {exc}") from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the engine cache: {exc}") from exc
+    click.echo(json.dumps(asdict(manifest), indent=2))
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -181,6 +181,12 @@ class HeartbeatCollector(Collector):
             "The probe model the target runs; constant 1.",
             [*target, "backend", "model", "precision", "engine_sha256"],
         )
+        memory = f.gauge(
+            "probe_gpu_memory_bytes",
+            "Device memory held by the probe worker on its GPU (NVML per-process where the PID "
+            "matches, else the rise in used memory across the worker's own set-up).",
+            target,
+        )
         failure = f.gauge(
             "last_failure_info",
             "Reason code of the most recent failed probe of the target; constant 1.",
@@ -208,7 +214,9 @@ class HeartbeatCollector(Collector):
             if snap.engine is not None:
                 e = snap.engine
                 engine.add_metric([*t, e.backend, e.model, e.precision, e.engine_sha256], 1)
+            if snap.gpu_memory is not None:
+                memory.add_metric(t, snap.gpu_memory[0])
             if snap.last_failure is not None and snap.last_failure.reason is not None:
                 failure.add_metric([*t, str(snap.last_failure.reason)], 1)
         yield from (up, last_success, age, probes, durations, error, failures, restarts, load,
-                    engine, failure)  # fmt: skip
+                    engine, memory, failure)  # fmt: skip

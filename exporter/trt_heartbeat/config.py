@@ -18,6 +18,7 @@ import jsonschema
 import yaml
 
 from .backends import resolve_spec
+from .engine_cache import default_cache_dir
 from .errors import ConfigError, UnknownBackendError
 
 # Labels the exporter sets itself; a constant label of the same name would clash.
@@ -31,6 +32,9 @@ RESERVED_PATHS = frozenset({"/", "/health", "/ping", "/probes"})
 DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "precision": "fp32",
+    "gpus": "all",
+    "cuda_api": "cuda-python",
+    "engine_cache_dir": "",
     "interval": "10s",
     "timeout": "5s",
     "startup_timeout": "5m",
@@ -54,6 +58,9 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 class Settings:
     backend: str
     precision: str
+    gpus: str | list[int | str]
+    cuda_api: str
+    engine_cache_dir: str  # "" means the default under $XDG_CACHE_HOME
     interval: float
     timeout: float
     startup_timeout: float
@@ -80,6 +87,9 @@ class Settings:
         return {
             "backend": self.backend,
             "precision": self.precision,
+            "gpus": self.gpus if isinstance(self.gpus, str) else list(self.gpus),
+            "cuda_api": self.cuda_api,
+            "engine_cache_dir": self.engine_cache_dir or default_cache_dir(),
             "interval": format_duration(self.interval),
             "timeout": format_duration(self.timeout),
             "startup_timeout": format_duration(self.startup_timeout),
@@ -180,6 +190,12 @@ def _kind(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+def _shown(value: Any) -> str:
+    """A value as the user wrote it, if short; its kind otherwise."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else _kind(value)
+
+
 def _key_path(path: Any) -> str:
     out = ""
     for part in path:
@@ -200,7 +216,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{_key_path([*error.absolute_path, error.instance])}: expected {expected}"
     expected = node.get("x-expected")
     if expected:
-        return f"{_key_path(error.absolute_path)}: expected {expected}, got {_kind(error.instance)}"
+        return (
+            f"{_key_path(error.absolute_path)}: expected {expected}, got {_shown(error.instance)}"
+        )
     return f"{_key_path(error.absolute_path)}: {error.message}"
 
 
@@ -285,6 +303,9 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
     return Settings(
         backend=merged["backend"],
         precision=merged["precision"],
+        gpus=merged["gpus"],
+        cuda_api=merged["cuda_api"],
+        engine_cache_dir=merged["engine_cache_dir"],
         interval=seconds["interval"],
         timeout=seconds["timeout"],
         startup_timeout=seconds["startup_timeout"],

@@ -50,3 +50,12 @@ class BackendError(HeartbeatError):
         super().__init__(message)
         self.reason = reason
         self.fatal = fatal
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only `fatal` and the extra positional argument defeat default pickling,
+        # which multiprocessing needs to carry the error out of a worker.
+        return (_rebuild_backend_error, (self.reason, str(self), self.fatal))
+
+
+def _rebuild_backend_error(reason: Reason, message: str, fatal: bool) -> BackendError:
+    return BackendError(reason, message, fatal=fatal)

@@ -37,9 +37,9 @@ def run_probe(
     try:
         reply = worker.probe(timeout, keep_waiting)
     except WorkerFailure as failure:
-        result = "timeout" if failure.reason is Reason.TIMEOUT else "error"
+        kind = "timeout" if failure.reason is Reason.TIMEOUT else "error"
         elapsed = perf_counter() - t0
-        record = ProbeRecord(started, result, {"total": elapsed}, failure.reason, str(failure))
+        record = ProbeRecord(started, kind, {"total": elapsed}, failure.reason, str(failure))
         return ProbeOutcome(record, restart_reason=failure.restart_reason)
     total = perf_counter() - t0
     phases = {"total": total}
@@ -47,12 +47,17 @@ def run_probe(
         reason = reply.reason or Reason.PROBE_ERROR
         record = ProbeRecord(started, "error", phases, reason, reply.message)
         return ProbeOutcome(record, restart_reason="error" if reply.fatal else None)
-    phases.update(reply.result.phases)
-    check = canonical.check_output(reply.result.output, precision)
-    if check.passed:
-        record = ProbeRecord(started, "success", phases, max_abs_error=check.max_abs_error)
-    else:
-        record = ProbeRecord(
-            started, "mismatch", phases, Reason.MISMATCH, check.reason, check.max_abs_error
-        )
+    result = reply.result
+    phases.update(result.phases)
+    check = canonical.check_output(result.output, precision)
+    record = ProbeRecord(
+        started,
+        "success" if check.passed else "mismatch",
+        phases,
+        None if check.passed else Reason.MISMATCH,
+        check.reason,
+        check.max_abs_error,
+        result.gpu_memory_bytes,
+        result.gpu_memory_source,
+    )
     return ProbeOutcome(record, worker_seconds=reply.worker_seconds)

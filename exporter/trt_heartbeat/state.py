@@ -59,6 +59,8 @@ class ProbeRecord:
     reason: Reason | None = None
     message: str = ""
     max_abs_error: float | None = None
+    gpu_memory_bytes: int | None = None  # held by the worker, as the backend measured it
+    gpu_memory_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class TargetSnapshot:
     last_probe: ProbeRecord | None
     last_failure: ProbeRecord | None
     consecutive_failures: int
+    gpu_memory: tuple[int, str] | None  # (bytes, source) from the last probe that measured it
     probes_total: dict[str, int]
     restarts_total: dict[str, int]
     durations: dict[str, HistogramSnapshot]
@@ -92,6 +95,7 @@ class TargetState:
         self._last_probe: ProbeRecord | None = None
         self._last_failure: ProbeRecord | None = None
         self._consecutive_failures = 0
+        self._gpu_memory: tuple[int, str] | None = None
         # Every label value starts at zero so rate() and increase() see the first failure.
         self._probes = dict.fromkeys(RESULTS, 0)
         self._restarts = dict.fromkeys(RESTART_REASONS, 0)
@@ -117,6 +121,8 @@ class TargetState:
             self._probes[probe.result] += 1
             self._last_probe = probe
             self._history.append(probe)
+            if probe.gpu_memory_bytes is not None:
+                self._gpu_memory = (probe.gpu_memory_bytes, probe.gpu_memory_source)
             if probe.result == "success":
                 self._last_success = probe.timestamp + probe.phases.get("total", 0.0)
                 self._consecutive_failures = 0
@@ -140,6 +146,7 @@ class TargetState:
                 last_probe=self._last_probe,
                 last_failure=self._last_failure,
                 consecutive_failures=self._consecutive_failures,
+                gpu_memory=self._gpu_memory,
                 probes_total=dict(self._probes),
                 restarts_total=dict(self._restarts),
                 durations={k: h.snapshot() for k, h in self._durations.items()},

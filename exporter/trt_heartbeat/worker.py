@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import EngineInfo, RunResult, Target, load_backend
+from .backends import BackendOptions, EngineInfo, RunResult, Target, load_backend
 from .errors import BackendError, Reason
 
 _SLICE = 0.1  # seconds between liveness checks while waiting on a worker
@@ -30,6 +31,8 @@ class WorkerSpec:
     backend_spec: str
     target: Target
     precision: str
+    options: BackendOptions = field(default_factory=BackendOptions)
+    bind_gpu: bool = False  # restrict the worker to its target's GPU
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,14 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
     """Entry point of the worker process."""
     # The parent owns shutdown; a Ctrl-C delivered to the process group must not race it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.bind_gpu:
+        # Before any CUDA library loads: the worker sees its own GPU, as device 0, and no other.
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.target.uuid or spec.target.gpu
+        os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
     start = time.perf_counter()
     try:
         factory = load_backend(spec.backend_spec)
-        backend = factory(spec.target, spec.precision)
+        backend = factory(spec.target, spec.precision, spec.options)
         info = backend.prepare()
     except BackendError as exc:
         conn.send(("load_failed", exc.reason, str(exc)))

@@ -10,12 +10,16 @@ import importlib
 from typing import cast
 
 from ..errors import UnknownBackendError
-from .base import Backend, BackendFactory, EngineInfo, RunResult, Target
+from .base import Backend, BackendFactory, BackendOptions, EngineInfo, RunResult, Target
 
 # name -> "module:attribute"; modules are imported only inside worker processes.
 REGISTRY: dict[str, str] = {
     "reference": "trt_heartbeat.backends.reference:ReferenceBackend",
+    "cuda": "trt_heartbeat.backends.cuda:CudaBackend",
+    "tensorrt": "trt_heartbeat.backends.tensorrt:TensorRTBackend",
 }
+# Backends that probe GPUs: one target (and one worker) per GPU.
+GPU_BACKENDS = ("tensorrt", "cuda")
 
 
 def known_backends() -> list[str]:
@@ -50,9 +54,11 @@ def load_backend(spec: str) -> BackendFactory:
 
 
 __all__ = [
+    "GPU_BACKENDS",
     "REGISTRY",
     "Backend",
     "BackendFactory",
+    "BackendOptions",
     "EngineInfo",
     "RunResult",
     "Target",

@@ -25,6 +25,14 @@ class Target:
 
 
 @dataclass(frozen=True)
+class BackendOptions:
+    """Settings a backend may use; each backend reads only what concerns it."""
+
+    cuda_api: str = "cuda-python"
+    engine_cache_dir: str = ""
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """What a backend loaded, reported once per worker start."""
 
@@ -34,12 +42,16 @@ class EngineInfo:
     engine_sha256: str = ""
     # Stack versions seen from inside the worker; empty where not applicable.
     versions: dict[str, str] = field(default_factory=dict)
+    # Free-form facts for /health and the log: runtime flavour, cache hit, memory source...
+    details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RunResult:
     output: np.ndarray
     phases: dict[str, float]  # seconds per phase measured by the backend (h2d, compute, d2h)
+    gpu_memory_bytes: int | None = None  # device memory this worker holds, where measurable
+    gpu_memory_source: str = ""  # how it was measured: nvml_process or setup_delta
 
 
 class Backend(Protocol):
@@ -60,4 +72,4 @@ class BackendFactory(Protocol):
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
 
-    def __call__(self, target: Target, precision: str) -> Backend: ...
+    def __call__(self, target: Target, precision: str, options: BackendOptions) -> Backend: ...

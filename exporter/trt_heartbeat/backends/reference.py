@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import canonical
-from .base import EngineInfo, RunResult, Target
+from .base import BackendOptions, EngineInfo, RunResult, Target
 
 _DTYPES: dict[str, type[np.floating]] = {
     "fp64": np.float64,
@@ -25,7 +25,9 @@ class ReferenceBackend:
     name: ClassVar[str] = "reference"
     precisions: ClassVar[tuple[str, ...]] = tuple(_DTYPES)
 
-    def __init__(self, target: Target, precision: str) -> None:
+    def __init__(
+        self, target: Target, precision: str, options: BackendOptions | None = None
+    ) -> None:
         self.target = target
         self.precision = precision
         self._weights: dict[str, np.ndarray] = {}

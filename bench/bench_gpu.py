@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""GPU benchmark: probe latency per phase and the probe worker's device memory, per host API.
+
+    python bench/bench_gpu.py [--probes 3000] [--json FILE]
+
+Runs on a machine with an NVIDIA GPU (see docs/gpu-validation.md). Each measurement runs in its
+own spawned process, as the exporter's workers do, so memory figures are per process:
+  - bare context, default limits / stack limit 0: the floor a probe process can reach;
+  - cuda backend after N probes: what a worker really holds (measured after probes, since a
+    launch that needs stack grows the reservation again);
+  - exporter round trip: probe total as the exporter measures it, through the worker pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+from typing import Any
+
+MIB = 1 << 20
+
+
+def _process_memory(uuid: str) -> int | None:
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == os.getpid():
+            return int(proc.usedGpuMemory)
+    return None
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median_us": statistics.median(values) * 1e6, "p99_us": _pct(values, 0.99) * 1e6}
+
+
+def bare_context(uuid: str, stack_zero: bool) -> dict[str, Any]:
+    os.environ["CUDA_VISIBLE_DEVICES"] = uuid
+    from cuda.bindings import driver as cu
+
+    cu.cuInit(0)
+    _, dev = cu.cuDeviceGet(0)
+    _, ctx = cu.cuDevicePrimaryCtxRetain(dev)
+    cu.cuCtxSetCurrent(ctx)
+    if stack_zero:
+        cu.cuCtxSetLimit(cu.CUlimit.CU_LIMIT_STACK_SIZE, 0)
+    cu.cuCtxSynchronize()
+    return {"gpu_memory_mib": (_process_memory(uuid) or 0) / MIB}
+
+
+def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
+    os.environ["CUDA_VISIBLE_DEVICES"] = uuid
+    from trt_heartbeat import canonical
+    from trt_heartbeat.backends import BackendOptions, Target
+    from trt_heartbeat.backends.cuda import CudaBackend
+
+    backend = CudaBackend(Target("0", uuid), "fp32", BackendOptions(cuda_api=api))
+    info = backend.prepare()
+    phases: dict[str, list[float]] = {"h2d": [], "compute": [], "d2h": []}
+    failed = 0
+    for i in range(probes + 100):
+        result = backend.run()
+        failed += not canonical.check_output(result.output, "fp32").passed
+        if i >= 100:  # warm-up
+            for name, value in result.phases.items():
+                phases[name].append(value)
+    memory = result.gpu_memory_bytes
+    backend.close()
+    return {
+        "gpu": info.details.get("gpu_name"),
+        "failed": failed,
+        "phases": {k: _stats(v) for k, v in phases.items()},
+        "gpu_memory_mib": (memory or 0) / MIB,
+        "gpu_memory_source": result.gpu_memory_source,
+    }
+
+
+def exporter_round_trip(uuid: str, index: str, api: str, probes: int) -> dict[str, Any]:
+    from trt_heartbeat.backends import BackendOptions, Target, resolve_spec
+    from trt_heartbeat.probe import run_probe
+    from trt_heartbeat.worker import Worker, WorkerSpec
+
+    spec = WorkerSpec(resolve_spec("cuda"), Target(index, uuid), "fp32",
+                      BackendOptions(cuda_api=api), bind_gpu=True)  # fmt: skip
+    worker = Worker(spec)
+    worker.start()
+    _, load = worker.wait_ready(120, lambda: True)
+    totals, overhead = [], []
+    try:
+        for i in range(probes + 100):
+            record = run_probe(worker, "fp32", 5, lambda: True).record
+            assert record.result == "success", record
+            if i >= 100:
+                totals.append(record.phases["total"])
+                gpu = sum(record.phases[p] for p in ("h2d", "compute", "d2h"))
+                overhead.append(record.phases["total"] - gpu)
+    finally:
+        worker.close()
+    return {"engine_load_s": load, "total": _stats(totals), "host_overhead": _stats(overhead)}
+
+
+def _in_child(fn: Any, *args: Any) -> Any:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply_async(fn, args).get(timeout=600)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--probes", type=int, default=3000)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    from trt_heartbeat import gpus
+
+    index, uuid = gpus.discover()[0]
+    apis = ["cuda-python"] + (["pycuda"] if importlib.util.find_spec("pycuda") else [])
+    results: dict[str, Any] = {
+        "python": platform.python_version(),
+        "probes": args.probes,
+        "bare_context_default": _in_child(bare_context, uuid, False),
+        "bare_context_stack0": _in_child(bare_context, uuid, True),
+    }
+    for api in apis:
+        results[f"cuda_backend[{api}]"] = _in_child(backend_probes, uuid, api, args.probes)
+        results[f"round_trip[{api}]"] = exporter_round_trip(uuid, str(index), api, args.probes)
+    text = json.dumps(results, indent=2)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text)
+    print(text)
+    rows = [
+        ("bare context, default limits",
+         f"{results['bare_context_default']['gpu_memory_mib']:.0f} MiB"),
+        ("bare context, stack limit 0",
+         f"{results['bare_context_stack0']['gpu_memory_mib']:.0f} MiB"),
+    ]  # fmt: skip
+    for api in apis:
+        b, r = results[f"cuda_backend[{api}]"], results[f"round_trip[{api}]"]
+        memory = f"{b['gpu_memory_mib']:.0f} MiB ({b['gpu_memory_source']})"
+        rows.append((f"cuda backend [{api}] after {args.probes} probes", memory))
+        for phase, s in b["phases"].items():
+            rows.append((f"[{api}] {phase}", f"{s['median_us']:.1f} µs median, "
+                                             f"{s['p99_us']:.1f} µs p99"))  # fmt: skip
+        total = r["total"]
+        rows.append(
+            (
+                f"[{api}] exporter round trip",
+                f"{total['median_us']:.0f} µs median, {total['p99_us']:.0f} µs p99",
+            )
+        )
+        rows.append((f"[{api}] failed probes", str(b["failed"])))  # fmt: skip
+    print("\n| measurement | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Pieces shared by the GPU backends: options, host buffers, timed probe phases, memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..cuda_host import CudaHost
+
+# The phases a GPU probe times with CUDA events: 0 -h2d- 1 -compute- 2 -d2h- 3.
+GPU_PHASES = ("h2d", "compute", "d2h")
+
+
+@dataclass
+class IOBuffers:
+    """Pinned host buffers and device buffers of one probe's input and output."""
+
+    host_in: np.ndarray
+    host_out: np.ndarray
+    dev_in: int
+    dev_out: int
+
+
+def io_buffers(host: CudaHost, x: np.ndarray, out_shape: tuple[int, ...]) -> IOBuffers:
+    host_in = host.pinned(x.shape, x.dtype)
+    host_in[...] = x
+    host_out = host.pinned(out_shape, x.dtype)
+    return IOBuffers(host_in, host_out, host.alloc(x.nbytes), host.alloc(host_out.nbytes))
+
+
+def upload(host: CudaHost, array: np.ndarray) -> int:
+    """Copy a constant (weights) to the device once, at prepare time."""
+    staging = host.pinned(array.shape, array.dtype)
+    staging[...] = array
+    ptr = host.alloc(array.nbytes)
+    host.h2d(ptr, staging)
+    host.synchronize()
+    return ptr
+
+
+def timed_probe(host: CudaHost, io: IOBuffers, compute: Any) -> tuple[np.ndarray, dict[str, float]]:
+    """h2d, compute(), d2h on the probe stream, each phase between two CUDA events."""
+    io.host_out.fill(np.nan)  # a probe that writes nothing must not pass on stale output
+    host.record(0)
+    host.h2d(io.dev_in, io.host_in)
+    host.record(1)
+    compute()
+    host.record(2)
+    host.d2h(io.host_out, io.dev_out)
+    host.record(3)
+    host.synchronize()
+    phases = {name: host.elapsed(i, i + 1) for i, name in enumerate(GPU_PHASES)}
+    return io.host_out.copy(), phases
+
+
+class NvmlView:
+    """What NVML says about this worker on its GPU: the memory it holds, and the driver version.
+
+    NVML's per-process list reports host PIDs; inside a container's PID namespace our PID does not
+    appear there. Then fall back to the rise in the device's used memory across our own set-up
+    (context, buffers, module or engine), measured before and after it.
+    """
+
+    def __init__(self, uuid: str) -> None:
+        self.source = "unavailable"
+        self.driver_version = ""
+        self._nvml: Any = None
+        self._handle: Any = None
+        self._baseline: int | None = None
+        self._delta: int | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            version = pynvml.nvmlSystemGetDriverVersion()
+            self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+            self._baseline = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        except Exception:
+            self._nvml = None  # NVML missing or failing: the metric is simply absent
+
+    def setup_done(self) -> None:
+        if self._nvml is not None and self._baseline is not None:
+            used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._delta = max(0, used - self._baseline)
+
+    def current(self) -> int | None:
+        if self._nvml is None:
+            return None
+        try:
+            for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    self.source = "nvml_process"
+                    return int(proc.usedGpuMemory)
+        except Exception:
+            pass
+        self.source = "setup_delta" if self._delta is not None else "unavailable"
+        return self._delta
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()

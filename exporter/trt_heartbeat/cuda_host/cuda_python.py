@@ -1,0 +1,171 @@
+"""CUDA host API on NVIDIA's cuda-python driver bindings (`cuda.bindings.driver`, 12.x and 13.x).
+
+Every binding returns `(error, *results)`; `_check` turns a failure into a BackendError with the
+driver's error name, so the frame can tell a missing GPU from an old driver from a wedged stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+from cuda.bindings import driver as cu  # cuda-bindings >= 12.6 (13.x removed cuda.cuda)
+
+from ..errors import BackendError, Reason
+from . import DeviceInfo, cuda_failure
+
+
+def _check(call: str, result: Any) -> Any:
+    if isinstance(result, tuple):
+        err, rest = result[0], result[1:]
+    else:
+        err, rest = result, ()
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        _, text = cu.cuGetErrorString(err)
+        raise cuda_failure(call, _text(name) or str(err), _text(text))
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def format_uuid(raw: bytes) -> str:
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+class CudaPythonHost:
+    name = "cuda-python"
+
+    def __init__(self, device_index: int = 0) -> None:
+        try:
+            _check("cuInit", cu.cuInit(0))
+        except BackendError:
+            raise
+        except Exception as exc:  # libcuda.so missing: cuda-pathfinder raises, no error code
+            raise BackendError(
+                Reason.NO_GPU, f"NVIDIA driver library (libcuda) not found: {exc}"
+            ) from exc
+        count = _check("cuDeviceGetCount", cu.cuDeviceGetCount())
+        if device_index >= count:
+            raise BackendError(Reason.NO_GPU, f"no CUDA device {device_index} ({count} visible)")
+        self._dev = _check("cuDeviceGet", cu.cuDeviceGet(device_index))
+        self._ctx = _check("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self._dev))
+        self._host_buffers: list[int] = []
+        self._device_buffers: list[int] = []
+        self._modules: list[Any] = []
+        self._stream: Any = None
+        self._events: list[Any] = []
+        _check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._ctx))
+        # The per-thread stack reservation is SMs x threads/SM x stack size (~264 MiB on an
+        # H200 at the 1 KiB default); the probe kernels need none. A launch that needs stack
+        # grows it back, so this only ever saves memory.
+        _check("cuCtxSetLimit", cu.cuCtxSetLimit(cu.CUlimit.CU_LIMIT_STACK_SIZE, 0))
+        self.device = self._device_info()
+        self._stream = _check(
+            "cuStreamCreate", cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
+        )
+        self._events = [
+            _check("cuEventCreate", cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DEFAULT.value))
+            for _ in range(4)
+        ]
+        self._elapsed = getattr(cu, "cuEventElapsedTime_v2", None) or cu.cuEventElapsedTime
+
+    def _attribute(self, attribute: Any) -> int:
+        return int(_check("cuDeviceGetAttribute", cu.cuDeviceGetAttribute(attribute, self._dev)))
+
+    def _device_info(self) -> DeviceInfo:
+        attr = cu.CUdevice_attribute
+        name = _text(_check("cuDeviceGetName", cu.cuDeviceGetName(256, self._dev)))
+        get_uuid = getattr(cu, "cuDeviceGetUuid_v2", None) or cu.cuDeviceGetUuid
+        uuid = _check("cuDeviceGetUuid", get_uuid(self._dev))
+        version = int(_check("cuDriverGetVersion", cu.cuDriverGetVersion()))
+        return DeviceInfo(
+            name=name.split("\x00", 1)[0].strip(),
+            uuid=format_uuid(bytes(uuid.bytes)),
+            compute_capability=(
+                self._attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+                self._attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+            ),
+            total_memory=int(_check("cuDeviceTotalMem", cu.cuDeviceTotalMem(self._dev))),
+            multiprocessors=self._attribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+            cuda_driver_version=f"{version // 1000}.{version % 1000 // 10}",
+        )
+
+    def alloc(self, nbytes: int) -> int:
+        ptr = int(_check("cuMemAlloc", cu.cuMemAlloc(nbytes)))
+        self._device_buffers.append(ptr)
+        return ptr
+
+    def pinned(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        ptr = int(_check("cuMemAllocHost", cu.cuMemAllocHost(nbytes)))
+        self._host_buffers.append(ptr)
+        raw = (ctypes.c_char * nbytes).from_address(ptr)
+        return np.frombuffer(raw, dtype=dt).reshape(shape)
+
+    def stream_handle(self) -> int:
+        return int(self._stream)
+
+    def h2d(self, device_ptr: int, host: np.ndarray) -> None:
+        _check(
+            "cuMemcpyHtoDAsync",
+            cu.cuMemcpyHtoDAsync(device_ptr, host.ctypes.data, host.nbytes, self._stream),
+        )
+
+    def d2h(self, host: np.ndarray, device_ptr: int) -> None:
+        _check(
+            "cuMemcpyDtoHAsync",
+            cu.cuMemcpyDtoHAsync(host.ctypes.data, device_ptr, host.nbytes, self._stream),
+        )
+
+    def record(self, index: int) -> None:
+        _check("cuEventRecord", cu.cuEventRecord(self._events[index], self._stream))
+
+    def elapsed(self, start: int, end: int) -> float:
+        ms = _check("cuEventElapsedTime", self._elapsed(self._events[start], self._events[end]))
+        return float(ms) / 1000.0
+
+    def synchronize(self) -> None:
+        _check("cuStreamSynchronize", cu.cuStreamSynchronize(self._stream))
+
+    def load_kernel(self, image: bytes, name: str) -> Any:
+        module = _check("cuModuleLoadData", cu.cuModuleLoadData(image))
+        self._modules.append(module)
+        return _check("cuModuleGetFunction", cu.cuModuleGetFunction(module, name.encode()))
+
+    def launch(self, kernel: Any, grid: int, block: int, pointers: list[int]) -> None:
+        # kernelParams is an array of pointers to the argument values.
+        values = [ctypes.c_uint64(p) for p in pointers]
+        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        _check(
+            "cuLaunchKernel",
+            cu.cuLaunchKernel(kernel, grid, 1, 1, block, 1, 1, 0, self._stream,
+                              ctypes.addressof(params), 0),
+        )  # fmt: skip
+
+    def memory_used(self) -> int:
+        free, total = _check("cuMemGetInfo", cu.cuMemGetInfo())
+        return int(total) - int(free)
+
+    def close(self) -> None:
+        # Best effort: after a sticky error every call fails, and process exit frees it all.
+        for event in self._events:
+            cu.cuEventDestroy(event)
+        if self._stream is not None:
+            cu.cuStreamDestroy(self._stream)
+        for ptr in self._device_buffers:
+            cu.cuMemFree(ptr)
+        for ptr in self._host_buffers:
+            cu.cuMemFreeHost(ptr)
+        for module in self._modules:
+            cu.cuModuleUnload(module)
+        cu.cuDevicePrimaryCtxRelease(self._dev)
+        self._events, self._stream, self._device_buffers, self._host_buffers = [], None, [], []
+        self._modules = []

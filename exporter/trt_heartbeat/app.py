@@ -202,10 +202,11 @@ class Exporter:
             "pid": os.getpid(),
             "targets": [
                 {
-                    "gpu": snap.target.gpu,
-                    **({} if hide else {"uuid": snap.target.uuid}),
-                    "probes": [record(r) for r in reversed(snap.history)],
+                    "gpu": loop.target.gpu,
+                    **({} if hide else {"uuid": loop.target.uuid}),
+                    "worker_pid": loop.worker_pid,
+                    "probes": [record(r) for r in reversed(loop.state.snapshot().history)],
                 }
-                for snap in self._snapshots()
+                for loop in self.scheduler.loops
             ],
         }

@@ -72,10 +72,27 @@ class ConfigValue(click.ParamType):  # type: ignore[type-arg]
         return value
 
 
+class GpuSelection(click.ParamType):  # type: ignore[type-arg]
+    """`all`, or `0,1` / `GPU-…,GPU-…`: the flag form of the `gpus` list."""
+
+    name = "gpus"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.strip() == "all":
+            return "all"
+        items: list[int | str] = [int(v) if v.strip().isdigit() else v.strip()
+                                  for v in value.split(",")]  # fmt: skip
+        return ConfigValue("gpus").convert(items, param, ctx)
+
+
 # (flag, config key, type, help)
 _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
     ("--backend", "backend", ConfigValue("backend"),
      "Probe backend: auto, reference, or package.module:Class. [default: auto]"),
+    ("--gpus", "gpus", GpuSelection(),
+     "GPUs to probe: all, or a comma-separated list of indexes or UUIDs. [default: all]"),
     ("--precision", "precision", click.Choice(["fp64", "fp32", "fp16"]),
      "Precision of the probe network; sets the golden-output tolerance. [default: fp32]"),
     ("--interval", "interval", ConfigValue("interval", duration=True),

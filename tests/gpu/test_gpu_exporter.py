@@ -72,7 +72,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
 
 
 def test_cuda_backend_serves_passing_probes(serve: Callable[..., Served]) -> None:
-    s = serve("--backend", "cuda", "--interval", "1s", "--timeout", "900ms")
+    s = serve("--backend", "cuda", "--gpus", "0", "--interval", "1s", "--timeout", "900ms")
     wait_for(lambda: any(v >= 5 for labels, v in s.samples().get("trt_heartbeat_probes_total", [])
                          if labels["result"] == "success"), timeout=90)  # fmt: skip
     samples = s.samples()
@@ -99,16 +99,14 @@ def test_cuda_backend_serves_passing_probes(serve: Callable[..., Served]) -> Non
 
 
 def test_frozen_gpu_worker_is_replaced_and_recovers(serve: Callable[..., Served]) -> None:
-    s = serve("--backend", "cuda", "--interval", "2s", "--timeout", "1s")
+    s = serve("--backend", "cuda", "--gpus", "0", "--interval", "2s", "--timeout", "1s")
     probes: Callable[[str], float] = lambda result: sum(  # noqa: E731
         v
         for labels, v in s.samples().get("trt_heartbeat_probes_total", [])
         if labels["result"] == result
     )
     wait_for(lambda: probes("success") >= 1, timeout=90)
-    pid = int(json.loads(s.get("/probes")[1])["pid"])
-    workers = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    worker = max(int(p) for p in workers.stdout.split())
+    worker = int(json.loads(s.get("/probes")[1])["targets"][0]["worker_pid"])
     os.kill(worker, signal.SIGSTOP)
     wait_for(lambda: probes("timeout") >= 1, timeout=30)
     assert s.get("/metrics")[0] == 200 and s.get("/ping")[0] == 200
@@ -120,7 +118,7 @@ def test_auto_without_a_plan_is_unhealthy_with_a_reason(
     serve: Callable[..., Served], tmp_path: Path
 ) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(f"engine_cache_dir: {tmp_path / 'empty-cache'}\n")
+    config.write_text(f"engine_cache_dir: {tmp_path / 'empty-cache'}\ngpus: [0]\n")
     s = serve("--config", str(config), "--interval", "1s", "--timeout", "900ms")
 
     def settled() -> dict[str, object] | None:
@@ -139,7 +137,7 @@ def test_auto_without_a_plan_is_unhealthy_with_a_reason(
 
 
 def test_probe_command_on_the_gpu() -> None:
-    result = cli("probe", "--backend", "cuda", "--count", "20", timeout=120)
+    result = cli("probe", "--backend", "cuda", "--gpus", "0", "--count", "20", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and report["targets"][0]["passed"] == 20
@@ -162,10 +160,7 @@ def test_one_worker_per_gpu_each_on_its_own(serve: Callable[..., Served]) -> Non
 
     pynvml.nvmlInit()
     try:
-        exporter_pid = int(json.loads(s.get("/probes")[1])["pid"])
-        children = subprocess.run(["pgrep", "-P", str(exporter_pid)], capture_output=True,
-                                  text=True).stdout.split()  # fmt: skip
-        workers = {int(p) for p in children}
+        workers = {t["worker_pid"] for t in json.loads(s.get("/probes")[1])["targets"]}
         seen: dict[int, list[str]] = {}
         for index, uuid in found:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)

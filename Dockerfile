@@ -6,8 +6,7 @@ FROM python:3.12-slim AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="trt-heartbeat-exporter" \
       org.opencontainers.image.description="Prometheus exporter: canonical inference heartbeat per GPU" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.version="${VERSION}"
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src

@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import canonical
-from ..cuda_host import CudaHost, open_host
+from ..cuda_host import open_host
 from ..errors import BackendError, Reason
-from .base import BackendOptions, EngineInfo, RunResult, Target
-from .gpu_common import IOBuffers, NvmlView, io_buffers, timed_probe, upload
+from .base import BackendOptions, EngineInfo, Target
+from .gpu_common import GpuBackend, NvmlView, io_buffers, upload
 
 KERNEL_NAME = "canonical_mlp"
 _DTYPES = {"fp32": (np.float32, "float"), "fp64": (np.float64, "double")}
@@ -61,26 +61,16 @@ def kernel_source(real: str) -> str:
     )
 
 
-class CudaBackend:
+class CudaBackend(GpuBackend):
     name: ClassVar[str] = "cuda"
     precisions: ClassVar[tuple[str, ...]] = tuple(_DTYPES)
 
     def __init__(
         self, target: Target, precision: str, options: BackendOptions | None = None
     ) -> None:
-        if precision not in _DTYPES:
-            raise BackendError(
-                Reason.ENGINE_LOAD_FAILED,
-                f"the cuda backend computes in fp32 or fp64, not {precision}",
-            )
-        self.target = target
-        self.precision = precision
-        self.options = options or BackendOptions()
-        self._host: CudaHost | None = None
-        self._io: IOBuffers | None = None
+        super().__init__(target, precision, options)
         self._kernel: Any = None
         self._args: list[int] = []
-        self._memory: NvmlView | None = None
 
     def prepare(self) -> EngineInfo:
         try:  # NVRTC comes from cuda-python, whichever host API runs the probe
@@ -102,38 +92,16 @@ class CudaBackend:
         self._kernel = host.load_kernel(image, KERNEL_NAME)
         self._args = [self._io.dev_in, *weights, self._io.dev_out]
         self._memory.setup_done()
-        major, minor = host.device.compute_capability
+        versions, details = self._stack(host, self._memory)
         return EngineInfo(
             backend=self.name,
             precision=self.precision,
             model=canonical.model_id(),
             engine_sha256=hashlib.sha256(image).hexdigest(),
-            versions={
-                "cuda_driver_version": host.device.cuda_driver_version,
-                "driver_version": self._memory.driver_version,
-                "nvrtc_version": nvrtc.version(),
-            },
-            details={
-                "gpu_name": host.device.name,
-                "uuid": host.device.uuid,
-                "compute_capability": f"{major}.{minor}",
-                "cuda_api": host.name,
-            },
+            versions={**versions, "nvrtc_version": nvrtc.version()},
+            details=details,
         )
 
     def _compute(self) -> None:
         assert self._host is not None
         self._host.launch(self._kernel, 1, canonical.BATCH * canonical.HIDDEN, self._args)
-
-    def run(self) -> RunResult:
-        assert self._host is not None and self._io is not None and self._memory is not None
-        output, phases = timed_probe(self._host, self._io, self._compute)
-        used = self._memory.current()
-        return RunResult(output, phases, used, self._memory.source)
-
-    def close(self) -> None:
-        if self._host is not None:
-            self._host.close()
-            self._host = None
-        if self._memory is not None:
-            self._memory.close()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..cuda_host import CudaHost
+from ..errors import BackendError, Reason
+from .base import BackendOptions, RunResult, Target
 
 # The phases a GPU probe times with CUDA events: 0 -h2d- 1 -compute- 2 -d2h- 3.
 GPU_PHASES = ("h2d", "compute", "d2h")
@@ -106,3 +108,65 @@ class NvmlView:
         if self._nvml is not None:
             with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
+
+
+class GpuBackend:
+    """What the GPU backends share: precision check, timed run, device facts, release order.
+
+    Subclasses load their model in prepare() (setting `_host`, `_io`, `_memory`) and launch it in
+    `_compute()`; the probe phases around it are the same for every GPU backend.
+    """
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self, target: Target, precision: str, options: BackendOptions | None = None
+    ) -> None:
+        if precision not in self.precisions:
+            raise BackendError(
+                Reason.ENGINE_LOAD_FAILED,
+                f"the {self.name} backend runs {' or '.join(self.precisions)}, not {precision}",
+            )
+        self.target = target
+        self.precision = precision
+        self.options = options or BackendOptions()
+        self._host: CudaHost | None = None
+        self._io: IOBuffers | None = None
+        self._memory: NvmlView | None = None
+
+    def _compute(self) -> None:
+        raise NotImplementedError
+
+    def _stack(self, host: CudaHost, memory: NvmlView) -> tuple[dict[str, str], dict[str, str]]:
+        """(versions, details) every GPU backend reports in its EngineInfo."""
+        major, minor = host.device.compute_capability
+        versions = {
+            "cuda_driver_version": host.device.cuda_driver_version,
+            "driver_version": memory.driver_version,
+        }
+        details = {
+            "gpu_name": host.device.name,
+            "uuid": host.device.uuid,
+            "compute_capability": f"{major}.{minor}",
+            "cuda_api": host.name,
+        }
+        return versions, details
+
+    def run(self) -> RunResult:
+        assert self._host is not None and self._io is not None and self._memory is not None
+        output, phases = timed_probe(self._host, self._io, self._compute)
+        used = self._memory.current()
+        return RunResult(output, phases, used, self._memory.source)
+
+    def _release(self) -> None:
+        """Drop what lives inside the CUDA context, before the context goes."""
+
+    def close(self) -> None:
+        self._release()
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None

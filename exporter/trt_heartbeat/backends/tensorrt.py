@@ -17,8 +17,8 @@ from .. import canonical
 from ..cuda_host import CudaHost, open_host
 from ..engine_cache import EngineCache, Manifest, PlanRequest, default_cache_dir
 from ..errors import BackendError, Reason
-from .base import BackendOptions, EngineInfo, RunResult, Target
-from .gpu_common import IOBuffers, NvmlView, io_buffers, timed_probe
+from .base import BackendOptions, EngineInfo, Target
+from .gpu_common import GpuBackend, NvmlView, io_buffers
 
 # Import names, most capable first. The PyPI meta packages provide `tensorrt`/`tensorrt_lean`;
 # the bindings wheels alone provide the *_bindings modules.
@@ -135,27 +135,17 @@ def plan_request(trt: Any, host: CudaHost, precision: str) -> PlanRequest:
     )
 
 
-class TensorRTBackend:
+class TensorRTBackend(GpuBackend):
     name: ClassVar[str] = "tensorrt"
     precisions: ClassVar[tuple[str, ...]] = tuple(_DTYPES)
 
     def __init__(
         self, target: Target, precision: str, options: BackendOptions | None = None
     ) -> None:
-        if precision not in _DTYPES:
-            raise BackendError(
-                Reason.ENGINE_LOAD_FAILED,
-                f"the tensorrt backend runs fp32 or fp16 engines, not {precision}",
-            )
-        self.target = target
-        self.precision = precision
-        self.options = options or BackendOptions()
-        self._host: CudaHost | None = None
-        self._io: IOBuffers | None = None
+        super().__init__(target, precision, options)
         self._engine: Any = None
         self._context: Any = None
         self._logger: Any = None
-        self._memory: NvmlView | None = None
 
     def prepare(self) -> EngineInfo:
         trt, flavour = import_tensorrt()
@@ -168,25 +158,18 @@ class TensorRTBackend:
         manifest, cache_state = self._plan(trt, flavour, runtime, request, cache)
         self._bind(trt, host)
         self._memory.setup_done()
-        major, minor = host.device.compute_capability
+        versions, details = self._stack(host, self._memory)
         return EngineInfo(
             backend=self.name,
             precision=self.precision,
             model=canonical.model_id(),
             engine_sha256=manifest.plan_sha256 if manifest else "",
-            versions={
-                "tensorrt_version": trt.__version__,
-                "cuda_driver_version": host.device.cuda_driver_version,
-                "driver_version": self._memory.driver_version,
-            },
+            versions={**versions, "tensorrt_version": trt.__version__},
             details={
+                **details,
                 "tensorrt_runtime": flavour,
                 "engine_cache": cache_state,
                 "plan_file": str(cache.directory / manifest.plan_file) if manifest else "",
-                "gpu_name": host.device.name,
-                "uuid": host.device.uuid,
-                "compute_capability": f"{major}.{minor}",
-                "cuda_api": host.name,
             },
         )
 
@@ -261,19 +244,8 @@ class TensorRTBackend:
                 Reason.CUDA_ERROR, f"execute_async_v3 failed: {self._logger.take()}", fatal=True
             )
 
-    def run(self) -> RunResult:
-        assert self._host is not None and self._io is not None and self._memory is not None
-        output, phases = timed_probe(self._host, self._io, self._compute)
-        used = self._memory.current()
-        return RunResult(output, phases, used, self._memory.source)
-
-    def close(self) -> None:
-        self._context = self._engine = None  # before the context they live in goes away
-        if self._host is not None:
-            self._host.close()
-            self._host = None
-        if self._memory is not None:
-            self._memory.close()
+    def _release(self) -> None:
+        self._context = self._engine = None
 
 
 def build_engine(

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from fake_nvml import ENV as FAKE_NVML_ENV
 from fault_backend import ENV as FAULT_ENV
 from trt_heartbeat import config
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.backends import Target
 from trt_heartbeat.http_server import ExporterHTTPServer
+from trt_heartbeat.telemetry import NvmlTelemetry
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -33,6 +35,20 @@ class Faults:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(control))
         tmp.replace(self.path)  # atomic: a worker never reads half a file
+
+
+@pytest.fixture
+def fake_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Faults:
+    """Control of tests/fake_nvml.py, which stands in for pynvml in the NVML reader process."""
+    path = tmp_path / "nvml.json"
+    monkeypatch.setenv(FAKE_NVML_ENV, str(path))
+    control = Faults(path)
+    control.set(mode="ok")
+    return control
+
+
+def fake_telemetry(interval: float = 0.2, timeout: float = 0.15) -> NvmlTelemetry:
+    return NvmlTelemetry(interval, timeout, module="fake_nvml")
 
 
 @pytest.fixture
@@ -78,9 +94,13 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
     """Start an in-process exporter with real workers and a real HTTP server on loopback."""
     started: list[Running] = []
 
-    def start(targets: list[Target] | None = None, **overrides: Any) -> Running:
+    def start(
+        targets: list[Target] | None = None,
+        telemetry: NvmlTelemetry | None = None,
+        **overrides: Any,
+    ) -> Running:
         s = settings(**overrides)
-        exporter = Exporter(s, s.backend, targets)
+        exporter = Exporter(s, s.backend, targets, telemetry=telemetry)
         server = ExporterHTTPServer("127.0.0.1", 0, exporter)
         server.start_background()
         exporter.start()

@@ -19,8 +19,12 @@ DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds
 # One file per error case; the message must name the key path and what was expected.
 INVALID = {
     "unknown-key": "intervall: unknown key (expected one of: backend, constant_labels, cuda_api, "
-    "engine_cache_dir, gpus, history, interval, jitter, latency_objective, log, max_age, "
-    "precision, startup_timeout, timeout, web)",
+    "engine_cache_dir, gpu_memory_low_threshold, gpus, history, interval, jitter, "
+    "latency_objective, log, max_age, nvml, precision, startup_timeout, timeout, web)",
+    "nvml-enabled": 'nvml.enabled: expected auto, true or false, got "sometimes"',
+    "nvml-timeout": "nvml.timeout: must be shorter than nvml.interval (5s >= 5s)",
+    "memory-threshold": "gpu_memory_low_threshold: expected a size such as 512MiB, 2GiB or a "
+    'number of bytes, got "512MB"',
     "unknown-nested-key": "web.listen: unknown key (expected one of: hide_hardware_details, "
     "listen_address, telemetry_path)",
     "interval-not-duration": f'interval: expected {DURATION}, got "ten seconds"',

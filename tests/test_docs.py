@@ -8,10 +8,18 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, Faults, Running, wait_for
+from conftest import ROOT, Faults, Running, fake_telemetry, wait_for
+from trt_heartbeat.backends import Target
 from trt_heartbeat.cli import cli
 from trt_heartbeat.errors import Reason
-from trt_heartbeat.health import AWAITING_FIRST_PROBE, OK, SLOW, STALE, STARTING
+from trt_heartbeat.health import (
+    AWAITING_FIRST_PROBE,
+    GPU_MEMORY_LOW,
+    OK,
+    SLOW,
+    STALE,
+    STARTING,
+)
 
 DOCS = ROOT / "docs"
 ROW = re.compile(r"^\| `(trt_heartbeat_\w+)` \| (\w+) \|([^|]*)\|")
@@ -43,9 +51,10 @@ def scraped_metrics(url: str) -> dict[str, tuple[str, frozenset[str]]]:
 
 
 def test_metrics_doc_equals_real_output(
-    run_exporter: Callable[..., Running], faults: Faults
+    run_exporter: Callable[..., Running], faults: Faults, fake_nvml: Faults
 ) -> None:
-    r = run_exporter()
+    r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=fake_telemetry())
+    wait_for(lambda: r.exporter.telemetry_state().up)
     # Visit every state once so that every family has series: pass, fail, pass.
     wait_for(lambda: r.snapshot().probes_total["success"] >= 1)
     faults.set(probe="raise")
@@ -62,7 +71,7 @@ def test_reason_codes_are_documented_with_runbooks() -> None:
     for reason in Reason:
         assert f"| `{reason.value}` |" in metrics, reason
         assert reason.value in headings, f"runbook section for {reason.value}"
-    for state in (STARTING, AWAITING_FIRST_PROBE, STALE, SLOW, "no_targets"):
+    for state in (STARTING, AWAITING_FIRST_PROBE, STALE, SLOW, GPU_MEMORY_LOW, "no_targets"):
         assert state in headings, f"runbook section for {state}"
     assert OK not in headings
 

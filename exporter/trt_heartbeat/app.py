@@ -18,9 +18,10 @@ from . import __version__, gpus
 from .backends import GPU_BACKENDS, BackendOptions, Target, resolve_spec
 from .collector import HeartbeatCollector
 from .config import Settings
-from .health import heartbeat_age, overall_health, target_health
+from .health import heartbeat_age, overall_health, target_healths
 from .scheduler import Scheduler, TargetLoop, WorkerFactory
 from .state import ProbeRecord, TargetSnapshot, TargetState
+from .telemetry import NvmlTelemetry, TelemetryState
 from .worker import Worker, WorkerSpec
 
 log = logging.getLogger("trt_heartbeat")
@@ -71,6 +72,15 @@ def targets_for(backend: str, settings: Settings) -> list[Target]:
     return targets
 
 
+NO_TELEMETRY = TelemetryState(up=False, last_success=None, snapshot=None)
+
+
+def make_telemetry(settings: Settings, has_gpu: bool) -> NvmlTelemetry | None:
+    """NVML telemetry where it can work: `auto` means only where a GPU is visible."""
+    enabled = has_gpu if settings.nvml_enabled == "auto" else bool(settings.nvml_enabled)
+    return NvmlTelemetry(settings.nvml_interval, settings.nvml_timeout) if enabled else None
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
@@ -84,10 +94,12 @@ class Exporter:
         *,
         worker_factory: WorkerFactory = Worker,
         wall_clock: Callable[[], float] = time.time,
+        telemetry: NvmlTelemetry | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self._wall_clock = wall_clock
+        self.telemetry = telemetry
         spec = resolve_spec(backend)
         options = BackendOptions(settings.cuda_api, settings.engine_cache_dir)
         loops = []
@@ -105,7 +117,9 @@ class Exporter:
         self.scheduler = Scheduler(loops)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
-            HeartbeatCollector(self.scheduler.states, settings, backend, wall_clock)
+            HeartbeatCollector(
+                self.scheduler.states, settings, backend, wall_clock, self.telemetry_state
+            )
         )
         ProcessCollector(registry=self.registry)
 
@@ -113,11 +127,18 @@ class Exporter:
     def telemetry_path(self) -> str:
         return self.settings.telemetry_path
 
+    def telemetry_state(self) -> TelemetryState:
+        return self.telemetry.state() if self.telemetry else NO_TELEMETRY
+
     def start(self) -> None:
+        if self.telemetry:
+            self.telemetry.start()
         self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self.telemetry:
+            self.telemetry.stop()
 
     def alive(self) -> bool:
         return self.scheduler.alive()
@@ -133,10 +154,12 @@ class Exporter:
         """The /health body, and whether the exporter is ready (healthy or degraded)."""
         now = self._wall_clock()
         hide = self.settings.hide_hardware_details
-        targets, healths = [], []
-        for snap in self._snapshots():
-            health = target_health(snap, now, self.settings)
-            healths.append(health)
+        telemetry = self.telemetry_state()
+        snaps = self._snapshots()
+        healths = target_healths(snaps, now, self.settings, telemetry)
+        targets = []
+        for snap, health in zip(snaps, healths, strict=True):
+            gpu = telemetry.gpu(snap.target.uuid)
             last = snap.last_probe
             entry: dict[str, Any] = {
                 "gpu": snap.target.gpu,
@@ -161,6 +184,10 @@ class Exporter:
                 if snap.gpu_memory is not None:
                     entry["probe_gpu_memory_bytes"] = snap.gpu_memory[0]
                     entry["probe_gpu_memory_source"] = snap.gpu_memory[1]
+                if gpu is not None:
+                    entry["gpu_memory"] = {
+                        "free_mib": gpu.memory_free >> 20, "total_mib": gpu.memory_total >> 20,
+                    }  # fmt: skip
                 if snap.last_failure is not None:
                     entry["last_failure"] = {
                         "reason": str(snap.last_failure.reason),

@@ -23,7 +23,7 @@ import jsonschema
 import yaml
 
 from . import __version__, config, logs
-from .app import Exporter, gpu_visible, select_backend, targets_for
+from .app import Exporter, gpu_visible, make_telemetry, select_backend, targets_for
 from .backends import GPU_BACKENDS, BackendOptions, resolve_spec
 from .config import Settings
 from .errors import HeartbeatError
@@ -194,7 +194,7 @@ def serve(**params: Any) -> None:
     settings = load_settings(params)
     logs.configure(settings.log_level, settings.log_format)
     backend, has_gpu = _select(settings)
-    exporter = Exporter(settings, backend)
+    exporter = Exporter(settings, backend, telemetry=make_telemetry(settings, has_gpu))
     try:
         server = ExporterHTTPServer(settings.listen_host, settings.listen_port, exporter)
     except OSError as exc:

@@ -21,8 +21,9 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .config import Settings
-from .health import STATUSES, heartbeat_age, overall_health, target_health
+from .health import STATUSES, heartbeat_age, overall_health, target_healths
 from .state import BUCKETS, TargetSnapshot, TargetState
+from .telemetry import TelemetryState
 
 PREFIX = "trt_heartbeat"
 # build_info labels filled from what the worker reports about the stack it runs on.
@@ -62,11 +63,13 @@ class HeartbeatCollector(Collector):
         settings: Settings,
         backend: str,
         clock: Callable[[], float],
+        telemetry: Callable[[], TelemetryState],
     ) -> None:
         self._states = states
         self._settings = settings
         self._backend = backend
         self._clock = clock
+        self._telemetry = telemetry
         self._f = _Families(settings.constant_labels)
 
     def describe(self) -> list[Metric]:
@@ -77,10 +80,12 @@ class HeartbeatCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
         snaps = [state.snapshot() for state in self._states]
+        telemetry = self._telemetry()
         yield from self._config_gauges()
-        yield self._build_info(snaps)
-        yield self._health_status(snaps, now)
+        yield self._build_info(snaps, telemetry)
+        yield self._health_status(snaps, now, telemetry)
         yield from self._per_target(snaps, now)
+        yield from self._gpu_telemetry(telemetry)
 
     def _config_gauges(self) -> Iterator[Metric]:
         f, s = self._f, self._settings
@@ -92,17 +97,22 @@ class HeartbeatCollector(Collector):
              "unhealthy."),
             ("latency_objective_seconds", s.latency_objective, "Configured probe latency "
              "objective; slower passing probes make a target degraded."),
+            ("gpu_memory_low_threshold_bytes", s.gpu_memory_low_threshold, "Configured free "
+             "GPU memory below which a probed GPU makes the exporter degraded."),
         ):  # fmt: skip
             family = f.gauge(name, doc)
             family.add_metric(f.label_values(), value)
             yield family
 
-    def _build_info(self, snaps: list[TargetSnapshot]) -> Metric:
+    def _build_info(self, snaps: list[TargetSnapshot], telemetry: TelemetryState) -> Metric:
         f = self._f
         versions: dict[str, str] = {}
         for snap in snaps:
             if snap.engine is not None:
                 versions = {**snap.engine.versions, **versions}
+        if telemetry.snapshot is not None:  # NVML knows the driver even before a worker loads
+            versions["driver_version"] = telemetry.snapshot.driver_version
+            versions["cuda_driver_version"] = telemetry.snapshot.cuda_driver_version
         family = f.gauge(
             "build_info",
             "Versions of the exporter and of the stack its probes run on; constant 1.",
@@ -119,9 +129,11 @@ class HeartbeatCollector(Collector):
         )
         return family
 
-    def _health_status(self, snaps: list[TargetSnapshot], now: float) -> Metric:
+    def _health_status(
+        self, snaps: list[TargetSnapshot], now: float, telemetry: TelemetryState
+    ) -> Metric:
         f = self._f
-        health = overall_health([target_health(s, now, self._settings) for s in snaps])
+        health = overall_health(target_healths(snaps, now, self._settings, telemetry))
         family = f.gauge(
             "health_status",
             "Overall exporter health as served on /health; exactly one status is 1.",
@@ -220,3 +232,43 @@ class HeartbeatCollector(Collector):
                 failure.add_metric([*t, str(snap.last_failure.reason)], 1)
         yield from (up, last_success, age, probes, durations, error, failures, restarts, load,
                     engine, memory, failure)  # fmt: skip
+
+    def _gpu_telemetry(self, telemetry: TelemetryState) -> Iterator[Metric]:
+        f = self._f
+        up = f.gauge("nvml_up", "1 when the last NVML read succeeded within its timeout, else 0 "
+                     "(per-GPU telemetry is then not exported).")  # fmt: skip
+        up.add_metric(f.label_values(), 1 if telemetry.up else 0)
+        yield up
+        last = f.gauge("nvml_last_success_timestamp_seconds",
+                       "Unix time of the last successful NVML read.")  # fmt: skip
+        if telemetry.last_success is not None:
+            last.add_metric(f.label_values(), telemetry.last_success)
+        yield last
+        target = ["gpu", "uuid"]
+        info = f.gauge("gpu_info", "GPU identity as NVML reports it; constant 1.",
+                       [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
+        total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU.", target)
+        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use, by all processes.",
+                       target)  # fmt: skip
+        free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU.", target)
+        util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "
+                       "kernel ran on the GPU (0-1).", target)  # fmt: skip
+        temp = f.gauge("gpu_temperature_celsius", "GPU core temperature.", target)
+        power = f.gauge("gpu_power_watts", "GPU power draw.", target)
+        ecc = f.counter("gpu_ecc_errors", "ECC memory errors since the driver loaded (NVML "
+                        "volatile counts), by type.", [*target, "type"])  # fmt: skip
+        for g in telemetry.snapshot.gpus if telemetry.snapshot else ():
+            t = f.label_values(str(g.index), g.uuid)
+            info.add_metric([*t, g.name, g.pci_bus_id, g.compute_capability], 1)
+            total.add_metric(t, g.memory_total)
+            used.add_metric(t, g.memory_used)
+            free.add_metric(t, g.memory_free)
+            for family, value in ((util, g.utilization), (temp, g.temperature),
+                                  (power, g.power)):  # fmt: skip
+                if value is not None:
+                    family.add_metric(t, value)
+            for kind, count in (("corrected", g.ecc_corrected),
+                                ("uncorrected", g.ecc_uncorrected)):  # fmt: skip
+                if count is not None:
+                    ecc.add_metric([*t, kind], count)
+        yield from (info, total, used, free, util, temp, power, ecc)

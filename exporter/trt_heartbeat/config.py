@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "timeout": "5s",
     "startup_timeout": "5m",
     "latency_objective": "100ms",
+    "gpu_memory_low_threshold": "512MiB",
     "jitter": 0.1,
     "history": 20,
     "constant_labels": {},
@@ -48,9 +49,12 @@ DEFAULTS: dict[str, Any] = {
         "hide_hardware_details": False,
     },
     "log": {"level": "info", "format": "text"},
+    "nvml": {"enabled": "auto", "interval": "5s", "timeout": "2s"},
 }
 DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZES = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(B|KiB|MiB|GiB|TiB)")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 
 
@@ -74,6 +78,10 @@ class Settings:
     hide_hardware_details: bool
     log_level: str
     log_format: str
+    gpu_memory_low_threshold: int  # bytes
+    nvml_enabled: str | bool  # "auto": only where a GPU is visible
+    nvml_interval: float
+    nvml_timeout: float
     constant_labels: dict[str, str] = field(default_factory=dict)
     source: str = ""  # the config file, if any
 
@@ -95,6 +103,7 @@ class Settings:
             "startup_timeout": format_duration(self.startup_timeout),
             "max_age": format_duration(self.max_age),
             "latency_objective": format_duration(self.latency_objective),
+            "gpu_memory_low_threshold": format_size(self.gpu_memory_low_threshold),
             "jitter": self.jitter,
             "history": self.history,
             "constant_labels": dict(self.constant_labels),
@@ -104,6 +113,11 @@ class Settings:
                 "hide_hardware_details": self.hide_hardware_details,
             },
             "log": {"level": self.log_level, "format": self.log_format},
+            "nvml": {
+                "enabled": self.nvml_enabled,
+                "interval": format_duration(self.nvml_interval),
+                "timeout": format_duration(self.nvml_timeout),
+            },
         }
 
 
@@ -116,6 +130,23 @@ def parse_duration(value: float | int | str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"invalid duration {value!r}")
     return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from a number or a size with a binary unit ("512MiB")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"invalid size {value!r}")
+    return int(float(match.group(1)) * _SIZES[match.group(2)])
+
+
+def format_size(size: int) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZES[unit] == 0:
+            return f"{size // _SIZES[unit]}{unit}"
+    return str(size)
 
 
 def format_duration(seconds: float) -> str:
@@ -287,6 +318,18 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
             resolve_spec(merged["backend"])
         except UnknownBackendError as exc:
             raise ConfigError(f"{prefix}backend: {exc}") from exc
+    nvml = merged["nvml"]
+    nvml_seconds = {key: parse_duration(nvml[key]) for key in ("interval", "timeout")}
+    for key, value in nvml_seconds.items():
+        if value <= 0:
+            expected = schema()["$defs"]["duration"]["x-expected"]
+            raise ConfigError(f"{prefix}nvml.{key}: expected {expected}, got {_kind(nvml[key])}")
+    if nvml_seconds["timeout"] >= nvml_seconds["interval"]:
+        raise ConfigError(
+            f"{prefix}nvml.timeout: must be shorter than nvml.interval "
+            f"({format_duration(nvml_seconds['timeout'])} >= "
+            f"{format_duration(nvml_seconds['interval'])})"
+        )
     clashes = sorted(RESERVED_LABELS & set(merged["constant_labels"]))
     if clashes:
         raise ConfigError(
@@ -319,6 +362,10 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         hide_hardware_details=bool(web["hide_hardware_details"]),
         log_level=merged["log"]["level"],
         log_format=merged["log"]["format"],
+        gpu_memory_low_threshold=parse_size(merged["gpu_memory_low_threshold"]),
+        nvml_enabled=nvml["enabled"],
+        nvml_interval=nvml_seconds["interval"],
+        nvml_timeout=nvml_seconds["timeout"],
         constant_labels=dict(merged["constant_labels"]),
         source=source,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -67,7 +68,7 @@ class NvmlView:
     (context, buffers, module or engine), measured before and after it.
     """
 
-    def __init__(self, uuid: str) -> None:
+    def __init__(self, uuid: str, nvml: Any = None) -> None:
         self.source = "unavailable"
         self.driver_version = ""
         self._nvml: Any = None
@@ -75,16 +76,16 @@ class NvmlView:
         self._baseline: int | None = None
         self._delta: int | None = None
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            version = pynvml.nvmlSystemGetDriverVersion()
+            if nvml is None:
+                nvml = importlib.import_module("pynvml")
+            nvml.nvmlInit()
+            version = nvml.nvmlSystemGetDriverVersion()
             self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
-            self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-            self._baseline = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+            self._baseline = int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._nvml = nvml
         except Exception:
-            self._nvml = None  # NVML missing or failing: the metric is simply absent
+            pass  # NVML missing or failing: the metric is simply absent
 
     def setup_done(self) -> None:
         if self._nvml is not None and self._baseline is not None:

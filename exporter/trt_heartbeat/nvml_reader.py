@@ -1,0 +1,126 @@
+"""NVML reads, in a child process of their own (the exporter process never loads NVML).
+
+The child answers each "read" request with one snapshot of every GPU NVML can see. A GPU that fell
+off the bus can make an NVML call hang; the parent (telemetry.py) then kills this process and
+starts another, so a hang costs one missed snapshot, never a scrape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing.connection
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    compute_capability: str
+    memory_total: int
+    memory_used: int
+    memory_free: int
+    utilization: float | None  # ratio 0..1 of time a kernel was running
+    temperature: float | None  # degrees Celsius
+    power: float | None  # watts
+    ecc_corrected: int | None  # volatile counts since the driver loaded
+    ecc_uncorrected: int | None
+
+
+@dataclass(frozen=True)
+class NvmlSnapshot:
+    driver_version: str
+    cuda_driver_version: str
+    gpus: tuple[GpuReading, ...]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional(call: Any, *args: Any) -> Any:
+    """An NVML query a GPU may not support (power on some boards, ECC on consumer cards)."""
+    try:
+        return call(*args)
+    except Exception:
+        return None
+
+
+def _gpu(nvml: Any, index: int) -> GpuReading:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    util = _optional(nvml.nvmlDeviceGetUtilizationRates, handle)
+    temp = _optional(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+    power_mw = _optional(nvml.nvmlDeviceGetPowerUsage, handle)
+
+    def ecc(kind: Any) -> int | None:
+        value = _optional(nvml.nvmlDeviceGetTotalEccErrors, handle, kind, nvml.NVML_VOLATILE_ECC)
+        return None if value is None else int(value)
+
+    return GpuReading(
+        index=index,
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        pci_bus_id=_text(nvml.nvmlDeviceGetPciInfo(handle).busId),
+        compute_capability=f"{major}.{minor}",
+        memory_total=int(memory.total),
+        memory_used=int(memory.used),
+        memory_free=int(memory.free),
+        utilization=None if util is None else util.gpu / 100.0,
+        temperature=None if temp is None else float(temp),
+        power=None if power_mw is None else power_mw / 1000.0,
+        ecc_corrected=ecc(nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+        ecc_uncorrected=ecc(nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
+    )
+
+
+def read(nvml: Any) -> NvmlSnapshot:
+    cuda = int(nvml.nvmlSystemGetCudaDriverVersion())
+    return NvmlSnapshot(
+        driver_version=_text(nvml.nvmlSystemGetDriverVersion()),
+        cuda_driver_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
+        gpus=tuple(_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())),
+    )
+
+
+def _missing(exc: BaseException) -> bool:
+    """NVML's library or driver is absent: a CPU host, not a failure worth shouting about."""
+    name = type(exc).__name__
+    return isinstance(exc, ImportError) or name in (
+        "NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded", "NVMLError_NoPermission",
+    )  # fmt: skip
+
+
+def reader_main(conn: multiprocessing.connection.Connection, module_name: str) -> None:
+    """Child process: answer each "read" with ("ok", snapshot), ("missing" | "error", message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send(("started", ""))  # process start-up is not NVML's time: the parent waits for this
+    nvml: Any = None
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request != "read":
+            break
+        try:
+            if nvml is None:
+                module = importlib.import_module(module_name)
+                module.nvmlInit()
+                nvml = module
+            conn.send(("ok", read(nvml)))
+        except Exception as exc:
+            kind = "missing" if _missing(exc) else "error"
+            conn.send((kind, f"{type(exc).__name__}: {exc}"))
+            if nvml is not None:  # start afresh next time: the driver may have been reloaded
+                with contextlib.suppress(Exception):
+                    nvml.nvmlShutdown()
+                nvml = None
+    if nvml is not None:
+        nvml.nvmlShutdown()

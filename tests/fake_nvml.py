@@ -102,8 +102,15 @@ def nvmlDeviceGetCudaComputeCapability(handle: int) -> tuple[int, int]:
     return 9, 0
 
 
-def nvmlDeviceGetMemoryInfo(handle: int) -> Any:
+nvmlMemory_v2 = 0x02000028
+RESERVED = 350 << 20
+
+
+def nvmlDeviceGetMemoryInfo(handle: int, version: int | None = None) -> Any:
     free = int(_call().get("free", 60 << 30))
+    if version == nvmlMemory_v2:  # as nvidia-smi: driver-reserved memory is not "used"
+        return SimpleNamespace(total=TOTAL, free=free, reserved=RESERVED,
+                               used=TOTAL - free - RESERVED)  # fmt: skip
     return SimpleNamespace(total=TOTAL, free=free, used=TOTAL - free)
 
 

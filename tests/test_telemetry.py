@@ -49,7 +49,7 @@ def test_readings(telemetry: NvmlTelemetry) -> None:
         0, "NVIDIA Fake H200", "0000:3B:00.0", "9.0",
     )  # fmt: skip
     assert gpu.memory_total == 80 << 30 and gpu.memory_free == 60 << 30
-    assert gpu.memory_used == 20 << 30
+    assert gpu.memory_used == (20 << 30) - (350 << 20), "v2 query: reserved memory not used"
     assert (gpu.utilization, gpu.temperature, gpu.power) == (0.37, 41.0, 123.456)
     assert (gpu.ecc_corrected, gpu.ecc_uncorrected) == (2, 0)
     assert state.gpu("GPU-fake-1").power is None  # NotSupported on that board: absent, not 0

@@ -248,7 +248,8 @@ class HeartbeatCollector(Collector):
         info = f.gauge("gpu_info", "GPU identity as NVML reports it; constant 1.",
                        [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
         total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU.", target)
-        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use, by all processes.",
+        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use by all processes, "
+                       "driver-reserved memory excluded (as nvidia-smi shows it).",
                        target)  # fmt: skip
         free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU.", target)
         util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "

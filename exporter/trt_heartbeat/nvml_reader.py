@@ -51,9 +51,21 @@ def _optional(call: Any, *args: Any) -> Any:
         return None
 
 
+def _memory(nvml: Any, handle: Any) -> Any:
+    """Memory info as nvidia-smi shows it: the v2 query's `used` leaves out what the driver
+    reserves (~350 MiB on an H200), which the v1 query counts as used."""
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+        except Exception:
+            pass  # driver without the v2 query
+    return nvml.nvmlDeviceGetMemoryInfo(handle)
+
+
 def _gpu(nvml: Any, index: int) -> GpuReading:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    memory = _memory(nvml, handle)
     major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
     util = _optional(nvml.nvmlDeviceGetUtilizationRates, handle)
     temp = _optional(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_nvml_values_match_nvidia_smi(tmp_path: Path) -> None:
 
         wait_for(lambda: scrape().get("trt_heartbeat_nvml_up", ({}, 0))[1] == 1
                  and scrape().get("trt_heartbeat_up", ({}, 0))[1] == 1, timeout=90)  # fmt: skip
+        # Compare a reading taken after the probe worker holds its context, not one from before.
+        probing = time.time()
+        wait_for(lambda: scrape()["trt_heartbeat_nvml_last_success_timestamp_seconds"][1]
+                 > probing, timeout=30)  # fmt: skip
         ours, theirs = scrape(), smi()
     finally:
         process.send_signal(signal.SIGTERM)

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := prometheus
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager
 
 .PHONY: run test lint bench deps system-deps clean
 
@@ -24,9 +24,10 @@ bench: deps
 
 deps: system-deps $(VENV)/.installed
 
-# promtool (Debian package prometheus) checks the real scrape in the tests.
+# promtool, amtool and Alertmanager (Debian packages prometheus, prometheus-alertmanager) run in
+# the tests for real.
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@{ command -v promtool && command -v amtool && command -v prometheus-alertmanager; } >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    $(DEBIAN_PACKAGES) >/dev/null; }

@@ -1,0 +1,413 @@
+"""End to end on loopback: a stable/canary fleet of exporters, a real Prometheus with the rule pack
+unchanged, a real Alertmanager with the example configuration, and a webhook receiver.
+
+One scenario, in order: a healthy baseline; then one stable exporter's probe worker is frozen
+(every probe hangs from then on, and the running worker is SIGSTOPped) and one canary starts
+returning wrong outputs, while the other canary is slow throughout. The test checks targets,
+recording rules, which alerts fire (and that nothing else does), where notifications arrive,
+that inhibitions hold, and prints the time to detect each stage (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import ROOT, cli_env, require, wait_for
+
+INTERVAL, TIMEOUT = 1.0, 0.8  # exporter probe interval and timeout
+SCRAPE = EVAL = 1.0  # Prometheus scrape and rule evaluation interval
+FLEET = [
+    ("stable-1", "stable"),
+    ("stable-2", "stable"),
+    ("canary-1", "canary"),
+    ("canary-2", "canary"),
+]
+SLOW_DELAY = 0.05  # canary-1 adds this to every probe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+@dataclass
+class Exporter:
+    name: str
+    track: str
+    process: subprocess.Popen[bytes]
+    control: Path
+    log: Path
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def instance(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_fault(self, **control: Any) -> None:
+        tmp = self.control.with_suffix(".tmp")
+        tmp.write_text(json.dumps(control))
+        tmp.replace(self.control)
+
+    def health_status(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+
+@dataclass
+class Webhook:
+    """Records every notification Alertmanager sends, with its arrival time and route."""
+
+    received: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def alerts(self, path: str) -> list[tuple[float, str, str]]:
+        """(arrival, alertname, pod) of every firing alert that reached `path`."""
+        with self.lock:
+            return [
+                (t, a["labels"]["alertname"], a["labels"].get("pod", ""))
+                for t, p, body in self.received
+                if p == path
+                for a in body["alerts"]
+                if a["status"] == "firing"
+            ]
+
+
+def start_webhook(port: int) -> tuple[ThreadingHTTPServer, Webhook]:
+    hook = Webhook()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with hook.lock:
+                hook.received.append((time.monotonic(), self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, hook
+
+
+@dataclass
+class Stack:
+    exporters: dict[str, Exporter]
+    prometheus: str
+    alertmanager: str
+    webhook: Webhook
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = self.prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        result: list[dict[str, Any]] = get_json(url)["data"]["result"]
+        return result
+
+    def alerts(self, state: str) -> set[tuple[str, str]]:
+        rows = self.query(f'ALERTS{{alertstate="{state}"}}')
+        return {(r["metric"]["alertname"], r["metric"].get("pod", "")) for r in rows}
+
+
+def _start(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with log.open("w") as sink:
+        return subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("e2e")
+    processes: list[subprocess.Popen[bytes]] = []
+    hook_server = None
+    try:
+        exporters = {}
+        for name, track in FLEET:
+            control = work / f"{name}.faults.json"
+            control.write_text(
+                json.dumps({"probe": "slow", "delay": SLOW_DELAY} if name == "canary-1" else {})
+            )
+            log = work / f"{name}.log"
+            process = _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "trt_heartbeat",
+                    "serve",
+                    "--backend",
+                    "fault_backend:FaultBackend",
+                    "--interval",
+                    f"{INTERVAL}s",
+                    "--timeout",
+                    f"{TIMEOUT}s",
+                    "--web.listen-address",
+                    "127.0.0.1:0",
+                    "--log.format",
+                    "json",
+                ],
+                log,
+                cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
+            )
+            processes.append(process)
+            exporters[name] = Exporter(name, track, process, control, log)
+        for e in exporters.values():
+            e.port = wait_for(
+                lambda e=e: (
+                    (m := re.search(r'"port": (\d+)', e.log.read_text())) and int(m.group(1))
+                ),
+                timeout=60,
+                what=f"{e.name} listening",
+            )
+
+        hook_port, am_port, prom_port = free_port(), free_port(), free_port()
+        hook_server, hook = start_webhook(hook_port)
+        am_config = (
+            (ROOT / "rules" / "alertmanager" / "alertmanager.yml")
+            .read_text()
+            .replace("http://alert-router.monitoring.svc:8080", f"http://127.0.0.1:{hook_port}")
+        )
+        (work / "alertmanager.yml").write_text(am_config)
+        processes.append(
+            _start(
+                [
+                    require("prometheus-alertmanager"),
+                    f"--config.file={work / 'alertmanager.yml'}",
+                    f"--storage.path={work / 'am-data'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                ],
+                work / "alertmanager.log",
+            )
+        )
+
+        prometheus_config = {
+            "global": {
+                "scrape_interval": f"{SCRAPE:g}s",
+                "scrape_timeout": f"{SCRAPE:g}s",
+                "evaluation_interval": f"{EVAL:g}s",
+            },
+            "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
+            "alerting": {
+                "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]
+            },
+            "scrape_configs": [
+                {
+                    "job_name": "trt-heartbeat-exporter",
+                    # What Kubernetes service discovery would attach to each pod; relabeled as the
+                    # manifests do: the pod's track label becomes `track`.
+                    "static_configs": [
+                        {
+                            "targets": [e.instance],
+                            "labels": {
+                                "__meta_kubernetes_pod_label_track": e.track,
+                                "__meta_kubernetes_pod_name": e.name,
+                            },
+                        }
+                        for e in exporters.values()
+                    ],
+                    "relabel_configs": [
+                        {
+                            "source_labels": ["__meta_kubernetes_pod_label_track"],
+                            "target_label": "track",
+                        },
+                        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                    ],
+                }
+            ],
+        }
+        (work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config))
+        processes.append(
+            _start(
+                [
+                    require("prometheus"),
+                    f"--config.file={work / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={work / 'prom-data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                work / "prometheus.log",
+            )
+        )
+        stack = Stack(
+            exporters, f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", hook
+        )
+
+        def ready(url: str) -> bool:
+            try:
+                with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(
+            lambda: ready(stack.prometheus) and ready(stack.alertmanager),
+            timeout=60,
+            what="prometheus and alertmanager ready",
+        )
+        yield stack
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        if hook_server is not None:
+            hook_server.shutdown()
+        if os.environ.get("OUT"):
+            shutil.copytree(
+                work,
+                Path(os.environ["OUT"]) / "e2e",
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("*-data"),
+            )
+
+
+def test_fleet_end_to_end(stack: Stack) -> None:
+    exp = stack.exporters
+    # --- baseline: all targets up, every heartbeat passing, the slowed canary visible --------
+    wait_for(
+        lambda: len(stack.query('up{job="trt-heartbeat-exporter"} == 1')) == 4,
+        timeout=60,
+        what="4 targets up",
+    )
+    tracks = {r["metric"]["pod"]: r["metric"]["track"] for r in stack.query("trt_heartbeat_up")}
+    assert tracks == {name: track for name, track in FLEET}, "relabeling sets track"
+    wait_for(lambda: len(stack.query("trt_heartbeat_up == 1")) == 4, timeout=60)
+    ratio = wait_for(
+        lambda: stack.query(
+            "gpu_model:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable"
+            " and on (gpu_model) gpu_model:trt_heartbeat_canary_comparison:sufficient"
+        ),
+        timeout=90,
+        what="canary comparison",
+    )
+    assert ratio[0]["metric"]["gpu_model"] == "unknown"  # reference backend: no NVML model
+    assert float(ratio[0]["value"][1]) > 1, "the slowed canary is slower than stable"
+    failure = stack.query("track:trt_heartbeat_probe_failure:ratio_rate5m")
+    assert {r["metric"]["track"]: float(r["value"][1]) for r in failure} == {
+        "stable": 0.0,
+        "canary": 0.0,
+    }
+    assert stack.alerts("firing") == set(), "a healthy fleet fires nothing"
+
+    # --- faults -------------------------------------------------------------------------------
+    frozen, wrong = exp["stable-2"], exp["canary-2"]
+    worker = get_json(frozen.url + "/probes")["targets"][0]["worker_pid"]
+    frozen.set_fault(probe="hang")  # every later worker hangs too: the heartbeat stays stale
+    wrong.set_fault(probe="wrong")
+    t0 = time.monotonic()
+    os.kill(worker, signal.SIGSTOP)
+
+    times: dict[str, float] = {}
+
+    def stage(name: str, reached: bool) -> bool:
+        if reached and name not in times:
+            times[name] = time.monotonic() - t0
+        return name in times
+
+    def progress() -> bool:
+        stage("a_health_503", frozen.health_status() == 503)
+        stage(
+            "b_up_0_in_prometheus",
+            bool(stack.query(f'trt_heartbeat_up{{pod="{frozen.name}"}} == 0')),
+        )
+        stage("c_alert_firing", ("TrtHeartbeatStale", frozen.name) in stack.alerts("firing"))
+        stage(
+            "d_notification",
+            any(
+                a == "TrtHeartbeatStale" and p == frozen.name
+                for _, a, p in stack.webhook.alerts("/pager")
+            ),
+        )
+        return len(times) == 4
+
+    wait_for(progress, timeout=180, what="stale heartbeat detected, alerted and notified")
+    # Wrong answers never pass, so the mismatching canary's heartbeat goes stale too.
+    expected = {
+        ("TrtHeartbeatStale", "stable-2"),
+        ("TrtHeartbeatStale", "canary-2"),
+        ("TrtHeartbeatOutputMismatch", "canary-2"),
+        ("TrtHeartbeatWorkerRestarting", "stable-2"),
+    }
+    firing = wait_for(lambda: (f := stack.alerts("firing")) >= expected and f, timeout=120)
+    assert firing == expected, "nothing else fires"
+    pending = {a for a, _ in stack.alerts("pending")}
+    # The canary verdict is reached; its `for: 15m` is not waited out here.
+    assert "TrtHeartbeatCanaryLatencyRegression" in pending
+
+    # --- notifications: each on its route, inhibited ones nowhere ---------------------------
+    def notified(path: str) -> set[tuple[str, str]]:
+        return {(a, p) for _, a, p in stack.webhook.alerts(path)}
+
+    critical = {
+        ("TrtHeartbeatStale", "stable-2"),
+        ("TrtHeartbeatStale", "canary-2"),
+        ("TrtHeartbeatOutputMismatch", "canary-2"),
+    }
+    canary = {("TrtHeartbeatStale", "canary-2"), ("TrtHeartbeatOutputMismatch", "canary-2")}
+    wait_for(
+        lambda: notified("/pager") >= critical and notified("/release") >= canary,
+        timeout=120,
+        what="notifications",
+    )
+    assert notified("/pager") == critical, "critical alerts page"
+    assert notified("/release") == canary, "alerts of canary pods reach the release receiver"
+    am_alerts = get_json(stack.alertmanager + "/api/v2/alerts")
+    restarting = [
+        a for a in am_alerts if a["labels"]["alertname"] == "TrtHeartbeatWorkerRestarting"
+    ]
+    assert restarting and all(a["status"]["state"] == "suppressed" for a in restarting), (
+        "the critical stale alert of that GPU inhibits the warning"
+    )
+    assert stack.webhook.alerts("/tickets") == [], "no ticket for an inhibited warning"
+
+    # --- time to detect -------------------------------------------------------------------------
+    for name, seconds in sorted(times.items()):
+        print(f"time to detect {name}: {seconds:.1f} s")
+    targets = {
+        "a_health_503": INTERVAL + TIMEOUT + 1,
+        "d_notification": 3 * INTERVAL + 60 + 2 * EVAL + 10,
+    }  # max_age + for + 2 evals + group_wait
+    for name, target in targets.items():
+        print(f"target for {name}: {target:.1f} s ({'met' if times[name] <= target else 'MISSED'})")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "e2e-time-to-detect.json").write_text(json.dumps(times, indent=2))

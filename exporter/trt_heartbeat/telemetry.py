@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .nvml_reader import NvmlSnapshot, reader_main
+from .worker import reap
 
 log = logging.getLogger("trt_heartbeat")
 _SLICE = 0.1
@@ -106,12 +107,7 @@ class NvmlTelemetry:
     def _kill(self) -> None:
         process, conn = self._process, self._conn
         self._process = self._conn = None
-        if process is not None:
-            if process.is_alive():
-                process.kill()
-            process.join(2.0)
-        if conn is not None:
-            conn.close()
+        reap(process, conn)
 
     def _read_once(self) -> None:
         if self._process is None and not self._spawn():

@@ -198,16 +198,23 @@ class Worker:
         self.kill()
 
     def kill(self) -> None:
-        """SIGKILL works on a stopped or wedged worker where a polite request cannot."""
         process, conn = self._process, self._conn
         self._process = self._conn = None
-        if process is not None:
-            if process.is_alive():
-                process.kill()
-            process.join(_CLOSE_GRACE)
-            # A process stuck in the driver (D state) may outlive SIGKILL; leave it to the
-            # kernel rather than block the probe loop on it.
-            if process.exitcode is not None:
-                process.close()
-        if conn is not None:
-            conn.close()
+        reap(process, conn)
+
+
+def reap(
+    process: multiprocessing.process.BaseProcess | None,
+    conn: multiprocessing.connection.Connection | None,
+) -> None:
+    """SIGKILL a child and release it: works on a stopped or wedged process where asking cannot."""
+    if process is not None:
+        if process.is_alive():
+            process.kill()
+        process.join(_CLOSE_GRACE)
+        # A process stuck in the driver (D state) may outlive SIGKILL; leave it to the kernel
+        # rather than block the caller on it.
+        if process.exitcode is not None:
+            process.close()
+    if conn is not None:
+        conn.close()

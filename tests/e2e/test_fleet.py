@@ -42,6 +42,8 @@ FLEET = [
     ("canary-2", "canary"),
 ]
 SLOW_DELAY = 0.05  # canary-1 adds this to every probe
+FAKE_PYNVML = Path(__file__).parent / "fake_pynvml"
+CLUSTER = "e2e"
 
 
 def free_port() -> int:
@@ -170,6 +172,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 json.dumps({"probe": "slow", "delay": SLOW_DELAY} if name == "canary-1" else {})
             )
             log = work / f"{name}.log"
+            config = work / f"{name}.yaml"
+            config.write_text("nvml: {enabled: true, interval: 1s, timeout: 500ms}\n")
+            env = cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control))
+            env["PYTHONPATH"] = os.pathsep.join([str(FAKE_PYNVML), env["PYTHONPATH"]])
             process = _start(
                 [
                     sys.executable,
@@ -186,9 +192,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     "127.0.0.1:0",
                     "--log.format",
                     "json",
+                    "--config",
+                    str(config),
                 ],
                 log,
-                cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
+                env,
             )
             processes.append(process)
             exporters[name] = Exporter(name, track, process, control, log)
@@ -243,6 +251,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                             "labels": {
                                 "__meta_kubernetes_pod_label_track": e.track,
                                 "__meta_kubernetes_pod_name": e.name,
+                                "cluster": CLUSTER,
                             },
                         }
                         for e in exporters.values()
@@ -411,3 +420,31 @@ def test_fleet_end_to_end(stack: Stack) -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, "e2e-time-to-detect.json").write_text(json.dumps(times, indent=2))
+
+
+def _substitute(expr: str) -> str:
+    """A dashboard query as Grafana sends it with every variable at "All"."""
+    for name in ("cluster", "job", "instance", "gpu", "track"):
+        expr = expr.replace(f"${name}", ".*")
+    return expr.replace("$__rate_interval", "1m")
+
+
+@pytest.mark.parametrize("dashboard", ["fleet.json", "canary.json"])
+def test_every_dashboard_query_returns_data(stack: Stack, dashboard: str) -> None:
+    # Runs after the scenario above, on the same stack: faults are in place, so the panels meant
+    # for them (firing alerts, restarts, stale GPUs) have something to show.
+    document = json.loads((ROOT / "grafana" / dashboard).read_text())
+    empty = []
+    for variable in document["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"])
+        assert match, variable["query"]["query"]
+        selector, label = match.groups()
+        if not stack.query(f"count by ({label}) ({_substitute(selector)})"):
+            empty.append(f"variable {variable['name']}")
+    for panel in document["panels"]:
+        for target in panel.get("targets", []):
+            if not stack.query(_substitute(target["expr"])):
+                empty.append(f"{panel['title']} / {target['refId']}: {target['expr']}")
+    assert empty == [], "queries that return no data:\n" + "\n".join(empty)

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Writes grafana/*.json from this file, so the two dashboards share one set of variables,
+selectors and conventions. Edit here, then run `python grafana/build_dashboards.py`;
+tests/test_dashboards.py fails when the JSON files and this script disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+SCHEMA_VERSION = 39
+DS = {"type": "prometheus", "uid": "${datasource}"}
+# Every raw-metric query carries the dashboard's selection.
+SEL = 'cluster=~"$cluster",job=~"$job",instance=~"$instance",gpu=~"$gpu",track=~"$track"'
+INSTANCE_SEL = 'cluster=~"$cluster",job=~"$job",instance=~"$instance",track=~"$track"'
+
+
+def variables() -> list[dict[str, Any]]:
+    def query(name: str, label: str, metric: str, hide: int = 0) -> dict[str, Any]:
+        return {
+            "name": name, "label": label, "type": "query", "datasource": DS,
+            "query": {"query": f"label_values({metric}, {name})", "refId": name},
+            "definition": f"label_values({metric}, {name})",
+            "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": hide,
+        }  # fmt: skip
+
+    return [
+        {"name": "datasource", "label": "Data source", "type": "datasource",
+         "query": "prometheus", "current": {}, "hide": 0},
+        query("cluster", "Cluster", "trt_heartbeat_build_info", hide=2),
+        query("job", "Job", 'trt_heartbeat_build_info{cluster=~"$cluster"}'),
+        query("instance", "Instance", 'trt_heartbeat_build_info{cluster=~"$cluster",job=~"$job"}'),
+        query("gpu", "GPU", 'trt_heartbeat_up{cluster=~"$cluster",job=~"$job",instance=~"$instance"}'),
+        query("track", "Track", 'trt_heartbeat_up{cluster=~"$cluster",job=~"$job"}'),
+    ]  # fmt: skip
+
+
+class Panels:
+    def __init__(self) -> None:
+        self.panels: list[dict[str, Any]] = []
+        self.x = self.y = self.row_height = 0
+
+    def add(self, kind: str, title: str, targets: list[tuple[str, str]], *, w: int = 12,
+            h: int = 8, unit: str = "short", description: str = "",
+            thresholds: list[tuple[str, float | None]] | None = None,
+            instant: bool = False, fmt: str = "time_series",
+            options: dict[str, Any] | None = None) -> None:  # fmt: skip
+        if self.x + w > 24:
+            self.x, self.y = 0, self.y + self.row_height
+            self.row_height = 0
+        steps = [{"color": color, "value": value} for color, value in
+                 (thresholds or [("green", None)])]  # fmt: skip
+        panel: dict[str, Any] = {
+            "id": len(self.panels) + 1,
+            "type": kind,
+            "title": title,
+            "description": description,
+            "datasource": DS,
+            "gridPos": {"x": self.x, "y": self.y, "w": w, "h": h},
+            "fieldConfig": {"defaults": {"unit": unit, "thresholds": {
+                "mode": "absolute", "steps": steps}}, "overrides": []},
+            "options": options or {},
+            "targets": [
+                {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr,
+                 "legendFormat": legend, "instant": instant, "range": not instant,
+                 "format": fmt}
+                for i, (expr, legend) in enumerate(targets)
+            ],
+        }  # fmt: skip
+        if kind == "timeseries" and thresholds and len(thresholds) > 1:
+            panel["fieldConfig"]["defaults"]["custom"] = {"thresholdsStyle": {"mode": "line"}}
+        self.panels.append(panel)
+        self.x += w
+        self.row_height = max(self.row_height, h)
+
+    def row(self, title: str) -> None:
+        self.x, self.y = 0, self.y + self.row_height
+        self.panels.append({"id": len(self.panels) + 1, "type": "row", "title": title,
+                            "collapsed": False, "gridPos": {"x": 0, "y": self.y, "w": 24, "h": 1},
+                            "panels": []})  # fmt: skip
+        self.y += 1
+        self.row_height = 0
+
+
+def dashboard(uid: str, title: str, description: str, panels: Panels) -> dict[str, Any]:
+    return {
+        "uid": uid, "title": title, "description": description,
+        "tags": ["trt-heartbeat", "gpu", "inference"], "timezone": "utc",
+        "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": True,
+        "time": {"from": "now-6h", "to": "now"}, "refresh": "30s",
+        "templating": {"list": variables()},
+        "annotations": {"list": []},
+        "links": [{"title": "Runbooks", "type": "link", "targetBlank": True,
+                   "url": "https://github.com/trt-heartbeat-exporter/trt-heartbeat-exporter/blob/main/docs/runbooks.md"}],
+        "panels": panels.panels,
+    }  # fmt: skip
+
+
+def fleet() -> dict[str, Any]:
+    p = Panels()
+    p.row("At a glance")
+    p.add("stat", "GPUs passing", [(f"count(trt_heartbeat_up{{{SEL}}} == 1) or vector(0)", "")],
+          w=6, h=4, instant=True, thresholds=[("red", None), ("green", 1)])
+    p.add("stat", "GPUs stale", [(
+        f"count(trt_heartbeat_age_seconds{{{SEL}}} > on (job, instance) group_left () "
+        "trt_heartbeat_max_age_seconds) or vector(0)", "")],
+          w=6, h=4, instant=True, thresholds=[("green", None), ("red", 1)])
+    p.add("stat", "GPUs failing probes", [(
+        f"count(instance_gpu:trt_heartbeat_probe_failure:ratio_rate5m{{{SEL}}} > 0) or vector(0)",
+        "")], w=6, h=4, instant=True, thresholds=[("green", None), ("orange", 1)])
+    p.add("stat", "Exporters down", [(
+        f'count(up{{{INSTANCE_SEL}}} == 0 and on (job, instance) trt_heartbeat_build_info) '
+        "or vector(0)", "")], w=6, h=4, instant=True, thresholds=[("green", None), ("red", 1)])
+    p.add("table", "Heartbeat age, worst first (in intervals: 1 = on time, 3 = stale)", [
+        (f"sort_desc(trt_heartbeat_age_seconds{{{SEL}}} / on (job, instance) group_left () "
+         "trt_heartbeat_interval_seconds)", "")], w=12, h=8, instant=True, fmt="table",
+          thresholds=[("green", None), ("orange", 1), ("red", 3)],
+          description="Seconds since the last passing probe divided by the probe interval.")
+    p.add("table", "Firing alerts of this pack", [(
+        'ALERTS{alertname=~"TrtHeartbeat.*",alertstate="firing"}', "")], w=12, h=8,
+          instant=True, fmt="table")
+    p.row("Probes")
+    p.add("timeseries", "Probe results", [(
+        f"sum by (result) (rate(trt_heartbeat_probes_total{{{SEL}}}[$__rate_interval]))",
+        "{{result}}")], unit="ops")
+    p.add("timeseries", "Probe latency p50 / p99 (total)", [
+        (f"instance_gpu:trt_heartbeat_probe_duration_seconds:p50_rate5m{{{SEL}}}",
+         "p50 {{instance}} gpu {{gpu}}"),
+        (f"instance_gpu:trt_heartbeat_probe_duration_seconds:p99_rate5m{{{SEL}}}",
+         "p99 {{instance}} gpu {{gpu}}")], unit="s")
+    p.add("heatmap", "Probe latency distribution (total)", [(
+        f'sum by (le) (rate(trt_heartbeat_probe_duration_seconds_bucket{{{SEL},phase="total"}}'
+        "[$__rate_interval]))", "{{le}}")], fmt="heatmap", unit="s",
+          options={"calculate": False, "yAxis": {"unit": "s"}})
+    p.add("timeseries", "Latency by phase (p99)", [(
+        "histogram_quantile(0.99, sum by (phase, le) (rate(trt_heartbeat_probe_duration_seconds_"
+        f"bucket{{{SEL}}}[$__rate_interval])))", "{{phase}}")], unit="s")
+    p.add("timeseries", "Output deviation from golden", [(
+        f"trt_heartbeat_output_max_abs_error{{{SEL}}}", "{{instance}} gpu {{gpu}}")])
+    p.add("timeseries", "Worker restarts", [(
+        "sum by (instance, gpu, reason) (increase(trt_heartbeat_worker_restarts_total"
+        f"{{{SEL}}}[$__rate_interval]))", "{{instance}} gpu {{gpu}} {{reason}}")])
+    p.row("GPU memory")
+    p.add("timeseries", "GPU memory used", [(
+        f"trt_heartbeat_gpu_memory_used_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
+          unit="bytes")
+    p.add("timeseries", "GPU memory free, with the low-memory threshold", [
+        (f"trt_heartbeat_gpu_memory_free_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}"),
+        (f"max(trt_heartbeat_gpu_memory_low_threshold_bytes{{{INSTANCE_SEL}}})", "threshold")],
+          unit="bytes")
+    p.add("timeseries", "GPU memory held by the probe worker", [(
+        f"trt_heartbeat_probe_gpu_memory_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
+          unit="bytes")
+    p.add("stat", "NVML up", [(f"min(trt_heartbeat_nvml_up{{{INSTANCE_SEL}}})", "")],
+          instant=True, thresholds=[("red", None), ("green", 1)])
+    p.row("Versions")
+    p.add("table", "Stack versions in the fleet", [(
+        "count by (track, version, backend, driver_version, cuda_driver_version, "
+        f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})", "")],
+          w=12, instant=True, fmt="table")
+    p.add("table", "Probe engines", [(
+        "count by (backend, model, precision, engine_sha256) "
+        f"(trt_heartbeat_engine_info{{{SEL}}})", "")], w=12, instant=True, fmt="table")
+    return dashboard("trt-heartbeat-fleet", "TRT heartbeat / Fleet",
+                     "Which GPU stopped answering, and why.", p)
+
+
+def canary() -> dict[str, Any]:
+    p = Panels()
+    per_track = [
+        ("Probe latency p99", "track:trt_heartbeat_probe_duration_seconds:p99_rate5m", "s"),
+        ("Probe latency p50", "track:trt_heartbeat_probe_duration_seconds:p50_rate5m", "s"),
+        ("Probe failure ratio", "track:trt_heartbeat_probe_failure:ratio_rate5m", "percentunit"),
+        ("Output deviation from golden (max, 30m)",
+         "track_gpu_model:trt_heartbeat_output_max_abs_error:max30m", "short"),
+        ("Probe worker GPU memory", "track_gpu_model:trt_heartbeat_probe_gpu_memory_bytes:avg",
+         "bytes"),
+        ("Engine load time", "track_gpu_model:trt_heartbeat_engine_load_duration_seconds:avg",
+         "s"),
+    ]  # fmt: skip
+    for title, series, unit in per_track:
+        legend = "{{track}}" + (" {{gpu_model}}" if series.startswith("track_gpu_model") else "")
+        p.row(title)
+        p.add("timeseries", f"{title}: stable", [(f'{series}{{track="stable"}}', legend)], w=8,
+              unit=unit)
+        p.add("timeseries", f"{title}: canary", [(f'{series}{{track="canary"}}', legend)], w=8,
+              unit=unit)
+        p.add("timeseries", f"{title}: overlaid", [(f'{series}{{track=~"stable|canary"}}',
+                                                     legend)], w=8, unit=unit)  # fmt: skip
+    p.row("Canary against stable, per GPU model (alert thresholds drawn)")
+    for title, series, threshold, unit in (
+        ("p99 latency ratio", "gpu_model:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable",
+         "canary_latency_ratio", "short"),
+        ("Failure ratio delta", "gpu_model:trt_heartbeat_probe_failure:ratio_canary_minus_stable",
+         "canary_failure_ratio_delta", "percentunit"),
+        ("Output deviation delta", "gpu_model:trt_heartbeat_output_max_abs_error:canary_minus_stable",
+         "canary_output_deviation_delta", "short"),
+        ("Probe GPU memory ratio", "gpu_model:trt_heartbeat_probe_gpu_memory_bytes:canary_over_stable",
+         "canary_gpu_memory_ratio", "short"),
+        ("Engine load time ratio",
+         "gpu_model:trt_heartbeat_engine_load_duration_seconds:canary_over_stable",
+         "canary_engine_load_ratio", "short"),
+    ):  # fmt: skip
+        p.add("timeseries", title, [(series, "{{gpu_model}}"),
+                                    (f"trt_heartbeat:threshold:{threshold}", "alert threshold")],
+              w=8, unit=unit)  # fmt: skip
+    p.add("timeseries", "Verdict possible (1 = enough probes on both tracks)", [
+        ("gpu_model:trt_heartbeat_canary_comparison:sufficient", "{{gpu_model}}")], w=8)
+    p.row("Samples and versions")
+    p.add("timeseries", "Probes per track in 30m (verdicts need the threshold on both)", [
+        ("track_gpu_model:trt_heartbeat_probes:increase30m", "{{track}} {{gpu_model}}"),
+        ("trt_heartbeat:threshold:canary_min_probes", "minimum")], w=12,
+          description="A missing line means no data for that track, not zero.")
+    p.add("table", "Versions per track", [(
+        "count by (track, version, backend, driver_version, cuda_driver_version, "
+        f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})", "")], w=12,
+          instant=True, fmt="table")
+    return dashboard("trt-heartbeat-canary", "TRT heartbeat / Canary vs stable",
+                     "Is the canary runtime image worse than stable?", p)
+
+
+DASHBOARDS = {"fleet.json": fleet, "canary.json": canary}
+
+
+def render(name: str) -> str:
+    return json.dumps(DASHBOARDS[name](), indent=2) + "\n"
+
+
+def main() -> int:
+    for name in DASHBOARDS:
+        (HERE / name).write_text(render(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

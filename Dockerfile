@@ -1,26 +1,49 @@
 # syntax=docker/dockerfile:1
-# CPU image with the reference backend. GPU images (TensorRT lean runtime, full TensorRT) follow
-# with the GPU backends.
-FROM python:3.12-slim AS runtime
+# Three images from one file; the Python dependencies come from pyproject.toml, the same file the
+# tests install from.
+#   lean (default): TensorRT lean runtime + cuda-python + NVRTC + NVML. Runs the `cuda` backend,
+#                   or `tensorrt` with a plan built elsewhere (build-engine in the full image).
+#   full:           the full TensorRT with its builder, from NVIDIA's package index
+#                   (docker build --target full --build-arg PIP_EXTRA_INDEX_URL=<NVIDIA index>).
+#   reference:      CPU only, the numpy reference backend.
+# The NVIDIA container runtime supplies the driver (libcuda, libnvidia-ml) at run time.
+ARG PYTHON=3.12
 
+FROM python:${PYTHON}-slim AS base
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="trt-heartbeat-exporter" \
       org.opencontainers.image.description="Prometheus exporter: canonical inference heartbeat per GPU" \
       org.opencontainers.image.version="${VERSION}"
-
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+RUN useradd --system --uid 65532 --no-create-home --home-dir /nonexistent heartbeat
 WORKDIR /src
-# The same pyproject.toml the tests install from.
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
-RUN pip install . && rm -rf /src
-
-RUN useradd --system --uid 65532 --no-create-home heartbeat
-USER 65532:65532
-WORKDIR /
-
 EXPOSE 9470
-HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9470/ping', timeout=2).status == 200 else 1)"]
+HEALTHCHECK --interval=30s --timeout=3s --start-period=30s \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9470/ping', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["trt-heartbeat-exporter"]
 CMD ["serve"]
+
+FROM base AS reference
+RUN pip install . && rm -rf /src
+LABEL org.opencontainers.image.variant="reference"
+WORKDIR /
+USER 65532:65532
+
+FROM base AS full
+ARG PIP_EXTRA_INDEX_URL
+ARG TENSORRT_VERSION=11.4.0.106
+RUN pip install ".[gpu,tensorrt]" "tensorrt-cu13==${TENSORRT_VERSION}" && rm -rf /src
+LABEL org.opencontainers.image.variant="full" com.nvidia.tensorrt.version="${TENSORRT_VERSION}"
+WORKDIR /
+USER 65532:65532
+
+FROM base AS lean
+ARG TENSORRT_VERSION=11.4.0.106
+RUN pip install ".[gpu,tensorrt-lean]" "tensorrt-lean-cu13-libs==${TENSORRT_VERSION}" \
+      "tensorrt-lean-cu13-bindings==${TENSORRT_VERSION}" && rm -rf /src
+LABEL org.opencontainers.image.variant="lean" com.nvidia.tensorrt.version="${TENSORRT_VERSION}"
+WORKDIR /
+USER 65532:65532

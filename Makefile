@@ -15,8 +15,8 @@ test: lint
 	$(PY) -m pytest -q
 
 lint: deps
-	$(VENV)/bin/ruff check exporter tests bench
-	$(VENV)/bin/ruff format --check exporter tests bench
+	$(VENV)/bin/ruff check exporter tests bench deploy grafana
+	$(VENV)/bin/ruff format --check exporter tests bench deploy grafana
 	$(VENV)/bin/mypy
 
 bench: deps
@@ -35,7 +35,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,lint,gpu]'
+	$(PY) -m pip install -q -e '.[test,lint,gpu,tensorrt-lean]'
 	touch $@
 
 clean:

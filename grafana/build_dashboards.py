@@ -104,70 +104,215 @@ def dashboard(uid: str, title: str, description: str, panels: Panels) -> dict[st
 def fleet() -> dict[str, Any]:
     p = Panels()
     p.row("At a glance")
-    p.add("stat", "GPUs passing", [(f"count(trt_heartbeat_up{{{SEL}}} == 1) or vector(0)", "")],
-          w=6, h=4, instant=True, thresholds=[("red", None), ("green", 1)])
-    p.add("stat", "GPUs stale", [(
-        f"count(trt_heartbeat_age_seconds{{{SEL}}} > on (job, instance) group_left () "
-        "trt_heartbeat_max_age_seconds) or vector(0)", "")],
-          w=6, h=4, instant=True, thresholds=[("green", None), ("red", 1)])
-    p.add("stat", "GPUs failing probes", [(
-        f"count(instance_gpu:trt_heartbeat_probe_failure:ratio_rate5m{{{SEL}}} > 0) or vector(0)",
-        "")], w=6, h=4, instant=True, thresholds=[("green", None), ("orange", 1)])
-    p.add("stat", "Exporters down", [(
-        f'count(up{{{INSTANCE_SEL}}} == 0 and on (job, instance) trt_heartbeat_build_info) '
-        "or vector(0)", "")], w=6, h=4, instant=True, thresholds=[("green", None), ("red", 1)])
-    p.add("table", "Heartbeat age, worst first (in intervals: 1 = on time, 3 = stale)", [
-        (f"sort_desc(trt_heartbeat_age_seconds{{{SEL}}} / on (job, instance) group_left () "
-         "trt_heartbeat_interval_seconds)", "")], w=12, h=8, instant=True, fmt="table",
-          thresholds=[("green", None), ("orange", 1), ("red", 3)],
-          description="Seconds since the last passing probe divided by the probe interval.")
-    p.add("table", "Firing alerts of this pack", [(
-        'ALERTS{alertname=~"TrtHeartbeat.*",alertstate="firing"}', "")], w=12, h=8,
-          instant=True, fmt="table")
+    p.add(
+        "stat",
+        "GPUs passing",
+        [(f"count(trt_heartbeat_up{{{SEL}}} == 1) or vector(0)", "")],
+        w=6,
+        h=4,
+        instant=True,
+        thresholds=[("red", None), ("green", 1)],
+    )
+    p.add(
+        "stat",
+        "GPUs stale",
+        [
+            (
+                f"count(trt_heartbeat_age_seconds{{{SEL}}} > on (job, instance) group_left () "
+                "trt_heartbeat_max_age_seconds) or vector(0)",
+                "",
+            )
+        ],
+        w=6,
+        h=4,
+        instant=True,
+        thresholds=[("green", None), ("red", 1)],
+    )
+    p.add(
+        "stat",
+        "GPUs failing probes",
+        [
+            (
+                f"count(instance_gpu:trt_heartbeat_probe_failure:ratio_rate5m{{{SEL}}} > 0) or vector(0)",
+                "",
+            )
+        ],
+        w=6,
+        h=4,
+        instant=True,
+        thresholds=[("green", None), ("orange", 1)],
+    )
+    p.add(
+        "stat",
+        "Exporters down",
+        [
+            (
+                f"count(up{{{INSTANCE_SEL}}} == 0 and on (job, instance) trt_heartbeat_build_info) "
+                "or vector(0)",
+                "",
+            )
+        ],
+        w=6,
+        h=4,
+        instant=True,
+        thresholds=[("green", None), ("red", 1)],
+    )
+    p.add(
+        "table",
+        "Heartbeat age, worst first (in intervals: 1 = on time, 3 = stale)",
+        [
+            (
+                f"sort_desc(trt_heartbeat_age_seconds{{{SEL}}} / on (job, instance) group_left () "
+                "trt_heartbeat_interval_seconds)",
+                "",
+            )
+        ],
+        w=12,
+        h=8,
+        instant=True,
+        fmt="table",
+        thresholds=[("green", None), ("orange", 1), ("red", 3)],
+        description="Seconds since the last passing probe divided by the probe interval.",
+    )
+    p.add(
+        "table",
+        "Firing alerts of this pack",
+        [('ALERTS{alertname=~"TrtHeartbeat.*",alertstate="firing"}', "")],
+        w=12,
+        h=8,
+        instant=True,
+        fmt="table",
+    )
     p.row("Probes")
-    p.add("timeseries", "Probe results", [(
-        f"sum by (result) (rate(trt_heartbeat_probes_total{{{SEL}}}[$__rate_interval]))",
-        "{{result}}")], unit="ops")
-    p.add("timeseries", "Probe latency p50 / p99 (total)", [
-        (f"instance_gpu:trt_heartbeat_probe_duration_seconds:p50_rate5m{{{SEL}}}",
-         "p50 {{instance}} gpu {{gpu}}"),
-        (f"instance_gpu:trt_heartbeat_probe_duration_seconds:p99_rate5m{{{SEL}}}",
-         "p99 {{instance}} gpu {{gpu}}")], unit="s")
-    p.add("heatmap", "Probe latency distribution (total)", [(
-        f'sum by (le) (rate(trt_heartbeat_probe_duration_seconds_bucket{{{SEL},phase="total"}}'
-        "[$__rate_interval]))", "{{le}}")], fmt="heatmap", unit="s",
-          options={"calculate": False, "yAxis": {"unit": "s"}})
-    p.add("timeseries", "Latency by phase (p99)", [(
-        "histogram_quantile(0.99, sum by (phase, le) (rate(trt_heartbeat_probe_duration_seconds_"
-        f"bucket{{{SEL}}}[$__rate_interval])))", "{{phase}}")], unit="s")
-    p.add("timeseries", "Output deviation from golden", [(
-        f"trt_heartbeat_output_max_abs_error{{{SEL}}}", "{{instance}} gpu {{gpu}}")])
-    p.add("timeseries", "Worker restarts", [(
-        "sum by (instance, gpu, reason) (increase(trt_heartbeat_worker_restarts_total"
-        f"{{{SEL}}}[$__rate_interval]))", "{{instance}} gpu {{gpu}} {{reason}}")])
+    p.add(
+        "timeseries",
+        "Probe results",
+        [
+            (
+                f"sum by (result) (rate(trt_heartbeat_probes_total{{{SEL}}}[$__rate_interval]))",
+                "{{result}}",
+            )
+        ],
+        unit="ops",
+    )
+    p.add(
+        "timeseries",
+        "Probe latency p50 / p99 (total)",
+        [
+            (
+                f"instance_gpu:trt_heartbeat_probe_duration_seconds:p50_rate5m{{{SEL}}}",
+                "p50 {{instance}} gpu {{gpu}}",
+            ),
+            (
+                f"instance_gpu:trt_heartbeat_probe_duration_seconds:p99_rate5m{{{SEL}}}",
+                "p99 {{instance}} gpu {{gpu}}",
+            ),
+        ],
+        unit="s",
+    )
+    p.add(
+        "heatmap",
+        "Probe latency distribution (total)",
+        [
+            (
+                f'sum by (le) (rate(trt_heartbeat_probe_duration_seconds_bucket{{{SEL},phase="total"}}'
+                "[$__rate_interval]))",
+                "{{le}}",
+            )
+        ],
+        fmt="heatmap",
+        unit="s",
+        options={"calculate": False, "yAxis": {"unit": "s"}},
+    )
+    p.add(
+        "timeseries",
+        "Latency by phase (p99)",
+        [
+            (
+                "histogram_quantile(0.99, sum by (phase, le) (rate(trt_heartbeat_probe_duration_seconds_"
+                f"bucket{{{SEL}}}[$__rate_interval])))",
+                "{{phase}}",
+            )
+        ],
+        unit="s",
+    )
+    p.add(
+        "timeseries",
+        "Output deviation from golden",
+        [(f"trt_heartbeat_output_max_abs_error{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
+    )
+    p.add(
+        "timeseries",
+        "Worker restarts",
+        [
+            (
+                "sum by (instance, gpu, reason) (increase(trt_heartbeat_worker_restarts_total"
+                f"{{{SEL}}}[$__rate_interval]))",
+                "{{instance}} gpu {{gpu}} {{reason}}",
+            )
+        ],
+    )
     p.row("GPU memory")
-    p.add("timeseries", "GPU memory used", [(
-        f"trt_heartbeat_gpu_memory_used_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
-          unit="bytes")
-    p.add("timeseries", "GPU memory free, with the low-memory threshold", [
-        (f"trt_heartbeat_gpu_memory_free_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}"),
-        (f"max(trt_heartbeat_gpu_memory_low_threshold_bytes{{{INSTANCE_SEL}}})", "threshold")],
-          unit="bytes")
-    p.add("timeseries", "GPU memory held by the probe worker", [(
-        f"trt_heartbeat_probe_gpu_memory_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
-          unit="bytes")
-    p.add("stat", "NVML up", [(f"min(trt_heartbeat_nvml_up{{{INSTANCE_SEL}}})", "")],
-          instant=True, thresholds=[("red", None), ("green", 1)])
+    p.add(
+        "timeseries",
+        "GPU memory used",
+        [(f"trt_heartbeat_gpu_memory_used_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
+        unit="bytes",
+    )
+    p.add(
+        "timeseries",
+        "GPU memory free, with the low-memory threshold",
+        [
+            (f"trt_heartbeat_gpu_memory_free_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}"),
+            (f"max(trt_heartbeat_gpu_memory_low_threshold_bytes{{{INSTANCE_SEL}}})", "threshold"),
+        ],
+        unit="bytes",
+    )
+    p.add(
+        "timeseries",
+        "GPU memory held by the probe worker",
+        [(f"trt_heartbeat_probe_gpu_memory_bytes{{{SEL}}}", "{{instance}} gpu {{gpu}}")],
+        unit="bytes",
+    )
+    p.add(
+        "stat",
+        "NVML up",
+        [(f"min(trt_heartbeat_nvml_up{{{INSTANCE_SEL}}})", "")],
+        instant=True,
+        thresholds=[("red", None), ("green", 1)],
+    )
     p.row("Versions")
-    p.add("table", "Stack versions in the fleet", [(
-        "count by (track, version, backend, driver_version, cuda_driver_version, "
-        f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})", "")],
-          w=12, instant=True, fmt="table")
-    p.add("table", "Probe engines", [(
-        "count by (backend, model, precision, engine_sha256) "
-        f"(trt_heartbeat_engine_info{{{SEL}}})", "")], w=12, instant=True, fmt="table")
-    return dashboard("trt-heartbeat-fleet", "TRT heartbeat / Fleet",
-                     "Which GPU stopped answering, and why.", p)
+    p.add(
+        "table",
+        "Stack versions in the fleet",
+        [
+            (
+                "count by (track, version, backend, driver_version, cuda_driver_version, "
+                f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})",
+                "",
+            )
+        ],
+        w=12,
+        instant=True,
+        fmt="table",
+    )
+    p.add(
+        "table",
+        "Probe engines",
+        [
+            (
+                "count by (backend, model, precision, engine_sha256) "
+                f"(trt_heartbeat_engine_info{{{SEL}}})",
+                "",
+            )
+        ],
+        w=12,
+        instant=True,
+        fmt="table",
+    )
+    return dashboard(
+        "trt-heartbeat-fleet", "TRT heartbeat / Fleet", "Which GPU stopped answering, and why.", p
+    )
 
 
 def canary() -> dict[str, Any]:
@@ -186,10 +331,20 @@ def canary() -> dict[str, Any]:
     for title, series, unit in per_track:
         legend = "{{track}}" + (" {{gpu_model}}" if series.startswith("track_gpu_model") else "")
         p.row(title)
-        p.add("timeseries", f"{title}: stable", [(f'{series}{{track="stable"}}', legend)], w=8,
-              unit=unit)
-        p.add("timeseries", f"{title}: canary", [(f'{series}{{track="canary"}}', legend)], w=8,
-              unit=unit)
+        p.add(
+            "timeseries",
+            f"{title}: stable",
+            [(f'{series}{{track="stable"}}', legend)],
+            w=8,
+            unit=unit,
+        )
+        p.add(
+            "timeseries",
+            f"{title}: canary",
+            [(f'{series}{{track="canary"}}', legend)],
+            w=8,
+            unit=unit,
+        )
         p.add("timeseries", f"{title}: overlaid", [(f'{series}{{track=~"stable|canary"}}',
                                                      legend)], w=8, unit=unit)  # fmt: skip
     p.row("Canary against stable, per GPU model (alert thresholds drawn)")
@@ -209,19 +364,43 @@ def canary() -> dict[str, Any]:
         p.add("timeseries", title, [(series, "{{gpu_model}}"),
                                     (f"trt_heartbeat:threshold:{threshold}", "alert threshold")],
               w=8, unit=unit)  # fmt: skip
-    p.add("timeseries", "Verdict possible (1 = enough probes on both tracks)", [
-        ("gpu_model:trt_heartbeat_canary_comparison:sufficient", "{{gpu_model}}")], w=8)
+    p.add(
+        "timeseries",
+        "Verdict possible (1 = enough probes on both tracks)",
+        [("gpu_model:trt_heartbeat_canary_comparison:sufficient", "{{gpu_model}}")],
+        w=8,
+    )
     p.row("Samples and versions")
-    p.add("timeseries", "Probes per track in 30m (verdicts need the threshold on both)", [
-        ("track_gpu_model:trt_heartbeat_probes:increase30m", "{{track}} {{gpu_model}}"),
-        ("trt_heartbeat:threshold:canary_min_probes", "minimum")], w=12,
-          description="A missing line means no data for that track, not zero.")
-    p.add("table", "Versions per track", [(
-        "count by (track, version, backend, driver_version, cuda_driver_version, "
-        f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})", "")], w=12,
-          instant=True, fmt="table")
-    return dashboard("trt-heartbeat-canary", "TRT heartbeat / Canary vs stable",
-                     "Is the canary runtime image worse than stable?", p)
+    p.add(
+        "timeseries",
+        "Probes per track in 30m (verdicts need the threshold on both)",
+        [
+            ("track_gpu_model:trt_heartbeat_probes:increase30m", "{{track}} {{gpu_model}}"),
+            ("trt_heartbeat:threshold:canary_min_probes", "minimum"),
+        ],
+        w=12,
+        description="A missing line means no data for that track, not zero.",
+    )
+    p.add(
+        "table",
+        "Versions per track",
+        [
+            (
+                "count by (track, version, backend, driver_version, cuda_driver_version, "
+                f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})",
+                "",
+            )
+        ],
+        w=12,
+        instant=True,
+        fmt="table",
+    )
+    return dashboard(
+        "trt-heartbeat-canary",
+        "TRT heartbeat / Canary vs stable",
+        "Is the canary runtime image worse than stable?",
+        p,
+    )
 
 
 DASHBOARDS = {"fleet.json": fleet, "canary.json": canary}

@@ -243,13 +243,15 @@ def _percentile(values: list[float], q: float) -> float:
 @cli.command()
 @config_options
 @click.option("--count", "-n", type=click.IntRange(1, 100000), default=3, show_default=True,
-              help="Number of probes per target.")  # fmt: skip
+              help="Number of probes per target.")
+@click.option("--summary", is_flag=True,
+              help="Print one line instead of the JSON report (node-problem-detector plugins).")
 @_with_errors
-def probe(count: int, **params: Any) -> None:
+def probe(count: int, summary: bool, **params: Any) -> None:
     """Run COUNT probes once on each target and print a JSON report.
 
-    Exits 0 only if every probe passed, 1 otherwise: usable as a Kubernetes exec probe or a CI
-    step.
+    Exits 0 only if every probe passed, 1 if any failed, 2 on bad input: usable as a Kubernetes
+    exec probe, a CI step, or a node-problem-detector custom plugin (0 ok, 1 problem, 2 unknown).
     """
     settings = load_settings(params)
     logs.configure("error", settings.log_format)
@@ -299,8 +301,24 @@ def probe(count: int, **params: Any) -> None:
             }  # fmt: skip
         all_passed = all_passed and passed == count
     report["passed"] = all_passed
-    click.echo(json.dumps(report, indent=2, default=str))
+    click.echo(_summary_line(report) if summary else json.dumps(report, indent=2, default=str))
     sys.exit(0 if all_passed else 1)
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    """One line: what passed, or the first failure of each failing target."""
+    problems = []
+    for target in report["targets"]:
+        failed = [p for p in target["probes"] if p["result"] != "success"]
+        if "error" in target:
+            problems.append(f"gpu {target['gpu']}: {target['error']['reason']}")
+        elif failed or not target["probes"]:
+            reason = failed[0]["reason"] if failed else "no probe ran"
+            problems.append(f"gpu {target['gpu']}: {reason}")
+    if problems:
+        return "failed: " + "; ".join(problems)
+    probes = sum(len(t["probes"]) for t in report["targets"])
+    return f"ok: {probes} probes passed on {len(report['targets'])} target(s)"
 
 
 @cli.command("check-config")

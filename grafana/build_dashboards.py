@@ -104,59 +104,27 @@ def dashboard(uid: str, title: str, description: str, panels: Panels) -> dict[st
 def fleet() -> dict[str, Any]:
     p = Panels()
     p.row("At a glance")
-    p.add(
-        "stat",
-        "GPUs passing",
-        [(f"count(trt_heartbeat_up{{{SEL}}} == 1) or vector(0)", "")],
-        w=6,
-        h=4,
-        instant=True,
-        thresholds=[("red", None), ("green", 1)],
-    )
-    p.add(
-        "stat",
-        "GPUs stale",
-        [
-            (
-                f"count(trt_heartbeat_age_seconds{{{SEL}}} > on (job, instance) group_left () "
-                "trt_heartbeat_max_age_seconds) or vector(0)",
-                "",
-            )
-        ],
-        w=6,
-        h=4,
-        instant=True,
-        thresholds=[("green", None), ("red", 1)],
-    )
-    p.add(
-        "stat",
-        "GPUs failing probes",
-        [
-            (
-                f"count(instance_gpu:trt_heartbeat_probe_failure:ratio_rate5m{{{SEL}}} > 0) or vector(0)",
-                "",
-            )
-        ],
-        w=6,
-        h=4,
-        instant=True,
-        thresholds=[("green", None), ("orange", 1)],
-    )
-    p.add(
-        "stat",
-        "Exporters down",
-        [
-            (
-                f"count(up{{{INSTANCE_SEL}}} == 0 and on (job, instance) trt_heartbeat_build_info) "
-                "or vector(0)",
-                "",
-            )
-        ],
-        w=6,
-        h=4,
-        instant=True,
-        thresholds=[("green", None), ("red", 1)],
-    )
+    # Counts that must always show a number: `or vector(0)` turns "none" into 0, not "No data".
+    for title, expr, bad in (
+        ("GPUs passing", f"count(trt_heartbeat_up{{{SEL}}} == 1)", None),
+        (
+            "GPUs stale",
+            f"count(trt_heartbeat_age_seconds{{{SEL}}} > on (job, instance) group_left () trt_heartbeat_max_age_seconds)",
+            "red",
+        ),
+        (
+            "GPUs failing probes",
+            f"count(instance_gpu:trt_heartbeat_probe_failure:ratio_rate5m{{{SEL}}} > 0)",
+            "orange",
+        ),
+        # A target that cannot be scraped exports nothing else: count it from `up` of the
+        # exporter's job (the one the rule pack selects on).
+        ("Exporters down", f'count(up{{job="trt-heartbeat-exporter",{INSTANCE_SEL}}} == 0)', "red"),
+    ):
+        steps = [("red", None), ("green", 1)] if bad is None else [("green", None), (bad, 1)]
+        p.add(
+            "stat", title, [(f"{expr} or vector(0)", "")], w=6, h=4, instant=True, thresholds=steps
+        )
     p.add(
         "table",
         "Heartbeat age, worst first (in intervals: 1 = on time, 3 = stale)",

@@ -242,10 +242,19 @@ def _percentile(values: list[float], q: float) -> float:
 
 @cli.command()
 @config_options
-@click.option("--count", "-n", type=click.IntRange(1, 100000), default=3, show_default=True,
-              help="Number of probes per target.")
-@click.option("--summary", is_flag=True,
-              help="Print one line instead of the JSON report (node-problem-detector plugins).")
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(1, 100000),
+    default=3,
+    show_default=True,
+    help="Number of probes per target.",
+)
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="Print one line instead of the JSON report (node-problem-detector plugins).",
+)
 @_with_errors
 def probe(count: int, summary: bool, **params: Any) -> None:
     """Run COUNT probes once on each target and print a JSON report.

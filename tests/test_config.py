@@ -25,8 +25,8 @@ INVALID = {
     "nvml-timeout": "nvml.timeout: must be shorter than nvml.interval (5s >= 5s)",
     "memory-threshold": "gpu_memory_low_threshold: expected a size such as 512MiB, 2GiB or a "
     'number of bytes, got "512MB"',
-    "unknown-nested-key": "web.listen: unknown key (expected one of: hide_hardware_details, "
-    "listen_address, telemetry_path)",
+    "unknown-nested-key": "web.listen: unknown key (expected one of: config_file, "
+    "hide_hardware_details, listen_address, max_requests, telemetry_path)",
     "interval-not-duration": f'interval: expected {DURATION}, got "ten seconds"',
     "interval-negative": f"interval: expected {DURATION}, got -5",
     "interval-zero": f'interval: expected {DURATION}, got "0s"',

@@ -22,7 +22,7 @@ import click
 import jsonschema
 import yaml
 
-from . import __version__, config, logs
+from . import __version__, config, logs, web_config
 from .app import Exporter, gpu_visible, make_telemetry, select_backend, targets_for
 from .backends import GPU_BACKENDS, BackendOptions, resolve_spec
 from .config import Settings
@@ -103,6 +103,10 @@ _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
      "Address to serve HTTP on. [default: :9470]"),
     ("--web.telemetry-path", "web.telemetry_path", ConfigValue("web.telemetry_path"),
      "Path under which to expose metrics. [default: /metrics]"),
+    ("--web.config.file", "web.config_file", ConfigValue("web.config_file"),
+     "Web configuration file (exporter-toolkit format) enabling TLS and/or basic auth."),
+    ("--web.max-requests", "web.max_requests", click.IntRange(min=0),
+     "Requests served at once; more get 503 (0: unlimited). [default: 40]"),
     ("--log.level", "log.level", click.Choice(["debug", "info", "warning", "error"]),
      "Log level. [default: info]"),
     ("--log.format", "log.format", click.Choice(["text", "json"]),
@@ -194,9 +198,17 @@ def serve(**params: Any) -> None:
     settings = load_settings(params)
     logs.configure(settings.log_level, settings.log_format)
     backend, has_gpu = _select(settings)
+    web = None
+    if settings.web_config_file:
+        try:
+            web = web_config.load(Path(settings.web_config_file))
+        except HeartbeatError as exc:
+            raise BadInput(str(exc)) from exc
     exporter = Exporter(settings, backend, telemetry=make_telemetry(settings, has_gpu))
     try:
-        server = ExporterHTTPServer(settings.listen_host, settings.listen_port, exporter)
+        server = ExporterHTTPServer(
+            settings.listen_host, settings.listen_port, exporter, web, settings.max_requests
+        )
     except OSError as exc:
         raise click.ClickException(
             f"cannot listen on {settings.listen_address}: {exc.strerror or exc}"
@@ -213,7 +225,8 @@ def serve(**params: Any) -> None:
             "address": settings.listen_address, "port": server.port, "backend": backend,
             "gpu_visible": has_gpu, "interval_seconds": settings.interval,
             "timeout_seconds": settings.timeout, "version": __version__,
-            "config": settings.source,
+            "config": settings.source, "tls": bool(web and web.tls),
+            "basic_auth": bool(web and web.users),
         }},
     )  # fmt: skip
     stop = threading.Event()

@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
         "listen_address": ":9470",
         "telemetry_path": "/metrics",
         "hide_hardware_details": False,
+        "config_file": "",
+        "max_requests": 40,
     },
     "log": {"level": "info", "format": "text"},
     "nvml": {"enabled": "auto", "interval": "5s", "timeout": "2s"},
@@ -76,6 +78,8 @@ class Settings:
     listen_port: int
     telemetry_path: str
     hide_hardware_details: bool
+    web_config_file: str  # "" for plain HTTP without authentication
+    max_requests: int
     log_level: str
     log_format: str
     gpu_memory_low_threshold: int  # bytes
@@ -111,6 +115,8 @@ class Settings:
                 "listen_address": self.listen_address,
                 "telemetry_path": self.telemetry_path,
                 "hide_hardware_details": self.hide_hardware_details,
+                "config_file": self.web_config_file,
+                "max_requests": self.max_requests,
             },
             "log": {"level": self.log_level, "format": self.log_format},
             "nvml": {
@@ -360,6 +366,8 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         listen_port=port,
         telemetry_path=web["telemetry_path"],
         hide_hardware_details=bool(web["hide_hardware_details"]),
+        web_config_file=web["config_file"],
+        max_requests=int(web["max_requests"]),
         log_level=merged["log"]["level"],
         log_format=merged["log"]["format"],
         gpu_memory_low_threshold=parse_size(merged["gpu_memory_low_threshold"]),

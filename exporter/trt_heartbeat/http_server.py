@@ -6,11 +6,14 @@ hold a request. Only GET and HEAD are served.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import gzip
 import html
 import json
 import logging
 import socket
+import ssl
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from . import __version__
+from .web_config import BasicAuth, TLSContext, WebConfig
 
 log = logging.getLogger("trt_heartbeat.http")
 
@@ -62,6 +66,8 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two writes; with Nagle on, a keep-alive client's delayed ACK
     # adds ~40 ms to every scrape.
     disable_nagle_algorithm = True
+    # Malformed request lines still get a status line (the stdlib would answer HTTP/0.9-style).
+    default_request_version = "HTTP/1.0"
     server_version = f"trt-heartbeat-exporter/{__version__}"
 
     def do_GET(self) -> None:
@@ -76,9 +82,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
+    def _authorized(self) -> bool:
+        auth = self.server.basic_auth
+        if auth is None:
+            return True
+        header = self.headers.get("Authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user = password = ""
+            if user and auth.check(user, password):
+                return True
+        self._send(HTTPStatus.UNAUTHORIZED, b"unauthorized\n", "text/plain",
+                   extra={"WWW-Authenticate": 'Basic realm="trt-heartbeat-exporter"'})  # fmt: skip
+        return False
+
     def _dispatch(self, head: bool) -> None:
         app = self.server.app
         path = urlsplit(self.path).path
+        if not self._authorized():
+            return
         try:
             if path == app.telemetry_path:
                 body, content_type = app.render_metrics(self.headers.get("Accept"))
@@ -128,10 +153,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         if encoded:
             self.send_header("Content-Encoding", "gzip")
-        for key, value in (extra or {}).items():
+        for key, value in {**self.server.headers, **(extra or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         if not head:
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Plain-text errors that never echo the request (the stdlib page quotes it)."""
+        status = HTTPStatus(code)
+        self.close_connection = True
+        body = f"{status.value} {status.phrase}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -143,8 +181,20 @@ class ExporterHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, host: str, port: int, app: App) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: App,
+        web: WebConfig | None = None,
+        max_requests: int = 40,
+    ) -> None:
         self.app = app
+        self.tls = TLSContext(web.tls) if web and web.tls else None
+        self.basic_auth = BasicAuth(web.users) if web and web.users else None
+        self.headers = dict(web.headers) if web else {}
+        # Requests in flight at once (0: unlimited); beyond it a client gets 503 at once.
+        self._slots = threading.BoundedSemaphore(max_requests) if max_requests > 0 else None
         self._dual_stack = host == "" and socket.has_dualstack_ipv6()
         if self._dual_stack or ":" in host:
             self.address_family = socket.AF_INET6
@@ -155,6 +205,38 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # Runs in the request's own thread: a slow TLS handshake holds that thread only.
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_TOO_MANY)
+            return
+        try:
+            if self.tls is None:
+                super().finish_request(request, client_address)
+                return
+            request.settimeout(REQUEST_TIMEOUT_SECONDS)
+            try:
+                secure = self.tls.context().wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake failed", extra={"fields": {"error": str(exc)}})
+                return
+            try:
+                if self.tls.peer_allowed(secure):
+                    super().finish_request(secure, client_address)
+                else:
+                    log.debug("client certificate names no allowed SAN")
+            finally:
+                with contextlib.suppress(OSError):
+                    secure.close()
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        with contextlib.suppress(OSError):
+            super().shutdown_request(request)
+
     @property
     def port(self) -> int:
         return int(self.server_address[1])
@@ -163,3 +245,9 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
         thread.start()
         return thread
+
+
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 28\r\nConnection: close\r\n\r\ntoo many requests in flight\n"
+)

@@ -1,0 +1,480 @@
+"""--web.config.file (TLS, client certificates, basic auth), --web.max-requests, and fuzzing of
+configuration, flags and HTTP requests."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import FAULT_SPEC, Faults, require, wait_for
+from conftest import settings as make_settings
+from trt_heartbeat import config, web_config
+from trt_heartbeat.app import Exporter
+from trt_heartbeat.cli import main
+from trt_heartbeat.errors import ConfigError
+from trt_heartbeat.http_server import ExporterHTTPServer
+
+PASSWORD = "s3cret"
+HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$")
+
+
+def openssl(*args: str) -> None:
+    subprocess.run([require("openssl"), *args], check=True, capture_output=True, timeout=60)
+
+
+def issue(pki: Path, name: str, san: str, serial: int) -> None:
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(pki / f"{name}.key"),
+        "-out",
+        str(pki / f"{name}.csr"),
+        "-subj",
+        f"/CN={name}",
+    )
+    (pki / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(pki / f"{name}.csr"),
+        "-CA",
+        str(pki / "ca.crt"),
+        "-CAkey",
+        str(pki / "ca.key"),
+        "-set_serial",
+        str(serial),
+        "-days",
+        "2",
+        "-extfile",
+        str(pki / f"{name}.ext"),
+        "-out",
+        str(pki / f"{name}.crt"),
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pki = tmp_path_factory.mktemp("pki")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(pki / "ca.key"),
+        "-out",
+        str(pki / "ca.crt"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
+    issue(pki, "server", "IP:127.0.0.1,DNS:localhost", 1001)
+    issue(pki, "client", "DNS:prometheus", 2001)
+    issue(pki, "stranger", "DNS:someone-else", 3001)
+    return pki
+
+
+def write(tmp_path: Path, document: dict[str, Any]) -> Path:
+    path = tmp_path / "web.yml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def tls(pki: Path, **extra: Any) -> dict[str, Any]:
+    return {"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key"), **extra}
+
+
+# --- the configuration file ------------------------------------------------------------------
+
+
+def valid_configs(pki: Path) -> dict[str, dict[str, Any]]:
+    return {
+        "basic-auth": {"basic_auth_users": {"prometheus": HASH}},
+        "tls": {"tls_server_config": tls(pki)},
+        "everything": {
+            "tls_server_config": tls(
+                pki,
+                client_auth_type="RequireAndVerifyClientCert",
+                client_ca_file=str(pki / "ca.crt"),
+                min_version="TLS12",
+                max_version="TLS13",
+                cipher_suites=["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"],
+                curve_preferences=["CurveP256"],
+                prefer_server_cipher_suites=True,
+            ),
+            "http_server_config": {
+                "http2": True,
+                "headers": {
+                    "X-Content-Type-Options": "nosniff",
+                    "Strict-Transport-Security": "max-age=3600",
+                },
+            },
+            "basic_auth_users": {"prometheus": HASH},
+        },
+    }
+
+
+@pytest.mark.parametrize("name", ["basic-auth", "tls", "everything"])
+def test_files_promtool_accepts_are_accepted(pki: Path, tmp_path: Path, name: str) -> None:
+    path = write(tmp_path, valid_configs(pki)[name])
+    check = subprocess.run(
+        [require("promtool"), "check", "web-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    web_config.load(path)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (
+            {"tls_config": {}},
+            "tls_config: unknown key (expected one of: basic_auth_users, "
+            "http_server_config, tls_server_config)",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "x"}},
+            "tls_server_config: cert_file and key_file are both required",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "/nope.crt", "key_file": "/nope.key"}},
+            "tls_server_config.cert_file: file not found: /nope.crt",
+        ),
+        ({"tls_server_config": {"certfile": "x"}}, "tls_server_config.certfile: unknown key"),
+        (
+            "TLS:min_version=TLS14",
+            "tls_server_config.min_version: expected one of TLS10, TLS11, "
+            "TLS12, TLS13, got 'TLS14'",
+        ),
+        (
+            "TLS:min_version=TLS13,max_version=TLS12",
+            "tls_server_config.min_version: is above max_version",
+        ),
+        (
+            "TLS:client_auth_type=Always",
+            "tls_server_config.client_auth_type: expected one of "
+            "NoClientCert, RequestClientCert, RequireAnyClientCert, VerifyClientCertIfGiven, "
+            "RequireAndVerifyClientCert, got 'Always'",
+        ),
+        (
+            "TLS:client_auth_type=RequireAndVerifyClientCert",
+            "tls_server_config.client_ca_file: "
+            "required with client_auth_type RequireAndVerifyClientCert",
+        ),
+        (
+            "TLS:cipher_suites=TLS_RSA_WITH_RC4_128_SHA",
+            "tls_server_config.cipher_suites: unsupported 'TLS_RSA_WITH_RC4_128_SHA'",
+        ),
+        (
+            {"basic_auth_users": {"prometheus": "plaintext"}},
+            "basic_auth_users.prometheus: expected a bcrypt hash ($2y$...)",
+        ),
+        (
+            {"http_server_config": {"headers": {"Server": "x"}}},
+            "http_server_config.headers.Server: unknown key",
+        ),
+    ],
+)
+def test_invalid_web_configs(pki: Path, tmp_path: Path, document: Any, message: str) -> None:
+    if isinstance(document, str):  # "TLS:key=value,...": valid cert files plus these keys
+        pairs = dict(item.split("=") for item in document.removeprefix("TLS:").split(","))
+        document = {
+            "tls_server_config": tls(
+                pki, **{k: [v] if k == "cipher_suites" else v for k, v in pairs.items()}
+            )
+        }
+    path = write(tmp_path, document)
+    with pytest.raises(ConfigError) as info:
+        web_config.load(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_web_config_stops_serve_with_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, {"basic_auth_users": {"x": "nope"}})
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--web.config.file", str(path), "--backend", "reference"])
+    assert info.value.code == 2
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
+    servers: list[tuple[ExporterHTTPServer, Exporter]] = []
+
+    def start(
+        web: web_config.WebConfig | None = None, max_requests: int = 40
+    ) -> ExporterHTTPServer:
+        s = make_settings(backend=FAULT_SPEC)
+        exporter = Exporter(s, s.backend)
+        server = ExporterHTTPServer("127.0.0.1", 0, exporter, web, max_requests)
+        server.start_background()
+        exporter.start()
+        servers.append((server, exporter))
+        return server
+
+    yield start
+    for server, exporter in servers:
+        server.shutdown()
+        server.server_close()
+        exporter.stop()
+
+
+def https(
+    server: ExporterHTTPServer,
+    pki: Path,
+    path: str = "/metrics",
+    user: str | None = None,
+    password: str = "",
+    client: str | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if client:
+        ctx.load_cert_chain(pki / f"{client}.crt", pki / f"{client}.key")
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=5)
+    headers = {}
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    body = response.read()
+    cert = conn.sock.getpeercert() if conn.sock else None
+    conn.close()
+    return response.status, dict(response.getheaders()), (body, cert)
+
+
+def test_tls_and_basic_auth(
+    serve: Callable[..., ExporterHTTPServer], pki: Path, tmp_path: Path
+) -> None:
+    web = web_config.load(
+        write(
+            tmp_path,
+            valid_configs(pki)["basic-auth"]
+            | {
+                "tls_server_config": tls(pki),
+                "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff"}},
+            },
+        )
+    )
+    server = serve(web)
+    status, headers, _ = https(server, pki)
+    assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="trt-heartbeat-exporter"'
+    assert https(server, pki, user="prometheus", password="wrong")[0] == 401
+    assert https(server, pki, user="nobody", password=PASSWORD)[0] == 401
+    status, headers, (body, _) = https(server, pki, user="prometheus", password=PASSWORD)
+    assert status == 200 and b"trt_heartbeat_interval_seconds" in body
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    # Plain HTTP on the TLS port gets no HTTP answer.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    with pytest.raises((http.client.HTTPException, OSError)):
+        conn.request("GET", "/ping")
+        conn.getresponse().read()
+
+
+def test_client_certificates(
+    serve: Callable[..., ExporterHTTPServer], pki: Path, tmp_path: Path
+) -> None:
+    web = web_config.load(
+        write(
+            tmp_path,
+            {
+                "tls_server_config": tls(
+                    pki,
+                    client_auth_type="RequireAndVerifyClientCert",
+                    client_ca_file=str(pki / "ca.crt"),
+                    client_allowed_sans=["prometheus"],
+                )
+            },
+        )
+    )
+    server = serve(web)
+    assert https(server, pki, "/ping", client="client")[0] == 200
+    for client in (None, "stranger"):  # no certificate; a certificate naming someone else
+        with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+            https(server, pki, "/ping", client=client)
+
+
+def test_certificates_are_reloaded_when_rotated(
+    serve: Callable[..., ExporterHTTPServer], pki: Path, tmp_path: Path
+) -> None:
+    for suffix in ("crt", "key"):
+        (tmp_path / f"rotating.{suffix}").write_bytes((pki / f"server.{suffix}").read_bytes())
+    web = web_config.load(
+        write(
+            tmp_path,
+            {
+                "tls_server_config": {
+                    "cert_file": str(tmp_path / "rotating.crt"),
+                    "key_file": str(tmp_path / "rotating.key"),
+                }
+            },
+        )
+    )
+    server = serve(web)
+    assert https(server, pki, "/ping")[2][1]["serialNumber"] == "03E9"  # 1001
+    issue(pki, "renewed", "IP:127.0.0.1,DNS:localhost", 1002)
+    for suffix in ("crt", "key"):
+        (tmp_path / f"rotating.{suffix}").write_bytes((pki / f"renewed.{suffix}").read_bytes())
+    assert https(server, pki, "/ping")[2][1]["serialNumber"] == "03EA"  # 1002, no restart
+    (tmp_path / "rotating.crt").write_text("garbage")  # a broken rotation keeps the old one
+    assert https(server, pki, "/ping")[0] == 200
+
+
+def test_max_requests(serve: Callable[..., ExporterHTTPServer]) -> None:
+    server = serve(max_requests=1)
+    idle = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    idle.sendall(b"GET /ping HTTP/1.1\r\n")  # an unfinished request holds the one slot
+
+    def answer() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return s.recv(4096)
+
+    assert wait_for(lambda: answer().startswith(b"HTTP/1.1 503"))
+    assert answer().endswith(b"too many requests in flight\n")
+    idle.close()
+    wait_for(lambda: answer().startswith(b"HTTP/1.1 200"), what="slot released")
+
+
+# --- fuzzing -----------------------------------------------------------------------------------
+
+KEYS = [
+    "backend",
+    "precision",
+    "interval",
+    "timeout",
+    "max_age",
+    "jitter",
+    "history",
+    "gpus",
+    "web",
+    "log",
+    "nvml",
+    "constant_labels",
+    "gpu_memory_low_threshold",
+    "bogus",
+]
+VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10**6)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from([*KEYS, "listen_address", "level", "enabled"]), inner, max_size=3
+        )
+    ),
+    max_leaves=6,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=5))
+def test_fuzz_config_documents(document: dict[str, Any]) -> None:
+    try:
+        config.validate(document)
+        config.load(None, document)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    flag=st.sampled_from(
+        [
+            "--interval",
+            "--timeout",
+            "--web.listen-address",
+            "--gpus",
+            "--precision",
+            "--backend",
+            "--web.max-requests",
+            "--log.level",
+        ]
+    ),
+    value=st.text(max_size=20),
+)
+def test_fuzz_flag_values(
+    flag: str,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_text("{}")
+    if "\x00" in value:
+        return  # not representable in argv
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", str(path), flag, value])
+    _, err = capsys.readouterr()
+    assert info.value.code in (0, 2), (flag, value)
+    assert "Traceback" not in err
+    if info.value.code == 2:
+        assert err.startswith("Error: ") and err.count("\n") == 1
+
+
+def test_fuzz_http_requests(serve: Callable[..., ExporterHTTPServer]) -> None:
+    server = serve()
+
+    @settings(max_examples=120, deadline=None)
+    @given(
+        st.binary(max_size=300)
+        | st.builds(
+            lambda m, p, h: f"{m} {p} HTTP/1.1\r\n{h}\r\n\r\n".encode(errors="replace"),
+            st.sampled_from(["GET", "HEAD", "POST", "BREW", "G\x00T", ""]),
+            st.text(max_size=60),
+            st.text(max_size=200),
+        )
+    )
+    def one(request: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.settimeout(5)
+            try:
+                s.sendall(request)
+                s.shutdown(socket.SHUT_WR)
+                reply = s.recv(65536)
+            except OSError:
+                reply = b""
+        assert reply == b"" or reply.startswith(b"HTTP/")
+        # Nothing echoes the request unescaped.
+        if b"<script" in request.lower():
+            assert b"<script" not in reply.lower()
+
+    one()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200"), "the server survived"

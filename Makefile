@@ -21,6 +21,7 @@ lint: deps
 
 bench: deps
 	$(PY) bench/bench_overhead.py
+	$(PY) bench/bench_soak.py
 
 deps: system-deps $(VENV)/.installed
 

@@ -27,7 +27,8 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 # A loop that has not ticked for this long is stuck; /ping then fails so the pod is restarted.
 LOOP_STALL_SECONDS = 30.0
-_SLICE = 0.2
+# Sleeps are cut into slices only to keep ticking for /ping; stop() wakes a sleep at once.
+_SLICE = 5.0
 
 WorkerFactory = Callable[[WorkerSpec], Worker]
 

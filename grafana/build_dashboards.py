@@ -17,6 +17,11 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # Every raw-metric query carries the dashboard's selection.
 SEL = 'cluster=~"$cluster",job=~"$job",instance=~"$instance",gpu=~"$gpu",track=~"$track"'
 INSTANCE_SEL = 'cluster=~"$cluster",job=~"$job",instance=~"$instance",track=~"$track"'
+# The stacks in use, one row per combination: shared by both dashboards' version tables.
+VERSIONS = (
+    "count by (track, version, backend, driver_version, cuda_driver_version, tensorrt_version) "
+    f"(trt_heartbeat_build_info{{{INSTANCE_SEL}}})"
+)
 
 
 def variables() -> list[dict[str, Any]]:
@@ -253,13 +258,7 @@ def fleet() -> dict[str, Any]:
     p.add(
         "table",
         "Stack versions in the fleet",
-        [
-            (
-                "count by (track, version, backend, driver_version, cuda_driver_version, "
-                f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})",
-                "",
-            )
-        ],
+        [(VERSIONS, "")],
         w=12,
         instant=True,
         fmt="table",
@@ -352,13 +351,7 @@ def canary() -> dict[str, Any]:
     p.add(
         "table",
         "Versions per track",
-        [
-            (
-                "count by (track, version, backend, driver_version, cuda_driver_version, "
-                f"tensorrt_version) (trt_heartbeat_build_info{{{INSTANCE_SEL}}})",
-                "",
-            )
-        ],
+        [(VERSIONS, "")],
         w=12,
         instant=True,
         fmt="table",

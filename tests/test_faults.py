@@ -96,24 +96,23 @@ def inject_then_clear(
     recover(r, cleared, lost, scraper, name)
 
 
-def test_worker_frozen(exporter: tuple[Running, Scraper]) -> None:
+@pytest.mark.parametrize(
+    ("name", "signum", "restart_reason"),
+    [
+        ("worker frozen (SIGSTOP)", signal.SIGSTOP, "timeout"),
+        ("worker killed (SIGKILL)", signal.SIGKILL, "crash"),
+    ],
+)
+def test_worker_signalled(
+    exporter: tuple[Running, Scraper], name: str, signum: int, restart_reason: str
+) -> None:
     r, scraper = exporter
     lost, pid = failures(r), r.exporter.scheduler.loops[0].worker_pid
     assert pid is not None
     t0 = time.time()
-    os.kill(pid, signal.SIGSTOP)
-    wait_for(lambda: r.snapshot().restarts_total["timeout"] >= 1)
-    recover(r, t0, lost, scraper, "worker frozen (SIGSTOP)")
-
-
-def test_worker_killed(exporter: tuple[Running, Scraper]) -> None:
-    r, scraper = exporter
-    lost, pid = failures(r), r.exporter.scheduler.loops[0].worker_pid
-    assert pid is not None
-    t0 = time.time()
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: r.snapshot().restarts_total["crash"] >= 1)
-    recover(r, t0, lost, scraper, "worker killed (SIGKILL)")
+    os.kill(pid, signum)
+    wait_for(lambda: r.snapshot().restarts_total[restart_reason] >= 1)
+    recover(r, t0, lost, scraper, name)
 
 
 @pytest.mark.parametrize(

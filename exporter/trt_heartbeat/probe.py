@@ -21,7 +21,6 @@ class ProbeOutcome:
     record: ProbeRecord
     # Set when the worker must be replaced; its value labels worker_restarts_total.
     restart_reason: str | None = None
-    worker_seconds: float = 0.0
 
 
 def run_probe(
@@ -60,4 +59,4 @@ def run_probe(
         result.gpu_memory_bytes,
         result.gpu_memory_source,
     )
-    return ProbeOutcome(record, worker_seconds=reply.worker_seconds)
+    return ProbeOutcome(record)

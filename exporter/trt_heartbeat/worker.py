@@ -40,7 +40,6 @@ class ProbeReply:
     """What the worker answered to one probe request."""
 
     result: RunResult | None
-    worker_seconds: float  # wall time of backend.run() inside the worker
     reason: Reason | None = None
     message: str = ""
     fatal: bool = False
@@ -91,10 +90,8 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
                 return
             if command != "probe":
                 return
-            t0 = time.perf_counter()
             try:
-                result = backend.run()
-                conn.send(("ok", result, time.perf_counter() - t0))
+                conn.send(("ok", backend.run()))
             except BackendError as exc:
                 conn.send(("error", exc.reason, str(exc), exc.fatal))
             except Exception as exc:
@@ -148,9 +145,9 @@ class Worker:
             raise self._crashed(f"worker pipe closed: {exc}") from exc
         message = self._receive(timeout, keep_waiting, Reason.TIMEOUT, "timeout")
         if message[0] == "ok":
-            return ProbeReply(result=message[1], worker_seconds=message[2])
+            return ProbeReply(result=message[1])
         _, reason, text, fatal = message
-        return ProbeReply(result=None, worker_seconds=0.0, reason=reason, message=text, fatal=fatal)
+        return ProbeReply(result=None, reason=reason, message=text, fatal=fatal)
 
     def _receive(
         self, timeout: float, keep_waiting: Callable[[], bool], late: Reason, restart_reason: str

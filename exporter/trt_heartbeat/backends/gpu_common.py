@@ -12,10 +12,10 @@ import numpy as np
 
 from ..cuda_host import CudaHost
 from ..errors import BackendError, Reason
-from .base import BackendOptions, RunResult, Target
+from .base import PHASES, BackendOptions, RunResult, Target
 
 # The phases a GPU probe times with CUDA events: 0 -h2d- 1 -compute- 2 -d2h- 3.
-GPU_PHASES = ("h2d", "compute", "d2h")
+GPU_PHASES = tuple(phase for phase in PHASES if phase != "total")
 
 
 @dataclass

@@ -6,6 +6,8 @@ import gzip
 import json
 import os
 import signal
+import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -182,3 +184,18 @@ def test_constant_labels_on_every_series(run_exporter: Start, faults: Faults) ->
     for family in families:
         for s in family.samples:
             assert s.labels.get("track") == "canary" and s.labels.get("release") == "2.13.0", s
+
+
+def test_a_client_hanging_up_mid_response_is_not_an_error(
+    run_exporter: Start, capfd: pytest.CaptureFixture[str]
+) -> None:
+    r = run_exporter(interval=2, timeout=1.5)
+    wait_for(lambda: r.snapshot().probes_total["success"] >= 1)
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", r.server.port)) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            # Linger 0: close() sends RST, so the server's write or next read fails.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert get(r.url + "/metrics")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err

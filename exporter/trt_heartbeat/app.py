@@ -11,13 +11,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import ProcessCollector
 
 from . import __version__, gpus
 from .backends import GPU_BACKENDS, BackendOptions, Target, resolve_spec
-from .collector import HeartbeatCollector
+from .collector import ClockCollector, NodeCollector, TargetCollector
 from .config import Settings
+from .exposition import Exposition
 from .health import heartbeat_age, overall_health, target_healths
 from .scheduler import Scheduler, TargetLoop, WorkerFactory
 from .state import ProbeRecord, TargetSnapshot, TargetState
@@ -115,13 +115,13 @@ class Exporter:
                 )
             )  # fmt: skip
         self.scheduler = Scheduler(loops)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(
-            HeartbeatCollector(
-                self.scheduler.states, settings, backend, wall_clock, self.telemetry_state
-            )
-        )
-        ProcessCollector(registry=self.registry)
+        states = self.scheduler.states
+        live_process = ProcessCollector(registry=None)
+        self.exposition = Exposition(
+            [NodeCollector(states, settings, backend, self.telemetry_state),
+             *(TargetCollector(state, settings) for state in states)],
+            [ClockCollector(states, settings, wall_clock, self.telemetry_state), live_process],
+        )  # fmt: skip
 
     @property
     def telemetry_path(self) -> str:
@@ -144,8 +144,7 @@ class Exporter:
         return self.scheduler.alive()
 
     def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        return self.exposition.render(accept)
 
     def _snapshots(self) -> list[TargetSnapshot]:
         return [state.snapshot() for state in self.scheduler.states]

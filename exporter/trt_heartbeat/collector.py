@@ -1,7 +1,9 @@
-"""A custom Collector: fresh metric families at scrape time from the latest target snapshots.
+"""Custom Collectors: fresh metric families at scrape time from the latest snapshots.
 
-Nothing here waits on a worker or touches a GPU; a scrape costs a few lock acquisitions and
-string formatting, whatever state the probes are in.
+Nothing here waits on a worker or touches a GPU. `NodeCollector` (configuration, versions, NVML)
+and one `TargetCollector` per target yield what depends only on recorded state, so a rendering
+can be reused until a probe, a worker load or an NVML read changes it (see exposition.py);
+`ClockCollector` yields the few families that also depend on the time of the scrape.
 """
 
 from __future__ import annotations
@@ -56,19 +58,19 @@ class _Families:
         return [*self.values, *values]
 
 
-class HeartbeatCollector(Collector):
+class NodeCollector(Collector):
+    """Configuration, stack versions and NVML telemetry: one set per exporter."""
+
     def __init__(
         self,
         states: Sequence[TargetState],
         settings: Settings,
         backend: str,
-        clock: Callable[[], float],
         telemetry: Callable[[], TelemetryState],
     ) -> None:
         self._states = states
         self._settings = settings
         self._backend = backend
-        self._clock = clock
         self._telemetry = telemetry
         self._f = _Families(settings.constant_labels)
 
@@ -77,14 +79,15 @@ class HeartbeatCollector(Collector):
         # skip describe-time collection instead of probing an empty snapshot.
         return []
 
+    def version(self) -> tuple[object, ...]:
+        """Equal as long as what `collect` yields is unchanged."""
+        return (*(state.snapshot().engine for state in self._states), self._telemetry())
+
     def collect(self) -> Iterator[Metric]:
-        now = self._clock()
         snaps = [state.snapshot() for state in self._states]
         telemetry = self._telemetry()
         yield from self._config_gauges()
         yield self._build_info(snaps, telemetry)
-        yield self._health_status(snaps, now, telemetry)
-        yield from self._per_target(snaps, now)
         yield from self._gpu_telemetry(telemetry)
 
     def _config_gauges(self) -> Iterator[Metric]:
@@ -129,21 +132,65 @@ class HeartbeatCollector(Collector):
         )
         return family
 
-    def _health_status(
-        self, snaps: list[TargetSnapshot], now: float, telemetry: TelemetryState
-    ) -> Metric:
+    def _gpu_telemetry(self, telemetry: TelemetryState) -> Iterator[Metric]:
         f = self._f
-        health = overall_health(target_healths(snaps, now, self._settings, telemetry))
-        family = f.gauge(
-            "health_status",
-            "Overall exporter health as served on /health; exactly one status is 1.",
-            ["status"],
-        )
-        for status in STATUSES:
-            family.add_metric(f.label_values(status), 1 if status == health.status else 0)
-        return family
+        up = f.gauge("nvml_up", "1 when the last NVML read succeeded within its timeout, else 0 "
+                     "(per-GPU telemetry is then not exported).")  # fmt: skip
+        up.add_metric(f.label_values(), 1 if telemetry.up else 0)
+        yield up
+        last = f.gauge("nvml_last_success_timestamp_seconds",
+                       "Unix time of the last successful NVML read.")  # fmt: skip
+        if telemetry.last_success is not None:
+            last.add_metric(f.label_values(), telemetry.last_success)
+        yield last
+        target = ["gpu", "uuid"]
+        info = f.gauge("gpu_info", "GPU identity as NVML reports it; constant 1.",
+                       [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
+        total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU.", target)
+        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use by all processes, "
+                       "driver-reserved memory excluded (as nvidia-smi shows it).",
+                       target)  # fmt: skip
+        free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU.", target)
+        util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "
+                       "kernel ran on the GPU (0-1).", target)  # fmt: skip
+        temp = f.gauge("gpu_temperature_celsius", "GPU core temperature.", target)
+        power = f.gauge("gpu_power_watts", "GPU power draw.", target)
+        ecc = f.counter("gpu_ecc_errors", "ECC memory errors since the driver loaded (NVML "
+                        "volatile counts), by type.", [*target, "type"])  # fmt: skip
+        for g in telemetry.snapshot.gpus if telemetry.snapshot else ():
+            t = f.label_values(str(g.index), g.uuid)
+            info.add_metric([*t, g.name, g.pci_bus_id, g.compute_capability], 1)
+            total.add_metric(t, g.memory_total)
+            used.add_metric(t, g.memory_used)
+            free.add_metric(t, g.memory_free)
+            for family, value in ((util, g.utilization), (temp, g.temperature),
+                                  (power, g.power)):  # fmt: skip
+                if value is not None:
+                    family.add_metric(t, value)
+            for kind, count in (("corrected", g.ecc_corrected),
+                                ("uncorrected", g.ecc_uncorrected)):  # fmt: skip
+                if count is not None:
+                    ecc.add_metric([*t, kind], count)
+        yield from (info, total, used, free, util, temp, power, ecc)
 
-    def _per_target(self, snaps: list[TargetSnapshot], now: float) -> Iterator[Metric]:
+
+class TargetCollector(Collector):
+    """Everything recorded about one target's probes and worker."""
+
+    def __init__(self, state: TargetState, settings: Settings) -> None:
+        self._state = state
+        self._f = _Families(settings.constant_labels)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def version(self) -> int:
+        return self._state.version
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._per_target([self._state.snapshot()])
+
+    def _per_target(self, snaps: list[TargetSnapshot]) -> Iterator[Metric]:
         f = self._f
         target = ["gpu", "uuid"]
         up = f.gauge("up", "1 when the last probe of the target passed, else 0." + _TIMER_NOTE,
@@ -151,12 +198,6 @@ class HeartbeatCollector(Collector):
         last_success = f.gauge(
             "last_success_timestamp_seconds",
             "Unix time at which the last passing probe of the target completed.",
-            target,
-        )
-        age = f.gauge(
-            "age_seconds",
-            "Seconds since the last passing probe, computed at scrape time (since probing began "
-            "while none has passed).",
             target,
         )
         probes = f.counter(
@@ -210,7 +251,6 @@ class HeartbeatCollector(Collector):
             up.add_metric(t, 1 if last is not None and last.result == "success" else 0)
             if snap.last_success is not None:
                 last_success.add_metric(t, snap.last_success)
-            age.add_metric(t, heartbeat_age(snap, now))
             for result, count in snap.probes_total.items():
                 probes.add_metric([*t, result], count)
             for phase, hist in snap.durations.items():
@@ -230,46 +270,48 @@ class HeartbeatCollector(Collector):
                 memory.add_metric(t, snap.gpu_memory[0])
             if snap.last_failure is not None and snap.last_failure.reason is not None:
                 failure.add_metric([*t, str(snap.last_failure.reason)], 1)
-        yield from (up, last_success, age, probes, durations, error, failures, restarts, load,
+        yield from (up, last_success, probes, durations, error, failures, restarts, load,
                     engine, memory, failure)  # fmt: skip
 
-    def _gpu_telemetry(self, telemetry: TelemetryState) -> Iterator[Metric]:
-        f = self._f
-        up = f.gauge("nvml_up", "1 when the last NVML read succeeded within its timeout, else 0 "
-                     "(per-GPU telemetry is then not exported).")  # fmt: skip
-        up.add_metric(f.label_values(), 1 if telemetry.up else 0)
-        yield up
-        last = f.gauge("nvml_last_success_timestamp_seconds",
-                       "Unix time of the last successful NVML read.")  # fmt: skip
-        if telemetry.last_success is not None:
-            last.add_metric(f.label_values(), telemetry.last_success)
-        yield last
-        target = ["gpu", "uuid"]
-        info = f.gauge("gpu_info", "GPU identity as NVML reports it; constant 1.",
-                       [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
-        total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU.", target)
-        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use by all processes, "
-                       "driver-reserved memory excluded (as nvidia-smi shows it).",
-                       target)  # fmt: skip
-        free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU.", target)
-        util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "
-                       "kernel ran on the GPU (0-1).", target)  # fmt: skip
-        temp = f.gauge("gpu_temperature_celsius", "GPU core temperature.", target)
-        power = f.gauge("gpu_power_watts", "GPU power draw.", target)
-        ecc = f.counter("gpu_ecc_errors", "ECC memory errors since the driver loaded (NVML "
-                        "volatile counts), by type.", [*target, "type"])  # fmt: skip
-        for g in telemetry.snapshot.gpus if telemetry.snapshot else ():
-            t = f.label_values(str(g.index), g.uuid)
-            info.add_metric([*t, g.name, g.pci_bus_id, g.compute_capability], 1)
-            total.add_metric(t, g.memory_total)
-            used.add_metric(t, g.memory_used)
-            free.add_metric(t, g.memory_free)
-            for family, value in ((util, g.utilization), (temp, g.temperature),
-                                  (power, g.power)):  # fmt: skip
-                if value is not None:
-                    family.add_metric(t, value)
-            for kind, count in (("corrected", g.ecc_corrected),
-                                ("uncorrected", g.ecc_uncorrected)):  # fmt: skip
-                if count is not None:
-                    ecc.add_metric([*t, kind], count)
-        yield from (info, total, used, free, util, temp, power, ecc)
+
+class ClockCollector(Collector):
+    """Families computed from the state and the time of the scrape: rendered on every scrape."""
+
+    def __init__(
+        self,
+        states: Sequence[TargetState],
+        settings: Settings,
+        clock: Callable[[], float],
+        telemetry: Callable[[], TelemetryState],
+    ) -> None:
+        self._states = states
+        self._settings = settings
+        self._clock = clock
+        self._telemetry = telemetry
+        self._f = _Families(settings.constant_labels)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        f, now = self._f, self._clock()
+        snaps = [state.snapshot() for state in self._states]
+        health = overall_health(target_healths(snaps, now, self._settings, self._telemetry()))
+        status = f.gauge(
+            "health_status",
+            "Overall exporter health as served on /health; exactly one status is 1.",
+            ["status"],
+        )
+        for name in STATUSES:
+            status.add_metric(f.label_values(name), 1 if name == health.status else 0)
+        yield status
+        age = f.gauge(
+            "age_seconds",
+            "Seconds since the last passing probe, computed at scrape time (since probing began "
+            "while none has passed).",
+            ["gpu", "uuid"],
+        )
+        for snap in snaps:
+            age.add_metric(f.label_values(snap.target.gpu, snap.target.uuid),
+                           heartbeat_age(snap, now))  # fmt: skip
+        yield age

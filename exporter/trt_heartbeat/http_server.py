@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -124,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, _landing_page(app.telemetry_path), "text/html", head)
             else:
                 self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head)
+        except ConnectionError:  # the client went away mid-response
+            self.close_connection = True
         except Exception:
             log.exception("error serving request", extra={"fields": {"path": path}})
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain", head)
@@ -232,6 +235,14 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         finally:
             if self._slots is not None:
                 self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stdlib prints a traceback to stderr; a client hanging up is routine, not an error.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.debug("client connection lost", extra={"fields": {"error": str(exc)}})
+        else:
+            log.error("error handling connection", exc_info=exc)
 
     def shutdown_request(self, request: Any) -> None:
         with contextlib.suppress(OSError):

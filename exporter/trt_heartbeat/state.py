@@ -101,23 +101,33 @@ class TargetState:
         self._restarts = dict.fromkeys(RESTART_REASONS, 0)
         self._durations: dict[str, _Histogram] = {}
         self._history: deque[ProbeRecord] = deque(maxlen=history)
+        self._version = 0  # bumped by every change, so renderings of this state can be reused
+        self._snapshot: tuple[int, TargetSnapshot] | None = None
+
+    @property
+    def version(self) -> int:
+        return self._version
 
     def engine_loaded(self, info: EngineInfo, seconds: float) -> None:
         with self._lock:
             self._engine, self._engine_load_seconds, self._load_failure = info, seconds, None
             self._loaded = True
+            self._version += 1
 
     def engine_failed(self, reason: Reason, message: str) -> None:
         with self._lock:
             self._loaded, self._load_failure = False, (reason, message)
+            self._version += 1
 
     def worker_lost(self, restart_reason: str) -> None:
         with self._lock:
             self._loaded = False
             self._restarts[restart_reason] += 1
+            self._version += 1
 
     def record(self, probe: ProbeRecord) -> None:
         with self._lock:
+            self._version += 1
             self._probes[probe.result] += 1
             self._last_probe = probe
             self._history.append(probe)
@@ -135,7 +145,10 @@ class TargetState:
 
     def snapshot(self) -> TargetSnapshot:
         with self._lock:
-            return TargetSnapshot(
+            # Scrapes and /health read far more often than probes write.
+            if self._snapshot is not None and self._snapshot[0] == self._version:
+                return self._snapshot[1]
+            snap = TargetSnapshot(
                 target=self.target,
                 started_at=self._started_at,
                 engine=self._engine,
@@ -152,3 +165,5 @@ class TargetState:
                 durations={k: h.snapshot() for k, h in self._durations.items()},
                 history=tuple(self._history),
             )
+            self._snapshot = (self._version, snap)
+            return snap

@@ -1,0 +1,133 @@
+"""/metrics rendering: parts re-rendered only when their state changes, stitched into one valid
+exposition in both formats, with the clock-derived families fresh on every scrape."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics import parser as om_parser
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import settings
+from trt_heartbeat.app import Exporter
+from trt_heartbeat.backends import EngineInfo, Target
+from trt_heartbeat.exposition import split_families
+from trt_heartbeat.state import ProbeRecord
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def exporter(targets: int = 3) -> tuple[Exporter, Clock]:
+    clock = Clock()
+    s = settings(backend="reference", interval=10, timeout=5)
+    ex = Exporter(s, "reference", [Target(str(i), f"GPU-{i}") for i in range(targets)],
+                  wall_clock=clock)  # fmt: skip
+    for state in ex.scheduler.states:
+        state.engine_loaded(EngineInfo("reference", "fp32", "canonical-mlp-v1@x"), 0.01)
+    return ex, clock
+
+
+def probe(ex: Exporter, target: int, at: float, total: float = 0.002) -> None:
+    ex.scheduler.states[target].record(
+        ProbeRecord(at, "success", {"total": total, "compute": total / 2}, max_abs_error=0.0)
+    )
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(body: bytes, openmetrics: bool = False) -> Samples:
+    parse = (
+        om_parser.text_string_to_metric_families if openmetrics else text_string_to_metric_families
+    )
+    out = {}
+    for family in parse(body.decode()):
+        for s in family.samples:
+            if not s.name.startswith("process_"):  # they move on their own between renders
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_every_family_appears_once_in_both_formats() -> None:
+    ex, clock = exporter()
+    for i in range(3):
+        probe(ex, i, clock.now - 1)
+    for accept, om in ((None, False), (OPENMETRICS, True)):
+        body, content_type = ex.render_metrics(accept)
+        assert ("openmetrics" in content_type) is om
+        names = [name for name, _, _ in split_families(body)]
+        assert len(names) == len(set(names)), "a family was split across the body"
+        # The strict OpenMetrics parser rejects interleaved families and a misplaced EOF.
+        assert samples(body, openmetrics=om)
+        assert body.count(b"# EOF") == (1 if om else 0)
+        assert not om or body.endswith(b"# EOF\n")
+
+
+def test_stitched_body_holds_exactly_the_samples_of_its_parts() -> None:
+    ex, clock = exporter()
+    for i in range(3):
+        probe(ex, i, clock.now - 1)
+    body, _ = ex.render_metrics(None)
+    expected: Samples = {}
+    for collector in ex.exposition.collectors:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        expected.update(samples(generate_latest(registry)))
+    assert samples(body) == expected
+    count = ("trt_heartbeat_probe_duration_seconds_count", (("gpu", "1"), ("phase", "total"),
+                                                           ("uuid", "GPU-1")))  # fmt: skip
+    assert samples(body)[count] == 1
+
+
+def test_only_the_part_that_changed_is_rendered_again() -> None:
+    ex, clock = exporter(targets=4)
+    ex.render_metrics(None)
+    first = ex.exposition.renders
+    assert first == 5  # the node and four targets
+    ex.render_metrics(None)
+    assert ex.exposition.renders == first
+    probe(ex, 2, clock.now)
+    body, _ = ex.render_metrics(None)
+    assert ex.exposition.renders == first + 1
+    key = ("trt_heartbeat_probes_total", (("gpu", "2"), ("result", "success"), ("uuid", "GPU-2")))
+    assert samples(body)[key] == 1
+    # Each format keeps its own rendering.
+    ex.render_metrics(OPENMETRICS)
+    assert ex.exposition.renders == 2 * first + 1
+
+
+def test_worker_reload_refreshes_the_node_part() -> None:
+    ex, _ = exporter(targets=1)
+    ex.render_metrics(None)
+    renders = ex.exposition.renders
+    engine = EngineInfo(
+        "reference", "fp32", "canonical-mlp-v1@x", versions={"tensorrt_version": "11.4.0"}
+    )
+    ex.scheduler.states[0].engine_loaded(engine, 0.02)
+    body, _ = ex.render_metrics(None)
+    assert ex.exposition.renders == renders + 2  # the target and the node (build_info)
+    info = [k for k in samples(body) if k[0] == "trt_heartbeat_build_info"]
+    assert dict(info[0][1])["tensorrt_version"] == "11.4.0"
+
+
+def test_heartbeat_age_and_health_follow_the_clock_without_a_new_probe() -> None:
+    ex, clock = exporter(targets=1)
+    probe(ex, 0, clock.now - 0.002)
+    age = ("trt_heartbeat_age_seconds", (("gpu", "0"), ("uuid", "GPU-0")))
+    healthy = ("trt_heartbeat_health_status", (("status", "healthy"),))
+    body, _ = ex.render_metrics(None)
+    assert samples(body)[age] == 0.0 and samples(body)[healthy] == 1
+    renders = ex.exposition.renders
+    clock.now += 45  # past max_age: the target is stale though no state changed
+    body, _ = ex.render_metrics(None)
+    assert ex.exposition.renders == renders
+    assert samples(body)[age] == 45.0
+    assert samples(body)[healthy] == 0

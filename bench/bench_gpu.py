@@ -8,7 +8,13 @@ own spawned process, as the exporter's workers do, so memory figures are per pro
   - bare context, default limits / stack limit 0: the floor a probe process can reach;
   - cuda backend after N probes: what a worker really holds (measured after probes, since a
     launch that needs stack grows the reservation again);
-  - exporter round trip: probe total as the exporter measures it, through the worker pipe.
+  - bare loop: the same backend's run() timed in a loop in one process, the baseline of the
+    overhead ratio (exporter round trip / bare loop);
+  - exporter round trip: probe total as the exporter measures it, through the worker pipe;
+  - process boundary alone: a worker that answers at once, the floor of any isolated probe;
+  - GPU duty cycle: GPU phases per probe over the probe interval.
+Run it twice: the bare loop and the round trip run in different processes, on whatever cores
+the scheduler picks, and the ratio moves by ±0.3 between runs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import time
 from typing import Any
 
 MIB = 1 << 20
@@ -68,11 +75,15 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
     backend = CudaBackend(Target("0", uuid), "fp32", BackendOptions(cuda_api=api))
     info = backend.prepare()
     phases: dict[str, list[float]] = {"h2d": [], "compute": [], "d2h": []}
+    walls: list[float] = []
     failed = 0
     for i in range(probes + 100):
+        t0 = time.perf_counter()
         result = backend.run()
+        wall = time.perf_counter() - t0
         failed += not canonical.check_output(result.output, "fp32").passed
         if i >= 100:  # warm-up
+            walls.append(wall)
             for name, value in result.phases.items():
                 phases[name].append(value)
     memory = result.gpu_memory_bytes
@@ -81,6 +92,9 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
         "gpu": info.details.get("gpu_name"),
         "failed": failed,
         "phases": {k: _stats(v) for k, v in phases.items()},
+        # The same backend in a bare loop in one process: the baseline of the overhead ratio.
+        "bare_loop": _stats(walls),
+        "gpu_time": _stats([sum(p) for p in zip(*phases.values(), strict=True)]),
         "gpu_memory_mib": (memory or 0) / MIB,
         "gpu_memory_source": result.gpu_memory_source,
     }
@@ -110,6 +124,30 @@ def exporter_round_trip(uuid: str, index: str, api: str, probes: int) -> dict[st
     return {"engine_load_s": load, "total": _stats(totals), "host_overhead": _stats(overhead)}
 
 
+def _echo(conn: Any) -> None:
+    while conn.recv() == "probe":
+        conn.send(("ok",))
+
+
+def pipe_floor(probes: int) -> dict[str, float]:
+    """A worker that answers at once: what the process boundary alone costs per round trip."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_echo, args=(child,), daemon=True)
+    process.start()
+    times = []
+    for i in range(probes + 100):
+        t0 = time.perf_counter()
+        parent.send("probe")
+        parent.poll(1.0)
+        parent.recv()
+        if i >= 100:
+            times.append(time.perf_counter() - t0)
+    parent.send("stop")
+    process.join(5)
+    return _stats(times)
+
+
 def _in_child(fn: Any, *args: Any) -> Any:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
@@ -130,6 +168,7 @@ def main() -> None:
         "probes": args.probes,
         "bare_context_default": _in_child(bare_context, uuid, False),
         "bare_context_stack0": _in_child(bare_context, uuid, True),
+        "pipe_floor": pipe_floor(args.probes),
     }
     for api in apis:
         results[f"cuda_backend[{api}]"] = _in_child(backend_probes, uuid, api, args.probes)
@@ -152,14 +191,42 @@ def main() -> None:
         for phase, s in b["phases"].items():
             rows.append((f"[{api}] {phase}", f"{s['median_us']:.1f} µs median, "
                                              f"{s['p99_us']:.1f} µs p99"))  # fmt: skip
-        total = r["total"]
+        total, bare, gpu = r["total"], b["bare_loop"], b["gpu_time"]
         rows.append(
             (
-                f"[{api}] exporter round trip",
+                f"[{api}] bare loop, one process (run() wall time)",
+                f"{bare['median_us']:.0f} µs median, {bare['p99_us']:.0f} µs p99",
+            )
+        )
+        rows.append(
+            (
+                f"[{api}] exporter round trip (`total`)",
                 f"{total['median_us']:.0f} µs median, {total['p99_us']:.0f} µs p99",
             )
         )
+        rows.append(
+            (
+                f"[{api}] overhead ratio round trip / bare loop",
+                f"{total['median_us'] / bare['median_us']:.2f}x "
+                f"(+{total['median_us'] - bare['median_us']:.0f} µs per probe)",
+            )
+        )
+        for interval in (10.0, 1.0):
+            rows.append(
+                (
+                    f"[{api}] GPU duty cycle at a {interval:g} s interval",
+                    f"{gpu['median_us'] * 1e-6 / interval:.2e} "
+                    f"({gpu['median_us']:.0f} µs of GPU phases per probe)",
+                )
+            )
         rows.append((f"[{api}] failed probes", str(b["failed"])))  # fmt: skip
+    floor = results["pipe_floor"]
+    rows.append(
+        (
+            "process boundary alone (echo worker round trip)",
+            f"{floor['median_us']:.0f} µs median, {floor['p99_us']:.0f} µs p99",
+        )
+    )
     print("\n| measurement | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,42 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
         running.server.shutdown()
         running.server.server_close()
         running.exporter.stop()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a real, tiny filesystem filled to the last byte: writes fail with ENOSPC.
+
+    Needs root to mount a tmpfs (CI runs as root); skipped where mounting is not allowed.
+    """
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        with (mount / "filler").open("wb", buffering=0) as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 1024)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ready(url: str) -> bool:
+    """Whether a Prometheus or Alertmanager at `url` answers its readiness endpoint."""
+    try:
+        with urllib.request.urlopen(url + "/-/ready", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -109,6 +110,9 @@ def _corrupt(tmp_path: Path, how: str) -> str:
         plan_path.write_bytes(data[:2000] + bytes([data[2000] ^ 1]) + data[2001:])
     elif how == "missing":
         plan_path.unlink()
+    elif how == "unreadable":  # root reads through chmod 000; a directory cannot be read as one
+        plan_path.unlink()
+        plan_path.mkdir()
     elif how in ("bad-magic", "other-version"):
         bad = (
             b"xxxx" + data[4:]
@@ -134,6 +138,7 @@ def _corrupt(tmp_path: Path, how: str) -> str:
         ("truncated", "{plan}: truncated plan (1000 of 4096 bytes)"),
         ("bit-flip", "{plan}: checksum mismatch (corrupted plan)"),
         ("missing", "{plan}: unreadable plan (No such file or directory)"),
+        ("unreadable", "{plan}: unreadable plan (Is a directory)"),
         ("bad-magic", "{plan}: not a TensorRT plan (bad magic)"),
         ("other-version", "{plan}: plan header says TensorRT 10.3.0, manifest says 11.4.0.106"),
         ("garbage-manifest", "{json}: unreadable manifest (Expecting property name enclosed in "
@@ -167,3 +172,18 @@ def test_unwritable_cache_raises_oserror(tmp_path: Path) -> None:
 
 def test_missing_cache_dir_is_an_empty_cache(tmp_path: Path) -> None:
     assert EngineCache(tmp_path / "nope").lookup(H200) == (None, [])
+
+
+def test_a_full_disk_leaves_the_cache_as_it_was(full_disk: Path) -> None:
+    cache = EngineCache(full_disk / "engines")
+    (full_disk / "filler").write_bytes(b"")  # room for one small plan ...
+    cache.store(plan(size=4096), H200)
+    (full_disk / "filler").write_bytes(b"\0" * 40_000)  # ... then almost none
+    before = sorted(p.name for p in cache.directory.iterdir())
+    with pytest.raises(OSError) as info:
+        cache.store(plan(size=32_768), H200, version_compatible=True)
+    assert info.value.errno == errno.ENOSPC
+    # No half-written plan or temp file, and the plan stored before is still served.
+    assert sorted(p.name for p in cache.directory.iterdir()) == before
+    found, problems = cache.lookup(H200)
+    assert found is not None and found.manifest.plan_bytes == 4096 and problems == []

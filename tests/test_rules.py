@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, require, wait_for
+from conftest import ROOT, free_port, http_ready, require, wait_for
 
 RULES = ROOT / "rules"
 RULE_FILES = sorted(RULES.glob("*.rules.yml"))
@@ -129,17 +128,11 @@ def test_routes(labels: dict[str, str], receivers: str) -> None:
     assert result.stdout.strip() == receivers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = require("prometheus-alertmanager")
     work = tmp_path_factory.mktemp("alertmanager")
-    port = _free_port()
+    port = free_port()
     # Receivers point nowhere reachable: this checks inhibition, not delivery.
     config = AM_CONFIG.read_text().replace("http://alert-router.monitoring.svc:8080",
                                            "http://127.0.0.1:9")  # fmt: skip
@@ -152,15 +145,8 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(ready, timeout=30, what="alertmanager ready")
+        wait_for(lambda: http_ready(url), timeout=30, what="alertmanager ready")
         yield url
     finally:
         process.terminate()

@@ -150,3 +150,10 @@ def test_unwritable_cache_still_probes(tmp_path: Path) -> None:
     blocker.write_text("")
     _, _, state = plan_for(blocker / "engines", "full")
     assert state.startswith("built, not cached: ")
+
+
+def test_a_full_disk_under_the_cache_still_probes(full_disk: Path) -> None:
+    backend, _, state = plan_for(full_disk / "engines", "full")
+    assert state == "built, not cached: No space left on device"
+    assert backend._engine is not None  # the plan built in memory is used all the same
+    assert list((full_disk / "engines").iterdir()) == []  # no half-written plan left behind

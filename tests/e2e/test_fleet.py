@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, cli_env, require, wait_for
+from conftest import ROOT, cli, cli_env, free_port, http_ready, require, wait_for
 
 INTERVAL, TIMEOUT = 1.0, 0.8  # exporter probe interval and timeout
 SCRAPE = EVAL = 1.0  # Prometheus scrape and rule evaluation interval
@@ -44,12 +43,6 @@ FLEET = [
 SLOW_DELAY = 0.05  # canary-1 adds this to every probe
 FAKE_PYNVML = Path(__file__).parent / "fake_pynvml"
 CLUSTER = "e2e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str) -> Any:
@@ -282,15 +275,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             exporters, f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", hook
         )
 
-        def ready(url: str) -> bool:
-            try:
-                with urllib.request.urlopen(url + "/-/ready", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
         wait_for(
-            lambda: ready(stack.prometheus) and ready(stack.alertmanager),
+            lambda: http_ready(stack.prometheus) and http_ready(stack.alertmanager),
             timeout=60,
             what="prometheus and alertmanager ready",
         )
@@ -336,6 +322,21 @@ def test_fleet_end_to_end(stack: Stack) -> None:
         "canary": 0.0,
     }
     assert stack.alerts("firing") == set(), "a healthy fleet fires nothing"
+
+    # --- canary-judge on the series just scraped: half the canary track is 50 ms slower ------
+    def judged() -> dict[str, Any] | None:
+        result = cli("canary-judge", "--prometheus", stack.prometheus, "--window", "1m",
+                     "--min-samples", "30", "--output", "json")  # fmt: skip
+        report = json.loads(result.stdout)
+        assert result.returncode == report["exit_code"], result.stderr
+        return None if report["verdict"] == "inconclusive" else report
+
+    report = wait_for(judged, timeout=90, what="enough probes in the window to judge")
+    assert report["verdict"] == "fail"
+    checks = {c["name"]: c for c in report["strata"][0]["checks"]}
+    assert checks["latency"]["verdict"] == "fail"
+    assert checks["failures"]["verdict"] == "pass"
+    assert report["strata"][0]["gpu_model"] == "unknown"
 
     # --- faults -------------------------------------------------------------------------------
     frozen, wrong = exp["stable-2"], exp["canary-2"]

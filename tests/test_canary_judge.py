@@ -1,0 +1,310 @@
+"""canary-judge against a real Prometheus holding fleet history written by the exporter's own
+collectors (backfilled with promtool), one scenario per `scenario` label; and its error paths.
+
+The live end-to-end fleet (tests/e2e) runs the judge once more on series scraped for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import ROOT, cli, cli_env, free_port, http_ready, require, wait_for
+from judge_history import History, Track, lognormal
+
+END = (int(time.time()) // 3600 - 2) * 3600  # a whole hour, two hours back: closed blocks
+WINDOW = "30m"
+FAST, SLOWED = lognormal(0.0016, 0.08), lognormal(0.0016 * 1.6, 0.08)
+NOISY = lognormal(0.0016, 0.9)  # same median, far wider
+
+
+def scenarios() -> list[Track]:
+    return [
+        Track("equal", "stable", "H100", FAST, targets=3),
+        Track("equal", "canary", "H100", FAST, targets=3),
+        Track("slowed", "stable", "H100", FAST, targets=3),
+        Track("slowed", "canary", "H100", SLOWED, targets=3),
+        Track("few", "stable", "H100", FAST, targets=3),
+        Track("few", "canary", "H100", FAST, targets=1, start_offset=40 * 60 - 150),
+        Track("noisier", "stable", "H100", FAST, targets=3),
+        Track("noisier", "canary", "H100", NOISY, targets=3),
+        # Canary mostly on the slower A100s, stable mostly on H100s: equal per model.
+        Track("hwmix", "stable", "H100", FAST, targets=3),
+        Track("hwmix", "stable", "A100", SLOWED, targets=1),
+        Track("hwmix", "canary", "H100", FAST, targets=1),
+        Track("hwmix", "canary", "A100", SLOWED, targets=3),
+        Track("failing", "stable", "H100", FAST, targets=3),
+        Track("failing", "canary", "H100", FAST, targets=3, failure_every=12),
+        Track("wrong", "stable", "H100", FAST, targets=3),
+        Track("wrong", "canary", "H100", FAST, targets=3, mismatch_at=(100,)),
+        Track("memory", "stable", "H100", FAST, targets=3),
+        Track("memory", "canary", "H100", FAST, targets=3, memory_mib=520),
+        Track("newhw", "stable", "H100", FAST, targets=3),
+        Track("newhw", "canary", "H100", FAST, targets=2),
+        Track("newhw", "canary", "B200", FAST, targets=2),
+    ]
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("judge")
+    history = History(start=END - 40 * 60, duration=40 * 60, tracks=scenarios())
+    history.write(work / "history.om")
+    data = work / "data"
+    subprocess.run([require("promtool"), "tsdb", "create-blocks-from", "openmetrics", "-q",
+                    str(work / "history.om"), str(data)], check=True, timeout=300)  # fmt: skip
+    (work / "prometheus.yml").write_text("global: {evaluation_interval: 1m}\n")
+    port = free_port()
+    with (work / "prometheus.log").open("w") as log:
+        process = subprocess.Popen(
+            [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
+             f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}",
+             "--storage.tsdb.retention.time=30d"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_ready(url), timeout=60, what="prometheus ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def judge(url: str, scenario: str, *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli("canary-judge", "--prometheus", url, "--window", WINDOW, "--at", str(END),
+                 "--selector", f'{{scenario="{scenario}"}}', "--output", "json", *args)  # fmt: skip
+    assert result.stderr == "", result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def checks(report: dict[str, Any], model: str = "H100") -> dict[str, dict[str, Any]]:
+    stratum = next(s for s in report["strata"] if s["gpu_model"] == model)
+    return {c["name"]: c for c in stratum["checks"]}
+
+
+def test_an_equal_canary_passes(prometheus: str) -> None:
+    code, report = judge(prometheus, "equal")
+    assert (code, report["verdict"]) == (0, "pass"), report
+    latency = checks(report)["latency"]
+    # 3 GPUs probed every 10 s for 30 min on each track, give or take the window's edges.
+    assert 500 <= latency["canary"]["n"] <= 560 and 500 <= latency["baseline"]["n"] <= 560
+    assert 0.4 < latency["statistic"]["effect_a"] < 0.6
+    assert "increase(trt_heartbeat_probe_duration_seconds_bucket{" in latency["promql"]
+    assert checks(report)["gpu_memory"]["verdict"] == "pass"
+
+
+def test_a_slowed_canary_fails_on_latency(prometheus: str) -> None:
+    code, report = judge(prometheus, "slowed")
+    assert (code, report["verdict"]) == (2, "fail")
+    latency = checks(report)["latency"]
+    assert latency["verdict"] == "fail"
+    # Half the canary still shares the baseline's bucket (1-2.5 ms): a large effect, not A=1.
+    assert latency["statistic"]["effect_a"] > 0.71 and latency["statistic"]["p_value"] < 1e-10
+    ratio = latency["canary"]["p50_seconds"] / latency["baseline"]["p50_seconds"]
+    assert 1.3 < ratio < 2.0  # bucket interpolation blurs the true 1.6
+
+
+def test_a_canary_with_too_few_probes_is_inconclusive(prometheus: str) -> None:
+    code, report = judge(prometheus, "few")
+    assert (code, report["verdict"]) == (3, "inconclusive")
+    latency = checks(report)["latency"]
+    assert latency["verdict"] == "inconclusive"
+    assert 13 <= latency["canary"]["n"] <= 16  # 150 s of one GPU probed every 10 s
+    assert latency["reason"].startswith("too few probes to judge: canary ")
+    # The same data is enough once the bar is lowered.
+    code, report = judge(prometheus, "few", "--min-samples", "10")
+    assert code == 0
+
+
+def test_a_canary_that_only_got_noisier_is_caught(prometheus: str) -> None:
+    code, report = judge(prometheus, "noisier")
+    c = checks(report)
+    assert c["latency"]["verdict"] == "pass"  # the median did not move...
+    assert c["latency_dispersion"]["verdict"] == "fail"  # ...but the spread did
+    assert (code, report["verdict"]) == (2, "fail")
+
+
+def test_a_hardware_mix_is_not_a_regression(prometheus: str) -> None:
+    code, report = judge(prometheus, "hwmix")
+    assert (code, report["verdict"]) == (0, "pass"), report
+    assert {s["gpu_model"] for s in report["strata"]} == {"A100", "H100"}
+    # Two models: the fail threshold is split between them.
+    assert "p < 0.005" in checks(report, "A100")["latency"]["threshold"]
+
+
+def test_a_canary_failing_more_often_fails(prometheus: str) -> None:
+    code, report = judge(prometheus, "failing")
+    failures = checks(report)["failures"]
+    assert failures["verdict"] == "fail" and failures["canary"]["events"] >= 40
+    assert failures["baseline"]["events"] == 0
+    assert (code, report["verdict"]) == (2, "fail")
+
+
+def test_a_single_wrong_answer_is_marginal(prometheus: str) -> None:
+    code, report = judge(prometheus, "wrong")
+    mismatches = checks(report)["mismatches"]
+    assert (mismatches["verdict"], mismatches["canary"]["events"]) == ("marginal", 3)
+    assert (code, report["verdict"]) == (1, "marginal")
+
+
+def test_a_canary_holding_twice_the_gpu_memory_fails(prometheus: str) -> None:
+    code, report = judge(prometheus, "memory")
+    memory = checks(report)["gpu_memory"]
+    assert memory["verdict"] == "fail" and memory["statistic"]["ratio"] > 1.9
+    assert code == 2
+
+
+def test_a_gpu_model_without_baseline_is_inconclusive(prometheus: str) -> None:
+    code, report = judge(prometheus, "newhw")
+    assert checks(report, "H100")["latency"]["verdict"] == "pass"
+    assert checks(report, "B200")["baseline"]["verdict"] == "inconclusive"
+    assert (code, report["verdict"]) == (3, "inconclusive")
+
+
+def test_no_canary_at_all_is_inconclusive(prometheus: str) -> None:
+    code, report = judge(prometheus, "does-not-exist")
+    assert (code, report["verdict"]) == (3, "inconclusive")
+    assert "no probes of track 'canary'" in report["unjudged"]
+
+
+def test_table_output_and_plot(prometheus: str, tmp_path: Path) -> None:
+    plot = tmp_path / "verdict.png"
+    result = cli("canary-judge", "--prometheus", prometheus, "--window", WINDOW, "--at",
+                 str(END), "--selector", 'scenario="slowed"', "--plot", str(plot))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "canary-judge: FAIL (roll back)"
+    row = next(line for line in lines if line.startswith("H100") and " latency " in line)
+    assert " fail " in row and re.search(r" A=0\.[789]\d p=\S+e-\d+ ", row), row
+    assert "n=539 p50=2.89ms" in row or re.search(r"n=5\d\d p50=2\.\d+ms", row), row
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
+
+
+BAD_FLAGS = [
+    (["--window", "soon"], "--window: expected a duration like 30s, 5m or 1h, got 'soon'"),
+    (["--at", "yesterday"],
+     "--at: expected RFC 3339 (2026-11-22T10:00:00Z) or Unix seconds, got 'yesterday'"),
+    (["--at", "2026-11-22T10:00:00"],
+     "--at: '2026-11-22T10:00:00' has no time zone (add Z for UTC)"),
+    (["--selector", "{scenario=equal}"],
+     "--selector: 'scenario=equal' is not a label matcher like name=\"value\""),
+    (["--selector", '{scenario="x"'], "--selector: missing closing brace in '{scenario=\"x\"'"),
+    (["--track-label", "track-name"],
+     "--track-label: 'track-name' is not a Prometheus label name"),
+    (["--baseline", "canary"], "--canary and --baseline must name different tracks"),
+    (["--plot", "/nonexistent/dir/x.png"],
+     "--plot: directory '/nonexistent/dir' does not exist"),
+    (["--prometheus", "localhost:9090"], "--prometheus: not an http(s) URL: 'localhost:9090'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_FLAGS)
+def test_bad_flags_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = cli("canary-judge", "--prometheus", "http://127.0.0.1:1", *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == "Error: " + message
+
+
+def test_unreachable_prometheus_exits_4_with_one_line() -> None:
+    port = free_port()  # nothing listens on it
+    result = cli("canary-judge", "--prometheus", f"http://127.0.0.1:{port}")
+    assert result.returncode == 4
+    assert result.stderr.strip() == (
+        f"Error: cannot reach Prometheus at http://127.0.0.1:{port}: [Errno 111] Connection refused"
+    )
+
+
+def test_prometheus_errors_are_passed_on(prometheus: str) -> None:
+    result = cli("canary-judge", "--prometheus", prometheus, "--selector", 'scenario=~"("')
+    assert result.returncode == 4
+    line = result.stderr.strip()
+    assert line.startswith(f"Error: Prometheus at {prometheus} answered HTTP 400: bad_data: ")
+    assert "\n" not in line
+
+
+def test_something_that_is_not_prometheus(tmp_path: Path) -> None:
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = cli("canary-judge", "--prometheus", url)
+    finally:
+        server.shutdown()
+    assert result.returncode == 4
+    assert result.stderr.strip() == f"Error: Prometheus at {url} answered HTTP 404: File not found"
+
+
+# --- the rollout controller examples run the judge as written ----------------------------------
+
+ROLLOUTS = ROOT / "rules" / "rollouts"
+
+
+def _argo_job() -> dict[str, Any]:
+    template = yaml.safe_load((ROLLOUTS / "argo-canary-judge.yaml").read_text())
+    (metric,) = template["spec"]["metrics"]
+    defaults = {a["name"]: a["value"] for a in template["spec"]["args"]}
+    return {"defaults": defaults, "job": metric["provider"]["job"]}
+
+
+def test_argo_job_is_a_valid_kubernetes_job() -> None:
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "judge"},
+           "spec": _argo_job()["job"]["spec"]}  # fmt: skip
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize(("scenario", "code"), [("equal", 0), ("slowed", 2), ("few", 3)])
+def test_argo_job_command_judges(prometheus: str, scenario: str, code: int) -> None:
+    argo = _argo_job()
+    args = {**argo["defaults"], "prometheus-address": prometheus,
+            "selector": f'{{scenario="{scenario}"}}'}  # fmt: skip
+    (container,) = argo["job"]["spec"]["template"]["spec"]["containers"]
+    command = [re.sub(r"\{\{args\.([a-z-]+)\}\}", lambda m: args[m.group(1)], part)
+               for part in container["command"]]  # fmt: skip
+    assert command[:2] == ["trt-heartbeat-exporter", "canary-judge"]
+    result = cli(*command[1:], "--at", str(END))
+    assert result.returncode == code, result.stdout + result.stderr
+
+
+def _flagger_hooks() -> dict[str, str]:
+    canary = yaml.safe_load((ROLLOUTS / "flagger-canary-judge.yaml").read_text())
+    hooks = canary["spec"]["analysis"]["webhooks"]
+    assert all(h["metadata"]["type"] == "bash" for h in hooks)
+    return {h["type"]: h["metadata"]["cmd"] for h in hooks}
+
+
+@pytest.mark.parametrize(
+    ("hook", "scenario", "passes"),
+    [("rollout", "slowed", False), ("rollout", "few", True), ("rollout", "equal", True),
+     ("confirm-promotion", "equal", True), ("confirm-promotion", "few", False),
+     ("confirm-promotion", "wrong", False)],
+)  # fmt: skip
+def test_flagger_hooks_gate_as_documented(
+    prometheus: str, hook: str, scenario: str, passes: bool
+) -> None:
+    cmd = (_flagger_hooks()[hook]
+           .replace("http://prometheus-operated.monitoring.svc:9090", prometheus)
+           .replace('{namespace="inference"}', f'{{scenario="{scenario}"}}')
+           .replace("--window 30m", f"--window 30m --at {END}"))  # fmt: skip
+    env = cli_env()
+    # The console script, as `pip install` puts it on PATH in the load tester image.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env,
+                            timeout=60)  # fmt: skip
+    assert (result.returncode == 0) is passes, result.stdout + result.stderr

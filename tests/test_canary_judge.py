@@ -198,6 +198,7 @@ BAD_FLAGS = [
     (["--window", "soon"], "--window: expected a duration like 30s, 5m or 1h, got 'soon'"),
     (["--at", "yesterday"],
      "--at: expected RFC 3339 (2026-11-22T10:00:00Z) or Unix seconds, got 'yesterday'"),
+    (["--at", "nan"], "--at: expected a positive Unix time, got 'nan'"),
     (["--at", "2026-11-22T10:00:00"],
      "--at: '2026-11-22T10:00:00' has no time zone (add Z for UTC)"),
     (["--selector", "{scenario=equal}"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import signal
 import statistics
 import sys
@@ -582,9 +583,13 @@ def _time_flag(value: str | None) -> float:
     if value is None:
         return time.time()
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if math.isfinite(seconds) and seconds > 0:
+            return seconds
+        raise BadInput(f"--at: expected a positive Unix time, got {value!r}")
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

@@ -154,6 +154,20 @@ def http_ready(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def daemon(args: list[str], port: int, log: Path, what: str) -> Iterator[str]:
+    """Run a Prometheus or Alertmanager listening on loopback `port`; yields its URL once ready."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_ready(url), timeout=60, what=f"{what} ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRT_HEARTBEAT_")}
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, cli, cli_env, free_port, http_ready, require, wait_for
+from conftest import ROOT, cli, cli_env, daemon, free_port, require
 from judge_history import History, Track, lognormal
 
 END = (int(time.time()) // 3600 - 2) * 3600  # a whole hour, two hours back: closed blocks
@@ -67,20 +67,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     str(work / "history.om"), str(data)], check=True, timeout=300)  # fmt: skip
     (work / "prometheus.yml").write_text("global: {evaluation_interval: 1m}\n")
     port = free_port()
-    with (work / "prometheus.log").open("w") as log:
-        process = subprocess.Popen(
-            [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
-             f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}",
-             "--storage.tsdb.retention.time=30d"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    args = [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=30d"]  # fmt: skip
     try:
-        wait_for(lambda: http_ready(url), timeout=60, what="prometheus ready")
-        yield url
+        with daemon(args, port, work / "prometheus.log", "prometheus") as url:
+            yield url
     finally:
-        process.terminate()
-        process.wait(timeout=20)
         shutil.rmtree(work, ignore_errors=True)
 
 

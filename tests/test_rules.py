@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, http_ready, require, wait_for
+from conftest import ROOT, daemon, free_port, require, wait_for
 
 RULES = ROOT / "rules"
 RULE_FILES = sorted(RULES.glob("*.rules.yml"))
@@ -137,21 +137,10 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = AM_CONFIG.read_text().replace("http://alert-router.monitoring.svc:8080",
                                            "http://127.0.0.1:9")  # fmt: skip
     (work / "am.yml").write_text(config)
-    log = (work / "am.log").open("w")
-    process = subprocess.Popen(
-        [binary, f"--config.file={work / 'am.yml'}", f"--storage.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    try:
-        wait_for(lambda: http_ready(url), timeout=30, what="alertmanager ready")
+    args = [binary, f"--config.file={work / 'am.yml'}", f"--storage.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]  # fmt: skip
+    with daemon(args, port, work / "am.log", "alertmanager") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        log.close()
 
 
 def _post(url: str, alerts: list[dict[str, str]]) -> None:

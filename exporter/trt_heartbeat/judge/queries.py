@@ -171,6 +171,10 @@ class Observations:
     engine_load: dict[Key, list[float]] = field(default_factory=dict)  # max per target
     promql: dict[str, str] = field(default_factory=dict)  # check input -> query
 
+    def bins(self, key: Key) -> list[float]:
+        """Counts per bucket; all zero for a track that observed no latency (only timeouts)."""
+        return self.buckets.get(key, [0.0] * len(self.bounds))
+
     def models(self) -> set[str]:
         return {model for model, _ in [*self.buckets, *self.results]}
 

@@ -134,9 +134,8 @@ def _checks(obs: Observations, model: str, scope: Scope, t: Thresholds,
 
 
 def _latency_summary(obs: Observations, key: tuple[str, str]) -> dict[str, Any]:
-    bins = obs.buckets.get(key, [0.0] * len(obs.bounds))
     cumulative, running = [], 0.0
-    for n in bins:
+    for n in obs.bins(key):
         running += n
         cumulative.append(running)
     return {
@@ -161,7 +160,7 @@ def _graded(effect: float, p: float, alpha: float, marginal: float, fail: float)
 def _latency(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds,
              alpha: float) -> Check:  # fmt: skip
     cs, bs = _latency_summary(obs, c), _latency_summary(obs, b)
-    test = stats.rank_test_binned(obs.buckets.get(c, []), obs.buckets.get(b, []))
+    test = stats.rank_test_binned(obs.bins(c), obs.bins(b))
     rule = (f"fail if p < {alpha:.3g} and A >= {t.latency_fail}; marginal if p < {alpha:.3g} "
             f"and A >= {t.latency_marginal}")  # fmt: skip
     if not _enough(t, cs["n"], bs["n"]):
@@ -179,10 +178,7 @@ def _dispersion(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Th
                 alpha: float) -> Check:  # fmt: skip
     centres = stats.bin_centres(obs.bounds)
     cs, bs = _latency_summary(obs, c), _latency_summary(obs, b)
-    empty = [0.0] * len(centres)
-    test = stats.dispersion_test_binned(
-        obs.buckets.get(c, empty), obs.buckets.get(b, empty), centres
-    )
+    test = stats.dispersion_test_binned(obs.bins(c), obs.bins(b), centres)
     for summary in (cs, bs):
         p50, p99 = summary["p50_seconds"], summary["p99_seconds"]
         summary["p99_over_p50"] = p99 / p50 if p50 and p50 > 0 else math.nan

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -220,6 +221,16 @@ def test_unreachable_prometheus_exits_4_with_one_line() -> None:
     assert result.stderr.strip() == (
         f"Error: cannot reach Prometheus at http://127.0.0.1:{port}: [Errno 111] Connection refused"
     )
+
+
+def test_a_prometheus_that_never_answers_times_out() -> None:
+    with socket.socket() as listener:  # accepts connections (backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        result = cli("canary-judge", "--prometheus", url, "--timeout", "1s")
+    assert result.returncode == 4
+    assert result.stderr.strip() == f"Error: Prometheus at {url} did not answer within 1s"
 
 
 def test_prometheus_errors_are_passed_on(prometheus: str) -> None:

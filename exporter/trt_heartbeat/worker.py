@@ -26,7 +26,8 @@ from .errors import BackendError, Reason
 
 _SLICE = 0.1  # seconds between liveness checks while waiting on a worker
 # A probe answers within a few hundred µs; sleeping in poll() at once adds the scheduler's wake-up
-# latency to every measured round trip (~40 µs on an H100 host), so poll without sleeping first.
+# latency to every measured round trip (30-40 µs on the 2-vCPU development machine), so poll
+# without sleeping first.
 _SPIN = 0.0005
 _CLOSE_GRACE = 2.0  # seconds a worker gets to release its GPU before it is killed
 
@@ -108,8 +109,8 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
 
 
 def _pack(result: RunResult) -> tuple[Any, ...]:
-    # Plain values instead of the pickled dataclass and array: unpickling an ndarray costs more
-    # than the GPU work of a probe (~50 µs of a ~140 µs round trip on an H200 host).
+    # Plain values instead of the pickled dataclass and array: that pickle cost ~50 µs more per
+    # round trip on the 2-vCPU development machine, more than a probe's GPU phases take.
     out = np.ascontiguousarray(result.output)
     return ("ok", out.tobytes(), out.dtype.str, out.shape, tuple(result.phases.items()),
             result.gpu_memory_bytes, result.gpu_memory_source)  # fmt: skip

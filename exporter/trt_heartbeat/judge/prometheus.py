@@ -8,7 +8,6 @@ the API's JSON.
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -58,19 +57,13 @@ class PrometheusClient:
             raise PrometheusError(
                 f"Prometheus at {self.url} answered HTTP {err.code}: {detail}"
             ) from None
-        except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, socket.timeout | TimeoutError):
+        except OSError as err:  # URLError carries the socket's error in `reason`
+            reason = err.reason if isinstance(err, urllib.error.URLError) else err
+            if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError
                 raise PrometheusError(
                     f"Prometheus at {self.url} did not answer within {self.timeout:g}s"
                 ) from None
             raise PrometheusError(f"cannot reach Prometheus at {self.url}: {reason}") from None
-        except TimeoutError:
-            raise PrometheusError(
-                f"Prometheus at {self.url} did not answer within {self.timeout:g}s"
-            ) from None
-        except OSError as err:
-            raise PrometheusError(f"cannot reach Prometheus at {self.url}: {err}") from None
         try:
             document = json.loads(body)
         except ValueError:

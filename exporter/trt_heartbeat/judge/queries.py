@@ -107,9 +107,13 @@ def gpu_model(scope: Scope) -> str:
     )
 
 
+def _with_model(expr: str, scope: Scope) -> str:
+    """`expr`, one series per target, labelled with the GPU model of its target."""
+    return f"{expr} * on (job, instance, gpu) group_left (gpu_model) ({gpu_model(scope)})"
+
+
 def _by_model(expr: str, scope: Scope, by: str) -> str:
-    join = f"* on (job, instance, gpu) group_left (gpu_model) ({gpu_model(scope)})"
-    return f"sum by ({scope.track_label}, gpu_model{by}) (({expr}) {join})"
+    return f"sum by ({scope.track_label}, gpu_model{by}) ({_with_model(f'({expr})', scope)})"
 
 
 def _buckets(scope: Scope) -> str:
@@ -131,14 +135,12 @@ def probe_counts(scope: Scope) -> str:
 
 def per_series(metric: str, scope: Scope, over_time: str) -> str:
     """A gauge per target over the window, labelled with its GPU model (instant query)."""
-    join = f"* on (job, instance, gpu) group_left (gpu_model) ({gpu_model(scope)})"
-    return f"{over_time}({metric}{scope.matchers()}{scope.range}) {join}"
+    return _with_model(f"{over_time}({metric}{scope.matchers()}{scope.range})", scope)
 
 
 def gauge_samples(metric: str, scope: Scope) -> str:
     """A gauge per target at each step of a range query across the window."""
-    join = f"* on (job, instance, gpu) group_left (gpu_model) ({gpu_model(scope)})"
-    return f"{metric}{scope.matchers()} {join}"
+    return _with_model(f"{metric}{scope.matchers()}", scope)
 
 
 def quantile_over_time(q: float, scope: Scope, step: float) -> str:
@@ -228,16 +230,13 @@ class Timeline:
     """Per-track latency quantiles across the window, for the plot."""
 
     quantiles: dict[tuple[str, float], list[tuple[float, float]]]  # (track, q) -> points
-    promql: dict[float, str]
 
 
 def timeline(client: PrometheusClient, scope: Scope) -> Timeline:
     start, step = scope.at - scope.window, max(1.0, scope.window / PLOT_POINTS)
     out: dict[tuple[str, float], list[tuple[float, float]]] = {}
-    queries = {}
     for q in (0.5, 0.99):
-        queries[q] = expr = quantile_over_time(q, scope, step)
-        for s in client.query_range(expr, start, scope.at, step):
+        for s in client.query_range(quantile_over_time(q, scope, step), start, scope.at, step):
             points = [(t, v) for t, v in s.values if math.isfinite(v)]
             out[(s.labels.get(scope.track_label, ""), q)] = points
-    return Timeline(out, queries)
+    return Timeline(out)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import signal
 import statistics
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -28,6 +25,7 @@ import yaml
 from . import __version__, config, logs, web_config
 from .app import Exporter, gpu_visible, make_telemetry, select_backend, targets_for
 from .backends import GPU_BACKENDS, BackendOptions, resolve_spec
+from .clicommon import BadInput, env_name
 from .config import Settings
 from .errors import HeartbeatError
 from .http_server import ExporterHTTPServer
@@ -36,13 +34,6 @@ from .worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
 
 log = logging.getLogger("trt_heartbeat")
 F = TypeVar("F", bound=Callable[..., Any])
-ENV_PREFIX = "TRT_HEARTBEAT"
-
-
-class BadInput(click.ClickException):
-    """Invalid configuration or flag values: exit code 2, one line, no traceback."""
-
-    exit_code = 2
 
 
 class ConfigValue(click.ParamType):  # type: ignore[type-arg]
@@ -117,10 +108,6 @@ _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
 ]  # fmt: skip
 
 
-def _env_name(flag: str) -> str:
-    return ENV_PREFIX + "_" + flag.lstrip("-").replace(".", "_").replace("-", "_").upper()
-
-
 def _param_name(key: str) -> str:
     return key.replace(".", "__")
 
@@ -129,7 +116,7 @@ def config_flags(func: F) -> F:
     """Add every config flag, each with its environment variable."""
     for flag, key, kind, text in reversed(_CONFIG_FLAGS):
         func = click.option(
-            flag, _param_name(key), type=kind, default=None, envvar=_env_name(flag),
+            flag, _param_name(key), type=kind, default=None, envvar=env_name(flag),
             show_envvar=True, help=text,
         )(func)  # fmt: skip
     return func
@@ -139,7 +126,7 @@ def config_options(func: F) -> F:
     """Add --config and every config flag."""
     return click.option(
         "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-        default=None, envvar=_env_name("--config"), show_envvar=True,
+        default=None, envvar=env_name("--config"), show_envvar=True,
         help="YAML or JSON configuration file.",
     )(config_flags(func))  # fmt: skip
 
@@ -371,7 +358,7 @@ def check_config(file: Path, **params: Any) -> None:
     "--gpu",
     default="0",
     show_default=True,
-    envvar=_env_name("--gpu"),
+    envvar=env_name("--gpu"),
     show_envvar=True,
     help="GPU index or UUID to build on.",
 )
@@ -379,7 +366,7 @@ def check_config(file: Path, **params: Any) -> None:
     "--engine-cache-dir",
     type=click.Path(file_okay=False),
     default=None,
-    envvar=_env_name("--engine-cache-dir"),
+    envvar=env_name("--engine-cache-dir"),
     show_envvar=True,
     help="Cache directory to write the plan and its manifest to. "
     "[default: $XDG_CACHE_HOME/trt-heartbeat-exporter/engines]",
@@ -426,179 +413,16 @@ def build_engine(
     click.echo(json.dumps(asdict(manifest), indent=2))
 
 
-class JudgeUnavailable(click.ClickException):
-    """canary-judge could not ask Prometheus or write its plot: exit 4, apart from verdicts."""
+def _register() -> None:
+    # Commands with modules of their own; imported here so that `cli` lists them.
+    from .judge.command import canary_judge
+    from .service.command import service_rules
 
-    exit_code = 4
-
-
-@cli.command("canary-judge")
-@click.option(
-    "--prometheus",
-    "prometheus_url",
-    required=True,
-    metavar="URL",
-    envvar=_env_name("--prometheus"),
-    show_envvar=True,
-    help="Base URL of the Prometheus (or compatible API) that scrapes both tracks.",
-)
-@click.option(
-    "--window",
-    default="30m",
-    show_default=True,
-    metavar="DURATION",
-    help="How far back from --at to compare.",
-)
-@click.option(
-    "--at",
-    "at_time",
-    default=None,
-    metavar="TIME",
-    help="End of the window: RFC 3339 or Unix seconds. [default: now]",
-)
-@click.option(
-    "--selector",
-    default="",
-    metavar="MATCHERS",
-    help="Label matchers for the exporters to compare, e.g. '{namespace=\"infer\"}'.",
-)
-@click.option(
-    "--track-label", default="track", show_default=True, help="Label that tells the tracks apart."
-)
-@click.option("--canary", default="canary", show_default=True, help="Track value of the canary.")
-@click.option(
-    "--baseline", default="stable", show_default=True, help="Track value of the baseline."
-)
-@click.option(
-    "--phase",
-    type=click.Choice(["total", "h2d", "compute", "d2h"]),
-    default="total",
-    show_default=True,
-    help="Probe phase whose latency is compared.",
-)
-@click.option(
-    "--min-samples",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Probes each track needs per GPU model before it is judged.",
-)
-@click.option(
-    "--alpha",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.01,
-    show_default=True,
-    help="Significance for a fail, split across GPU models.",
-)
-@click.option(
-    "--output",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Report format on stdout.",
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    metavar="FILE.png",
-    help="Also draw latency distributions and ratios to FILE.png.",
-)
-@click.option(
-    "--timeout",
-    "http_timeout",
-    default="10s",
-    show_default=True,
-    metavar="DURATION",
-    help="Time each Prometheus query may take.",
-)
-def canary_judge(
-    prometheus_url: str,
-    window: str,
-    at_time: str | None,
-    selector: str,
-    track_label: str,
-    canary: str,
-    baseline: str,
-    phase: str,
-    min_samples: int,
-    alpha: float,
-    output: str,
-    plot: Path | None,
-    http_timeout: str,
-) -> None:
-    """Compare the canary track with the baseline over a window and give a verdict.
-
-    Per GPU model: a rank test with effect size on probe latency, a dispersion test, exact rate
-    tests on failures and wrong outputs, and comparisons of output deviation, probe GPU memory
-    and engine load time. Exit code: 0 pass, 1 marginal, 2 fail, 3 inconclusive (too few probes
-    or no baseline on a GPU model); 2 also for bad flags (with one error line, no report), 4 when
-    Prometheus cannot be asked or the plot cannot be written.
-    """
-    from .judge import prometheus, queries, report
-    from .judge.verdict import Thresholds, judge
-
-    window_s = _duration_flag("--window", window)
-    timeout_s = _duration_flag("--timeout", http_timeout)
-    at = _time_flag(at_time)
-    if plot is not None and not plot.resolve().parent.is_dir():
-        raise BadInput(f"--plot: directory {str(plot.parent)!r} does not exist")
-    try:
-        scope = queries.Scope(
-            window_s, at, queries.parse_selector(selector),
-            queries.check_label_name("--track-label", track_label), canary, baseline, phase,
-        )  # fmt: skip
-        client = prometheus.PrometheusClient(prometheus_url, timeout_s)
-    except HeartbeatError as exc:
-        raise BadInput(str(exc)) from exc
-    if canary == baseline:
-        raise BadInput("--canary and --baseline must name different tracks")
-    try:
-        obs = queries.observe(client, scope)
-    except HeartbeatError as exc:
-        raise JudgeUnavailable(str(exc)) from exc
-    judgement = judge(obs, scope, Thresholds(alpha=alpha, min_samples=min_samples))
-    click.echo(report.to_json(judgement) if output == "json" else report.table(judgement))
-    if plot is not None:
-        from .judge.plot import write_plot
-
-        try:
-            write_plot(plot, judgement, obs, queries.timeline(client, scope))
-        except HeartbeatError as exc:
-            raise JudgeUnavailable(str(exc)) from exc
-    sys.exit(judgement.exit_code)
+    cli.add_command(canary_judge)
+    cli.add_command(service_rules)
 
 
-def _duration_flag(flag: str, value: str) -> float:
-    try:
-        seconds = config.parse_duration(value)
-    except ValueError:
-        seconds = 0.0
-    if seconds <= 0:
-        raise BadInput(f"{flag}: expected a duration like 30s, 5m or 1h, got {value!r}")
-    return seconds
-
-
-def _time_flag(value: str | None) -> float:
-    if value is None:
-        return time.time()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(seconds) and seconds > 0:
-            return seconds
-        raise BadInput(f"--at: expected a positive Unix time, got {value!r}")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadInput(
-            f"--at: expected RFC 3339 (2026-11-22T10:00:00Z) or Unix seconds, got {value!r}"
-        ) from None
-    if parsed.tzinfo is None:
-        raise BadInput(f"--at: {value!r} has no time zone (add Z for UTC)")
-    return parsed.timestamp()
+_register()
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -190,14 +190,14 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def read_file(path: Path) -> dict[str, Any]:
-    """Parse a YAML or JSON config file into a mapping."""
+def read_file(path: Path, what: str = "config file", keys: str = "configuration") -> dict[str, Any]:
+    """Parse a YAML or JSON file into a mapping; errors call it `what`, its keys `keys`."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: config file is not UTF-8 text") from exc
+        raise ConfigError(f"{path}: {what} is not UTF-8 text") from exc
     try:
         document = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
@@ -213,8 +213,7 @@ def read_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(document, dict):
         raise ConfigError(
-            f"{path}: expected a mapping of configuration keys at the top level, "
-            f"got {_kind(document)}"
+            f"{path}: expected a mapping of {keys} keys at the top level, got {_kind(document)}"
         )
     return document
 
@@ -248,6 +247,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         path = [*error.absolute_path, unknown[0]] if unknown else list(error.absolute_path)
         hint = f" (expected one of: {', '.join(sorted(known))})" if known else ""
         return f"{_key_path(path)}: unknown key{hint}"
+    if error.validator == "required" and isinstance(error.instance, dict):
+        required: list[str] = list(node.get("required", []))
+        missing = [k for k in required if k not in error.instance]
+        return f"{_key_path([*error.absolute_path, missing[0]])}: required, but missing"
     if "propertyNames" in error.schema_path:
         expected = node.get("x-expected", "a valid key")
         return f"{_key_path([*error.absolute_path, error.instance])}: expected {expected}"
@@ -269,9 +272,12 @@ def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def validate(document: dict[str, Any], source: str = "") -> None:
-    """Validate against the schema; raise ConfigError naming the first problem."""
-    validator = jsonschema.Draft202012Validator(schema())
+def validate(
+    document: dict[str, Any], source: str = "", against: dict[str, Any] | None = None
+) -> None:
+    """Validate against the schema (the config's unless given); raise ConfigError naming the
+    first problem."""
+    validator = jsonschema.Draft202012Validator(against or schema())
     errors = sorted(
         validator.iter_errors(document),
         key=lambda e: ([str(p) for p in e.absolute_path], str(e.validator)),

@@ -13,11 +13,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..errors import HeartbeatError
+from ..promql import LABEL_NAME, bad_matcher, quote
 from .prometheus import PrometheusClient
 
-LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-# A rough check for `name op "value"` matchers; Prometheus itself has the final word.
-_MATCHER = re.compile(r'^\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*$')
 PLOT_POINTS = 120  # range-query steps across the window for the plot and the gauges
 
 
@@ -59,11 +57,9 @@ def parse_selector(text: str) -> str:
         inner = inner[1:-1].strip()
     if not inner:
         return ""
-    for matcher in _split_matchers(inner):
-        if not _MATCHER.match(matcher):
-            raise SelectorError(
-                f'--selector: {matcher.strip()!r} is not a label matcher like name="value"'
-            )
+    bad = bad_matcher(inner)
+    if bad is not None:
+        raise SelectorError(f'--selector: {bad!r} is not a label matcher like name="value"')
     return inner
 
 
@@ -71,25 +67,6 @@ def check_label_name(flag: str, name: str) -> str:
     if not LABEL_NAME.match(name):
         raise SelectorError(f"{flag}: {name!r} is not a Prometheus label name")
     return name
-
-
-def _split_matchers(inner: str) -> list[str]:
-    parts, current, quoted, escaped = [], "", False, False
-    for ch in inner:
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            parts.append(current)
-            current = ""
-            continue
-        current += ch
-    if current.strip():
-        parts.append(current)
-    return parts
 
 
 def _duration(seconds: float) -> str:
@@ -117,9 +94,7 @@ def _by_model(expr: str, scope: Scope, by: str) -> str:
 
 
 def _buckets(scope: Scope) -> str:
-    return (
-        f"trt_heartbeat_probe_duration_seconds_bucket{scope.matchers('phase=' + _q(scope.phase))}"
-    )
+    return f"trt_heartbeat_probe_duration_seconds_bucket{scope.matchers('phase=' + quote(scope.phase))}"
 
 
 def latency_buckets(scope: Scope) -> str:
@@ -150,10 +125,6 @@ def quantile_over_time(q: float, scope: Scope, step: float) -> str:
         f"histogram_quantile({q:g}, sum by ({scope.track_label}, le) "
         f"(rate({series}[{rate_window}])))"
     )
-
-
-def _q(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # --- what comes back --------------------------------------------------------------------------

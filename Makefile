@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager
 
-.PHONY: run test lint bench deps system-deps clean
+.PHONY: run test lint bench deps system-deps clean rules
 
 # Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s").
 run: $(VENV)/.installed
@@ -22,6 +22,12 @@ lint: deps
 bench: deps
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_soak.py
+
+# The rollout guard's rules are generated from the service sources (tests keep them equal).
+rules: $(VENV)/.installed
+	$(VENV)/bin/trt-heartbeat-exporter service-rules > rules/service-sources.rules.yml
+	$(VENV)/bin/trt-heartbeat-exporter service-rules --canary > rules/service-canary.rules.yml
+	$(PY) deploy/generate.py
 
 deps: system-deps $(VENV)/.installed
 

@@ -116,6 +116,13 @@ def test_amtool_check_config() -> None:
          "release,tickets"),
         ({"alertname": "TrtHeartbeatStale", "severity": "critical", "track": "stable"}, "pager"),
         ({"alertname": "SomethingElse"}, "tickets"),
+        ({"alertname": "TrtHeartbeatServiceCanaryErrorRatioHigh", "severity": "critical",
+          "action": "pause-rollout", "role": "canary", "service": "inference", "track": "v2"},
+         "rollout-pause,release,pager"),
+        ({"alertname": "TrtHeartbeatServiceCanaryLatencyHigher", "severity": "warning",
+          "role": "canary"}, "release"),
+        ({"alertname": "TrtHeartbeatServiceCanaryInsufficientTraffic", "severity": "info",
+          "role": "canary"}, "null"),
     ],
 )  # fmt: skip
 def test_routes(labels: dict[str, str], receivers: str) -> None:

@@ -94,7 +94,8 @@ def _by_model(expr: str, scope: Scope, by: str) -> str:
 
 
 def _buckets(scope: Scope) -> str:
-    return f"trt_heartbeat_probe_duration_seconds_bucket{scope.matchers('phase=' + quote(scope.phase))}"
+    phase = "phase=" + quote(scope.phase)
+    return f"trt_heartbeat_probe_duration_seconds_bucket{scope.matchers(phase)}"
 
 
 def latency_buckets(scope: Scope) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from trt_heartbeat.judge.queries import Observations, Scope
-from trt_heartbeat.judge.verdict import Thresholds, judge
+from trt_heartbeat.judge.thresholds import DEFAULTS
+from trt_heartbeat.judge.verdict import Thresholds, judge_probes
 
 BOUNDS = [0.001, 0.0025, 0.005, math.inf]
 
@@ -20,9 +21,10 @@ def test_a_canary_whose_every_probe_timed_out_fails_instead_of_crashing() -> Non
     obs.promql = dict.fromkeys(
         ("latency", "probes", "output_deviation", "gpu_memory", "engine_load"), "q"
     )
-    result = judge(obs, Scope(1800, 0), Thresholds())
+    result = judge_probes(obs, Scope(1800, 0), Thresholds(), DEFAULTS)
     checks = {c.name: c for c in result.strata[0].checks}
     assert checks["latency"].verdict == "inconclusive"
     assert checks["latency"].canary["n"] == 0
+    assert checks["latency_tail"].verdict == "inconclusive"
     assert checks["failures"].verdict == "fail"
     assert result.verdict == "fail"

@@ -9,6 +9,9 @@ import click
 
 from ..clicommon import BadInput, duration_flag, env_name, time_flag
 from ..errors import HeartbeatError
+from ..service.source import DEFAULT as DEFAULT_SOURCE
+from ..service.source import SourceError, builtin
+from ..service.source import load as load_source
 
 
 class JudgeUnavailable(click.ClickException):
@@ -97,6 +100,42 @@ class JudgeUnavailable(click.ClickException):
     metavar="DURATION",
     help="Time each Prometheus query may take.",
 )
+@click.option(
+    "--checks",
+    type=click.Choice(["probes", "service", "all"]),
+    default=None,
+    help="What to judge: the heartbeat probes, the service's own traffic, or both. "
+    "[default: all with --service, else probes]",
+)
+@click.option(
+    "--source",
+    "source_name",
+    default=DEFAULT_SOURCE,
+    show_default=True,
+    metavar="NAME|FILE",
+    help=f"Where the service's request metrics live: {', '.join(builtin())}, or a source file.",
+)
+@click.option(
+    "--service",
+    default=None,
+    metavar="NAME",
+    help="The service to judge: the value of the source's service label "
+    "(Istio: destination_canonical_service).",
+)
+@click.option(
+    "--service-selector",
+    default="",
+    metavar="MATCHERS",
+    help="More label matchers for the service's request metrics, e.g. "
+    "'{destination_service_namespace=\"prod\"}'.",
+)
+@click.option(
+    "--min-requests",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Requests each version needs per route before the service is judged.",
+)
 def canary_judge(
     prometheus_url: str,
     window: str,
@@ -111,42 +150,83 @@ def canary_judge(
     output: str,
     plot: Path | None,
     http_timeout: str,
+    checks: str | None,
+    source_name: str,
+    service: str | None,
+    service_selector: str,
+    min_requests: int,
 ) -> None:
-    """Compare the canary track with the baseline over a window and give a verdict.
+    """Compare the canary with the baseline over a window and give one verdict.
 
-    Per GPU model: a rank test with effect size on probe latency, a dispersion test, exact rate
-    tests on failures and wrong outputs, and comparisons of output deviation, probe GPU memory
-    and engine load time. Exit code: 0 pass, 1 marginal, 2 fail, 3 inconclusive (too few probes
-    or no baseline on a GPU model); 2 also for bad flags (with one error line, no report), 4 when
-    Prometheus cannot be asked or the plot cannot be written.
+    Probes, per GPU model: a rank test with effect size on probe latency, p90/p99 ratios with
+    intervals against the rule pack's threshold, a dispersion test, exact rate tests on failures
+    and wrong outputs, and comparisons of output deviation, probe GPU memory and engine load time.
+    With --service, the service's own traffic per route: the error ratio against the rule pack's
+    bound and the baseline, request latency (rank test and tail ratios), prediction drift and
+    GPU memory per version. Exit code: 0 pass, 1 marginal, 2 fail, 3 inconclusive (too few probes
+    or requests, no baseline); 2 also for bad flags or a --service that matches nothing (with one
+    error line, no report), 4 when Prometheus cannot be asked or the plot cannot be written.
     """
-    from . import prometheus, queries, report
-    from .verdict import Thresholds, judge
+    from . import prometheus, queries, report, thresholds
+    from . import service as traffic
+    from .verdict import Judgement, Part, Thresholds, judge_probes, limit_names
 
     window_s = duration_flag("--window", window)
     timeout_s = duration_flag("--timeout", http_timeout)
     at = time_flag(at_time)
+    checks = checks or ("all" if service else "probes")
     if plot is not None and not plot.resolve().parent.is_dir():
         raise BadInput(f"--plot: directory {str(plot.parent)!r} does not exist")
+    if checks != "probes" and not service:
+        raise BadInput(f"--checks {checks}: name the service with --service")
     try:
         scope = queries.Scope(
             window_s, at, queries.parse_selector(selector),
             queries.check_label_name("--track-label", track_label), canary, baseline, phase,
         )  # fmt: skip
         client = prometheus.PrometheusClient(prometheus_url, timeout_s)
+        extra = queries.parse_selector(service_selector, "--service-selector")
     except HeartbeatError as exc:
         raise BadInput(str(exc)) from exc
+    try:
+        source = load_source(source_name)
+    except SourceError as exc:
+        raise BadInput(f"--source: {exc}") from exc
     if canary == baseline:
         raise BadInput("--canary and --baseline must name different tracks")
+    ctx = click.get_current_context()
+    # The service's versions are found by traffic unless the tracks were named.
+    named = {p: ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
+             for p in ("canary", "baseline")}  # fmt: skip
     try:
-        obs = queries.observe(client, scope)
+        limits, limits_from = thresholds.read(client, at)
+        parts, obs = [], None
+        if checks in ("probes", "all"):
+            obs = queries.observe(client, scope)
+            t = Thresholds(alpha=alpha, min_samples=min_samples)
+            parts.append(judge_probes(obs, scope, t, limits))
+        if checks in ("service", "all") and service:
+            sscope = traffic.ServiceScope(
+                source, service, window_s, at, extra, canary if named["canary"] else None,
+                baseline if named["baseline"] else None, min_requests,
+            )  # fmt: skip
+            sobs = traffic.observe(client, sscope)
+            strata, why = traffic.judge(sobs, sscope, limits, alpha)
+            details = {"source": source.origin, "service": service, "canary": sobs.canary,
+                       "baseline": sobs.baseline, "requests": sobs.traffic}  # fmt: skip
+            parts.append(Part("service", strata, why, [], details))
+    except traffic.NoServiceSeries as exc:
+        raise BadInput(str(exc)) from exc
     except HeartbeatError as exc:
         raise JudgeUnavailable(str(exc)) from exc
-    judgement = judge(obs, scope, Thresholds(alpha=alpha, min_samples=min_samples))
+    judgement = Judgement(scope, Thresholds(alpha=alpha, min_samples=min_samples), parts,
+                          limit_names(limits), limits_from)  # fmt: skip
     click.echo(report.to_json(judgement) if output == "json" else report.table(judgement))
     if plot is not None:
         from .plot import write_plot
 
+        if obs is None:
+            raise BadInput("--plot draws the probes' latency: use it with --checks probes or all")
         try:
             write_plot(plot, judgement, obs, queries.timeline(client, scope))
         except HeartbeatError as exc:

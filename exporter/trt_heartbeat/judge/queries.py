@@ -45,21 +45,21 @@ class Scope:
 
     @property
     def range(self) -> str:
-        return f"[{_duration(self.window)}]"
+        return f"[{duration(self.window)}]"
 
 
-def parse_selector(text: str) -> str:
+def parse_selector(text: str, flag: str = "--selector") -> str:
     """`{a="b", c=~"d"}` or `a="b", c=~"d"` to the inner matchers; one clear error if malformed."""
     inner = text.strip()
     if inner.startswith("{"):
         if not inner.endswith("}"):
-            raise SelectorError(f"--selector: missing closing brace in {text!r}")
+            raise SelectorError(f"{flag}: missing closing brace in {text!r}")
         inner = inner[1:-1].strip()
     if not inner:
         return ""
     bad = bad_matcher(inner)
     if bad is not None:
-        raise SelectorError(f'--selector: {bad!r} is not a label matcher like name="value"')
+        raise SelectorError(f'{flag}: {bad!r} is not a label matcher like name="value"')
     return inner
 
 
@@ -69,7 +69,7 @@ def check_label_name(flag: str, name: str) -> str:
     return name
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{int(seconds)}s" if seconds == int(seconds) else f"{int(seconds * 1000)}ms"
 
 
@@ -121,7 +121,7 @@ def gauge_samples(metric: str, scope: Scope) -> str:
 
 def quantile_over_time(q: float, scope: Scope, step: float) -> str:
     series = _buckets(scope)
-    rate_window = _duration(max(60.0, 4 * step))
+    rate_window = duration(max(60.0, 4 * step))
     return (
         f"histogram_quantile({q:g}, sum by ({scope.track_label}, le) "
         f"(rate({series}[{rate_window}])))"

@@ -8,7 +8,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from .verdict import Check, Judgement
+from .verdict import Check, Judgement, Part
 
 WHAT_NEXT = {
     "pass": "promote",
@@ -71,33 +71,50 @@ def table(j: Judgement) -> str:
     s = j.scope
     lines = [
         f"canary-judge: {j.verdict.upper()} ({WHAT_NEXT[j.verdict]})",
-        f"  {s.track_label}={s.canary!r} against {s.track_label}={s.baseline!r}, window "
-        f"{duration_text(s.window)} ending {when(s.at)}, selector {{{s.selector}}}",
+        f"  window {duration_text(s.window)} ending {when(s.at)}; thresholds: {j.limits_from}",
     ]
-    if j.unjudged:
-        lines.append(f"  {j.unjudged}")
-    header = ("GPU model", "check", "verdict", "canary", "baseline", "statistic", "why")
-    rows = [
-        (st.gpu_model, c.name, c.verdict, _side(c.canary), _side(c.baseline), _stat(c), c.reason)
-        for st in j.strata
-        for c in st.checks
-    ]
+    header = ("stratum", "check", "verdict", "canary", "baseline", "statistic", "why")
+    rows = []
+    for part in j.parts:
+        lines.append(f"  {part.name}: {_part_scope(part, j)}")
+        if part.unjudged:
+            lines.append(f"  {part.name}: {part.unjudged}")
+        rows += [(st.gpu_model, c.name, c.verdict, _side(c.canary), _side(c.baseline), _stat(c),
+                  c.reason) for st in part.strata for c in st.checks]  # fmt: skip
     if rows:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
         lines.append("")
         for row in [header, *rows]:
             cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
             lines.append("  ".join([*cells, row[-1]]).rstrip())
-    for note in j.notes:
-        lines.append(f"note: {note}")
+    for part in j.parts:
+        lines.extend(f"note: {note}" for note in part.notes)
     lines.append("")
     lines.append("Thresholds and PromQL of every check: --output json.")
     return "\n".join(lines)
 
 
+def _part_scope(part: Part, j: Judgement) -> str:
+    s = j.scope
+    if part.name == "probes":
+        return (f"{s.track_label}={s.canary!r} against {s.track_label}={s.baseline!r}, "
+                f"selector {{{s.selector}}}")  # fmt: skip
+    d = part.details
+    return (f"service {d.get('service')!r} ({d.get('source')}): version "
+            f"{d.get('canary') or '-'!r} against {d.get('baseline')!r}")  # fmt: skip
+
+
+def _strata(part: Part, key: str) -> list[dict[str, Any]]:
+    return [{key: st.gpu_model, "verdict": st.verdict,
+             "checks": [dataclasses.asdict(c) for c in st.checks]}
+            for st in part.strata]  # fmt: skip
+
+
 def document(j: Judgement) -> dict[str, Any]:
     s = j.scope
-    return {
+    parts = {p.name: p for p in j.parts}
+    probes = parts.get("probes")
+    out: dict[str, Any] = {
         "verdict": j.verdict,
         "exit_code": j.exit_code,
         "next": WHAT_NEXT[j.verdict],
@@ -108,17 +125,18 @@ def document(j: Judgement) -> dict[str, Any]:
         "canary": s.canary,
         "baseline": s.baseline,
         "thresholds": dataclasses.asdict(j.thresholds),
-        "unjudged": j.unjudged or None,
-        "notes": j.notes,
-        "strata": [
-            {
-                "gpu_model": st.gpu_model,
-                "verdict": st.verdict,
-                "checks": [dataclasses.asdict(c) for c in st.checks],
-            }
-            for st in j.strata
-        ],
+        "rule_pack_thresholds": j.limits,
+        "rule_pack_thresholds_from": j.limits_from,
+        "unjudged": (probes.unjudged or None) if probes else "probes not judged (--checks)",
+        "notes": probes.notes if probes else [],
+        "strata": _strata(probes, "gpu_model") if probes else [],
     }
+    service = parts.get("service")
+    if service is not None:
+        out["service"] = {**service.details, "verdict": service.verdict,
+                          "unjudged": service.unjudged or None, "notes": service.notes,
+                          "strata": _strata(service, "route")}  # fmt: skip
+    return out
 
 
 def to_json(j: Judgement) -> str:

@@ -192,3 +192,144 @@ def median(values: Sequence[float]) -> float:
         return math.nan
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided p-value that the canary's rate (k1/n1) exceeds the baseline's (pooled z-test).
+
+    Request counts are large where it matters; with no event at all there is no evidence.
+    """
+    if n1 <= 0 or n2 <= 0 or k1 + k2 == 0:
+        return 1.0
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0
+    return upper_normal_tail((k1 / n1 - k2 / n2) / se)
+
+
+@dataclass(frozen=True)
+class HomogeneityTest:
+    """Chi-square test that two tracks share one categorical distribution (classes or bins)."""
+
+    statistic: float
+    dof: int
+    p_value: float
+    tvd: float  # total variation distance between the two shares, 0..1
+    psi: float  # population stability index: the symmetrised KL divergence, smoothed
+
+
+def homogeneity_test(canary: Sequence[float], baseline: Sequence[float]) -> HomogeneityTest:
+    n1, n2 = float(sum(canary)), float(sum(baseline))
+    if n1 <= 0 or n2 <= 0:
+        return HomogeneityTest(0.0, 0, 1.0, math.nan, math.nan)
+    total, chi2, used = n1 + n2, 0.0, 0
+    tvd = psi = 0.0
+    for c, b in zip(canary, baseline, strict=True):
+        column = c + b
+        if column <= 0:
+            continue
+        used += 1
+        for observed, row in ((c, n1), (b, n2)):
+            expected = row * column / total
+            chi2 += (observed - expected) ** 2 / expected
+        pc, pb = c / n1, b / n2
+        tvd += abs(pc - pb) / 2
+        # Smoothing keeps a class one track never saw finite (and large), as PSI practice does.
+        sc, sb = max(pc, 1e-4), max(pb, 1e-4)
+        psi += (sc - sb) * math.log(sc / sb)
+    dof = max(used - 1, 0)
+    p = chi_square_sf(chi2, dof) if dof else 1.0
+    return HomogeneityTest(chi2, dof, p, tvd, psi)
+
+
+def chi_square_sf(x: float, dof: int) -> float:
+    """P(X >= x) for a chi-square variable with `dof` degrees of freedom."""
+    if x <= 0:
+        return 1.0
+    return _upper_regularized_gamma(dof / 2, x / 2)
+
+
+def _upper_regularized_gamma(a: float, x: float) -> float:
+    """Q(a, x): a series below a + 1, Lentz's continued fraction above."""
+    log_front = a * math.log(x) - x - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        k = a
+        for _ in range(1000):
+            k += 1
+            term *= x / k
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_front) * h)
+
+
+def normal_quantile(p: float) -> float:
+    """z with P(Z >= z) = p, by bisection on the tail (precise enough for confidence bounds)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if upper_normal_tail(mid) > p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class QuantileRatio:
+    """Canary quantile / baseline quantile, with a distribution-free confidence interval."""
+
+    q: float
+    canary: float
+    baseline: float
+    ratio: float
+    low: float
+    high: float
+
+
+def quantile_ratio(q: float, bounds: Sequence[float], canary: Sequence[float],
+                   baseline: Sequence[float], alpha: float) -> QuantileRatio:  # fmt: skip
+    """The q-quantile ratio as histogram_quantile() gives it, and an interval around it.
+
+    Each track's quantile gets an order-statistic interval: the true q-quantile lies between the
+    sample quantiles at q -/+ z*sqrt(q(1-q)/n) (binomial count of observations below it), read
+    from the buckets with Prometheus' interpolation. The ratio's interval combines the extremes,
+    each side at alpha/2, so it is conservative; the point estimate always lies inside it.
+    """
+    z = normal_quantile(alpha / 4)
+    values = []
+    for bins in (canary, baseline):
+        cumulative, running = [], 0.0
+        for count in bins:
+            running += count
+            cumulative.append(running)
+        n = running
+        spread = z * math.sqrt(q * (1 - q) / n) if n > 0 else 0.0
+        values.append([bucket_quantile(min(max(p, 1e-9), 1.0), bounds, cumulative)
+                       for p in (q - spread, q, q + spread)])  # fmt: skip
+    (c_lo, c, c_hi), (b_lo, b, b_hi) = values
+
+    def div(a: float, b: float) -> float:
+        if math.isnan(a) or math.isnan(b):
+            return math.nan
+        return a / b if b > 0 else math.inf
+
+    return QuantileRatio(q, c, b, div(c, b), div(c_lo, b_hi), div(c_hi, b_lo))

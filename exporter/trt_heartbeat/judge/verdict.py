@@ -13,6 +13,7 @@ from typing import Any
 
 from . import stats
 from .queries import Observations, Scope
+from .thresholds import Key
 
 PASS, MARGINAL, FAIL, INCONCLUSIVE, SKIPPED = "pass", "marginal", "fail", "inconclusive", "skipped"
 SEVERITY = {SKIPPED: -1, PASS: 0, INCONCLUSIVE: 1, MARGINAL: 2, FAIL: 3}
@@ -65,12 +66,14 @@ class Stratum:
 
 
 @dataclass(frozen=True)
-class Judgement:
-    scope: Scope
-    thresholds: Thresholds
+class Part:
+    """One kind of evidence (the probes, or the service's traffic) and its strata."""
+
+    name: str
     strata: list[Stratum]
-    notes: list[str] = field(default_factory=list)
     unjudged: str = ""  # why nothing could be compared, if so
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -78,9 +81,28 @@ class Judgement:
             return INCONCLUSIVE
         return worst(s.verdict for s in self.strata)
 
+
+@dataclass(frozen=True)
+class Judgement:
+    scope: Scope
+    thresholds: Thresholds
+    parts: list[Part]
+    limits: dict[str, float] = field(default_factory=dict)  # the rule pack's, by name
+    limits_from: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return worst(p.verdict for p in self.parts)
+
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.verdict]
+
+
+def limit_names(limits: dict[Key, float]) -> dict[str, float]:
+    """`name` or `name{statistic="p99"}`, as the rule pack's series are written."""
+    return {name + (f'{{statistic="{stat}"}}' if stat else ""): value
+            for (name, stat), value in sorted(limits.items())}  # fmt: skip
 
 
 def worst(verdicts: Any) -> str:
@@ -88,7 +110,8 @@ def worst(verdicts: Any) -> str:
     return max(found, key=SEVERITY.__getitem__) if found else INCONCLUSIVE
 
 
-def judge(obs: Observations, scope: Scope, thresholds: Thresholds) -> Judgement:
+def judge_probes(obs: Observations, scope: Scope, thresholds: Thresholds,
+                 limits: dict[Key, float]) -> Part:  # fmt: skip
     canary, baseline = scope.tracks
     models = sorted(obs.models())
     judged = [m for m in models if _has(obs, m, canary) and _has(obs, m, baseline)]
@@ -98,38 +121,41 @@ def judge(obs: Observations, scope: Scope, thresholds: Thresholds) -> Judgement:
             notes.append(f"{m}: only the baseline runs on this GPU model; not compared")
     if not any(_has(obs, m, canary) for m in models):
         why = f"no probes of track {canary!r} matched the selector in the window"
-        return Judgement(scope, thresholds, [], notes, why)
+        return Part("probes", [], why, notes)
     alpha = thresholds.alpha / max(1, len(judged))
     strata = []
     for m in models:
         if m in judged:
-            strata.append(Stratum(m, _checks(obs, m, scope, thresholds, alpha)))
+            strata.append(Stratum(m, _checks(obs, m, scope, thresholds, alpha, limits)))
         elif _has(obs, m, canary):
             strata.append(Stratum(m, [Check(
                 "baseline", "-", INCONCLUSIVE,
                 f"no {baseline!r} probes on this GPU model to compare with",
                 {}, {}, {}, "a baseline on the same GPU model", obs.promql.get("probes", ""),
             )]))  # fmt: skip
-    return Judgement(scope, thresholds, strata, notes)
+    return Part("probes", strata, "", notes)
 
 
 def _has(obs: Observations, model: str, track: str) -> bool:
     return sum(obs.results.get((model, track), {}).values()) > 0
 
 
-def _checks(obs: Observations, model: str, scope: Scope, t: Thresholds,
-            alpha: float) -> list[Check]:  # fmt: skip
+def _checks(obs: Observations, model: str, scope: Scope, t: Thresholds, alpha: float,
+            limits: dict[Key, float]) -> list[Check]:  # fmt: skip
     c, b = (model, scope.canary), (model, scope.baseline)
+    n1, n2 = _latency_summary(obs, c)["n"], _latency_summary(obs, b)["n"]
     return [
         _latency(obs, c, b, t, alpha),
+        tail_check(obs.bounds, obs.bins(c), obs.bins(b), limits[("canary_latency_ratio", "")],
+                   alpha, _enough(t, n1, n2), _too_few(t, n1, n2), obs.promql["latency"]),
         _dispersion(obs, c, b, t, alpha),
         _rate(obs, c, b, t, alpha, "failures", FAILURE_RESULTS),
         _rate(obs, c, b, t, alpha, "mismatches", ("mismatch",)),
         _deviation(obs, c, b, t, alpha),
-        _ratio(obs.memory, c, b, "gpu_memory", t.memory_marginal, t.memory_fail, t.memory_floor,
-               "bytes", obs.promql["gpu_memory"]),
-        _ratio(obs.engine_load, c, b, "engine_load", t.load_marginal, t.load_fail, t.load_floor,
-               "seconds", obs.promql["engine_load"]),
+        ratio_check(obs.memory, c, b, "gpu_memory", t.memory_marginal, t.memory_fail,
+                    t.memory_floor, "bytes", obs.promql["gpu_memory"]),
+        ratio_check(obs.engine_load, c, b, "engine_load", t.load_marginal, t.load_fail,
+                    t.load_floor, "seconds", obs.promql["engine_load"]),
     ]  # fmt: skip
 
 
@@ -149,10 +175,14 @@ def _enough(t: Thresholds, *counts: float) -> bool:
     return all(n >= t.min_samples for n in counts)
 
 
-def _graded(effect: float, p: float, alpha: float, marginal: float, fail: float) -> str:
-    if p < alpha and effect >= fail:
+def graded(effect: float, p: float, alpha: float, marginal: float, fail: float,
+           strict: bool = False) -> str:  # fmt: skip
+    """Significant and large: fail; significant and medium: marginal (strict: above, not at)."""
+    if p >= alpha:
+        return PASS
+    if effect > fail or (not strict and effect == fail):
         return FAIL
-    if p < alpha and effect >= marginal:
+    if effect > marginal or (not strict and effect == marginal):
         return MARGINAL
     return PASS
 
@@ -166,7 +196,7 @@ def _latency(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thres
     if not _enough(t, cs["n"], bs["n"]):
         verdict, reason = INCONCLUSIVE, _too_few(t, cs["n"], bs["n"])
     else:
-        verdict = _graded(test.effect, test.p_value, alpha, t.latency_marginal, t.latency_fail)
+        verdict = graded(test.effect, test.p_value, alpha, t.latency_marginal, t.latency_fail)
         ratio = _ratio_text(cs["p50_seconds"], bs["p50_seconds"])
         reason = (f"canary slower than baseline in {test.effect:.0%} of probe pairs "
                   f"(p50 ratio {ratio})")  # fmt: skip
@@ -187,7 +217,7 @@ def _dispersion(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Th
     if not _enough(t, cs["n"], bs["n"]):
         verdict, reason = INCONCLUSIVE, _too_few(t, cs["n"], bs["n"])
     else:
-        verdict = _graded(test.effect, test.p_value, alpha, t.dispersion_marginal,
+        verdict = graded(test.effect, test.p_value, alpha, t.dispersion_marginal,
                           t.dispersion_fail)  # fmt: skip
         reason = (
             f"canary latency further from its median than baseline's in {test.effect:.0%} "
@@ -251,7 +281,7 @@ def _deviation(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thr
                  obs.promql["output_deviation"])  # fmt: skip
 
 
-def _ratio(values: dict[tuple[str, str], list[float]], c: tuple[str, str], b: tuple[str, str],
+def ratio_check(values: dict[Any, list[float]], c: Any, b: Any,
            name: str, marginal: float, fail: float, floor: float, unit: str,
            promql: str) -> Check:  # fmt: skip
     cv, bv = values.get(c, []), values.get(b, [])
@@ -295,3 +325,31 @@ def _fmt(value: float, unit: str) -> str:
     if unit == "bytes":
         return f"{value / MiB:.0f} MiB"
     return f"{value:.3g} s"
+
+
+def tail_check(bounds: list[float], canary: list[float], baseline: list[float], limit: float,
+               alpha: float, enough: bool, too_few: str, promql: str) -> Check:  # fmt: skip
+    """p90 and p99 ratios with intervals against the rule pack's ratio limit.
+
+    Fail when the whole interval of either ratio lies above the limit, marginal when an interval
+    reaches above it, pass when both lie below. The point estimates are what the rule pack's
+    alert compares, so a window on which the alert would fire is never a pass.
+    """
+    ratios = [stats.quantile_ratio(q, bounds, canary, baseline, alpha) for q in (0.9, 0.99)]
+    side = {f"p{r.q * 100:g}_seconds": r.canary for r in ratios}
+    base = {f"p{r.q * 100:g}_seconds": r.baseline for r in ratios}
+    statistic: dict[str, Any] = {f"p{r.q * 100:g}_ratio": r.ratio for r in ratios}
+    statistic |= {f"p{r.q * 100:g}_ratio_interval": [r.low, r.high] for r in ratios}
+    rule = (f"fail if a p90/p99 ratio's interval lies above {limit:g}; marginal if it reaches "
+            f"above {limit:g}")  # fmt: skip
+    if not enough:
+        verdict, reason = INCONCLUSIVE, too_few
+    elif any(math.isnan(r.ratio) for r in ratios):
+        verdict, reason = INCONCLUSIVE, "a tail quantile lies beyond the highest bucket"
+    else:
+        worst = max(ratios, key=lambda r: (r.low > limit, r.high > limit, r.ratio))
+        verdict = FAIL if worst.low > limit else MARGINAL if worst.high > limit else PASS
+        reason = "; ".join(f"p{r.q * 100:g} ratio {r.ratio:.2f} [{r.low:.2f}, {r.high:.2f}]"
+                           for r in ratios)  # fmt: skip
+    return Check("latency_tail", "p90/p99 ratio with order-statistic intervals on the buckets",
+                 verdict, reason, side, base, statistic, rule, promql)  # fmt: skip

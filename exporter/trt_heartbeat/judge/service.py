@@ -1,0 +1,313 @@
+"""canary-judge on the service's own traffic: requests, errors, latency, prediction drift and GPU
+memory per version, read through a source (service/source.py), compared per route (the
+source's `by` labels, e.g. Triton's model).
+
+The baseline is the version that served the most requests in the window unless --baseline names
+it; the canary is the busiest other version unless --canary names it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import HeartbeatError
+from ..promql import quote
+from ..service.source import Labels, Source
+from . import stats
+from .prometheus import PrometheusClient
+from .queries import duration
+from .thresholds import Key
+from .verdict import FAIL, INCONCLUSIVE, MARGINAL, PASS, SKIPPED, Check, Stratum, graded, tail_check
+from .verdict import ratio_check as ratio_of_medians
+
+ALL = "all requests"
+
+
+class NoServiceSeries(HeartbeatError):
+    """The service selector matched no request series: a typo, not a verdict."""
+
+
+@dataclass(frozen=True)
+class ServiceScope:
+    source: Source
+    service: str
+    window: float
+    at: float
+    selector: str = ""  # extra matchers for the source's request metrics
+    canary: str | None = None
+    baseline: str | None = None
+    min_requests: int = 1000
+
+    def requests(self, labels: Labels, selector: str, *extra: str) -> str:
+        parts = [selector.rstrip("}"), f"{labels.service}={quote(self.service)}",
+                 self.selector, *extra]  # fmt: skip
+        head, _, first = parts[0].partition("{")
+        body = ", ".join(p for p in [first, *parts[1:]] if p)
+        return f"{head}{{{body}}}"
+
+    @property
+    def range(self) -> str:
+        return f"[{duration(self.window)}]"
+
+
+Route = str  # "model=resnet" or ALL
+
+
+@dataclass
+class ServiceObservations:
+    canary: str = ""
+    baseline: str = ""
+    traffic: dict[str, float] = field(default_factory=dict)  # track -> requests
+    requests: dict[tuple[Route, str], float] = field(default_factory=dict)
+    errors: dict[tuple[Route, str], float] = field(default_factory=dict)
+    bounds: list[float] = field(default_factory=list)
+    buckets: dict[tuple[Route, str], list[float]] = field(default_factory=dict)
+    mean: dict[tuple[Route, str], float] = field(default_factory=dict)  # seconds
+    drift: dict[tuple[Route, str], dict[str, float]] = field(default_factory=dict)
+    drift_kind: str = ""  # "classes" or "scores"
+    memory: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    promql: dict[str, str] = field(default_factory=dict)
+
+    def routes(self) -> list[Route]:
+        return sorted({route for route, _ in self.requests})
+
+
+def _route(labels: dict[str, str], by: tuple[str, ...]) -> Route:
+    return ", ".join(f"{k}={labels.get(k, '')}" for k in by) if by else ALL
+
+
+def _increase(client: PrometheusClient, scope: ServiceScope, selector: str, by: str,
+              at: float) -> list[Any]:  # fmt: skip
+    return client.query(f"sum by ({by}) (increase({selector}{scope.range}))", at)
+
+
+def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservations:
+    src, lab, obs = scope.source, scope.source.labels, ServiceObservations()
+    by = ", ".join([lab.track, *lab.by])
+    requests = scope.requests(lab, src.requests.selector(), f'{lab.track}!=""')
+    obs.promql["requests"] = f"sum by ({by}) (increase({requests}{scope.range}))"
+    for s in _increase(client, scope, requests, by, scope.at):
+        track = s.labels[lab.track]
+        obs.requests[(_route(s.labels, lab.by), track)] = s.values[0][1]
+        obs.traffic[track] = obs.traffic.get(track, 0.0) + s.values[0][1]
+    if not obs.traffic:
+        raise NoServiceSeries(
+            f"--service: no {' or '.join(src.requests.metrics)} series of service "
+            f"{scope.service!r} ({lab.service}) with a {lab.track} label in the "
+            f"{duration(scope.window)} before the window's end (source {src.origin})"
+        )
+    busiest = sorted(obs.traffic, key=lambda t: -obs.traffic[t])
+    obs.baseline = scope.baseline or busiest[0]
+    others = [t for t in busiest if t != obs.baseline]
+    obs.canary = scope.canary or (others[0] if others else "")
+
+    errors = scope.requests(lab, src.errors.selector(), f'{lab.track}!=""')
+    obs.promql["errors"] = f"sum by ({by}) (increase({errors}{scope.range}))"
+    for s in _increase(client, scope, errors, by, scope.at):
+        obs.errors[(_route(s.labels, lab.by), s.labels[lab.track])] = s.values[0][1]
+
+    lat = src.latency
+    if lat.histogram:
+        buckets = scope.requests(lab, f"{lat.histogram}_bucket{{{lat.matchers}}}")
+        obs.promql["latency"] = f"sum by ({by}, le) (increase({buckets}{scope.range}))"
+        cumulative: dict[tuple[Route, str], dict[float, float]] = defaultdict(dict)
+        for s in _increase(client, scope, buckets, f"{by}, le", scope.at):
+            key = (_route(s.labels, lab.by), s.labels[lab.track])
+            cumulative[key][float(s.labels["le"]) * lat.scale] = s.values[0][1]
+        obs.bounds, obs.buckets = _bins(cumulative)
+    else:
+        per: dict[str, dict[tuple[Route, str], float]] = {}
+        for name, metric in (("sum", lat.sum), ("count", lat.count)):
+            selector = scope.requests(lab, f"{metric}{{{lat.matchers}}}")
+            obs.promql[f"latency_{name}"] = f"sum by ({by}) (increase({selector}{scope.range}))"
+            per[name] = {(_route(s.labels, lab.by), s.labels[lab.track]): s.values[0][1]
+                         for s in _increase(client, scope, selector, by, scope.at)}  # fmt: skip
+        obs.mean = {k: v * lat.scale / per["count"][k] for k, v in per["sum"].items()
+                    if per["count"].get(k, 0) > 0}  # fmt: skip
+    _observe_pods(client, scope, obs)
+    return obs
+
+
+def _observe_pods(client: PrometheusClient, scope: ServiceScope, obs: ServiceObservations) -> None:
+    src, pods = scope.source, scope.source.pods
+    if pods is None:
+        return
+    pl = pods.labels
+    in_service = f'{pl.service}={quote(scope.service)}, {pl.track}!=""'
+    drift = src.drift
+    if drift is not None:
+        by = ", ".join([pl.track, *drift.by])
+        if drift.classes:
+            obs.drift_kind, selector, label = "classes", f"{drift.classes}{{{in_service}}}", "class"
+        else:
+            selector, label = f"{drift.scores}_bucket{{{in_service}}}", "le"
+            obs.drift_kind = "scores"
+        obs.promql["drift"] = f"sum by ({by}, {label}) (increase({selector}{scope.range}))"
+        for s in _increase(client, scope, selector, f"{by}, {label}", scope.at):
+            key = (_route(s.labels, drift.by), s.labels[pl.track])
+            obs.drift.setdefault(key, {})[s.labels.get(label, "")] = s.values[0][1]
+    if pods.gpu_memory:
+        expr = f"max_over_time({pods.gpu_memory}{{{in_service}}}{scope.range})"
+        obs.promql["gpu_memory"] = expr
+        for s in client.query(expr, scope.at):
+            obs.memory.setdefault((ALL, s.labels[pl.track]), []).append(s.values[0][1])
+
+
+def _bins(cumulative: dict[Any, dict[float, float]]) -> tuple[list[float], dict[Any, list[float]]]:
+    """Cumulative buckets per key to counts per bin over one common, sorted set of bounds."""
+    bounds = sorted({le for per in cumulative.values() for le in per})
+    out = {}
+    for key, per in cumulative.items():
+        running, bins = 0.0, []
+        for le in bounds:
+            value = max(running, float(round(per.get(le, running))))
+            bins.append(value - running)
+            running = value
+        out[key] = bins
+    return bounds, out
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def judge(obs: ServiceObservations, scope: ServiceScope, limits: dict[Key, float],
+          alpha: float) -> tuple[list[Stratum], str]:  # fmt: skip
+    """Strata per route (and one for the pods' GPU memory), or why nothing could be compared."""
+    if not obs.canary:
+        return [], (f"service {scope.service!r} has one version only ({obs.baseline}): "
+                    "no canary to compare")  # fmt: skip
+    if obs.traffic.get(obs.canary, 0) <= 0:
+        return [], f"version {obs.canary!r} of service {scope.service!r} served no requests"
+    routes = obs.routes()
+    alpha = alpha / max(1, len(routes))
+    strata = []
+    for route in routes:
+        c, b = (route, obs.canary), (route, obs.baseline)
+        n1, n2 = obs.requests.get(c, 0.0), obs.requests.get(b, 0.0)
+        enough = min(n1, n2) >= scope.min_requests
+        checks = [_errors(obs, c, b, limits, alpha, scope.min_requests)]
+        checks += _latency(obs, c, b, limits, alpha, enough, scope.min_requests)
+        checks.append(_drift(obs, c, b, limits, alpha, scope))
+        strata.append(Stratum(f"{scope.service}: {route}", checks))
+    if obs.memory:
+        strata.append(Stratum(f"{scope.service}: GPUs", [ratio_of_medians(
+            obs.memory, (ALL, obs.canary), (ALL, obs.baseline), "gpu_memory",
+            limits[("service_canary_gpu_memory_ratio", "")], 1.5, 32 * 2**20, "bytes",
+            obs.promql.get("gpu_memory", ""))]))  # fmt: skip
+    return strata, ""
+
+
+def _too_few(n1: float, n2: float, least: int) -> str:
+    return (f"too few requests to judge: canary {int(n1)}, baseline {int(n2)} "
+            f"(--min-requests {least})")  # fmt: skip
+
+
+def _errors(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
+            least: int) -> Check:  # fmt: skip
+    n1, n2 = round(obs.requests.get(c, 0.0)), round(obs.requests.get(b, 0.0))
+    k1, k2 = round(obs.errors.get(c, 0.0)), round(obs.errors.get(b, 0.0))
+    bound = limits[("service_canary_error_ratio", "")]
+    p = stats.two_proportion_test(k1, n1, k2, n2)
+    r1, r2 = (k1 / n1 if n1 else math.nan), (k2 / n2 if n2 else math.nan)
+    rule = (f"fail if the canary's error ratio > {bound:g} (whatever the baseline's); "
+            f"marginal if higher than the baseline's with p < {alpha:.3g}")  # fmt: skip
+    if n1 < least or n2 < least:
+        verdict, reason = INCONCLUSIVE, _too_few(n1, n2, least)
+    else:
+        verdict = FAIL if r1 > bound else MARGINAL if p < alpha else PASS
+        reason = f"{k1} of {n1} canary requests failed ({r1:.2%}) vs {k2} of {n2} ({r2:.2%})"
+    return Check("errors", "error ratio bound, and two-proportion z-test (one-sided)", verdict,
+                 reason, {"errors": k1, "n": n1, "ratio": r1}, {"errors": k2, "n": n2,
+                 "ratio": r2}, {"p_value": p, "bound": bound}, rule,
+                 obs.promql["errors"])  # fmt: skip
+
+
+def _latency(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
+             enough: bool, least: int) -> list[Check]:  # fmt: skip
+    n1, n2 = obs.requests.get(c, 0.0), obs.requests.get(b, 0.0)
+    if not obs.bounds:  # a sum/count source: the mean is all there is
+        cm, bm = obs.mean.get(c, math.nan), obs.mean.get(b, math.nan)
+        limit = limits[("service_canary_latency_ratio", "mean")]
+        ratio = cm / bm if bm > 0 else math.nan
+        if not enough:
+            verdict, reason = INCONCLUSIVE, _too_few(n1, n2, least)
+        else:
+            verdict = FAIL if ratio > limit else PASS
+            reason = f"mean {cm * 1e3:.3g} ms vs {bm * 1e3:.3g} ms (ratio {ratio:.2f})"
+        return [Check("latency", "ratio of mean latencies (the source has no histogram)",
+                      verdict, reason, {"mean_seconds": cm}, {"mean_seconds": bm},
+                      {"ratio": ratio}, f"fail if canary/baseline mean > {limit:g}",
+                      obs.promql.get("latency_sum", ""))]  # fmt: skip
+    zero = [0.0] * len(obs.bounds)
+    cb, bb = obs.buckets.get(c, zero), obs.buckets.get(b, zero)
+    test = stats.rank_test_binned(cb, bb)
+    p50 = stats.quantile_ratio(0.5, obs.bounds, cb, bb, alpha)
+    a_marginal, a_fail = 0.56, 0.64
+    rule = (f"fail if p < {alpha:.3g} and A >= {a_fail}; marginal if p < {alpha:.3g} and "
+            f"A >= {a_marginal}")  # fmt: skip
+    if not enough:
+        verdict, reason = INCONCLUSIVE, _too_few(n1, n2, least)
+    else:
+        verdict = graded(test.effect, test.p_value, alpha, a_marginal, a_fail)
+        reason = (f"canary slower than baseline in {test.effect:.0%} of request pairs "
+                  f"(p50 ratio {p50.ratio:.2f})")  # fmt: skip
+    rank = Check("latency", "Mann-Whitney U, one-sided, on histogram bins", verdict, reason,
+                 {"n": int(n1), "p50_seconds": p50.canary}, {"n": int(n2),
+                 "p50_seconds": p50.baseline}, {"u": test.u, "effect_a": test.effect,
+                 "p_value": test.p_value}, rule, obs.promql["latency"])  # fmt: skip
+    limit = limits[("service_canary_latency_ratio", "p99")]
+    tail = tail_check(obs.bounds, cb, bb, limit, alpha, enough, _too_few(n1, n2, least),
+                      obs.promql["latency"])  # fmt: skip
+    return [rank, tail]
+
+
+def _drift(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
+           scope: ServiceScope) -> Check:  # fmt: skip
+    cd, bd = obs.drift.get(c), obs.drift.get(b)
+    promql = obs.promql.get("drift", "")
+    if cd is None and bd is None:
+        return Check("prediction_drift", "-", SKIPPED, "no prediction metrics on either version",
+                     {}, {}, {}, "-", promql)  # fmt: skip
+    cd, bd = cd or {}, bd or {}
+    if obs.drift_kind == "scores":
+        keys = sorted({*cd, *bd}, key=float)
+        cc, bc = _bins({0: {float(k): cd.get(k, 0.0) for k in keys},
+                        1: {float(k): bd.get(k, 0.0) for k in keys}})[1].values()  # fmt: skip
+        statistic_name = "ks"
+    else:
+        keys = sorted({*cd, *bd})
+        cc, bc = [cd.get(k, 0.0) for k in keys], [bd.get(k, 0.0) for k in keys]
+        statistic_name = "tvd"
+    test = stats.homogeneity_test(cc, bc)
+    effect = _ks(cc, bc) if statistic_name == "ks" else test.tvd
+    limit = limits[("service_canary_prediction_drift", statistic_name)]
+    rule = (f"fail if p < {alpha:.3g} and {statistic_name} > {limit:g}; marginal if p < "
+            f"{alpha:.3g} and {statistic_name} > {limit / 2:g}")  # fmt: skip
+    n1, n2 = sum(cc), sum(bc)
+    if min(n1, n2) < scope.min_requests:
+        verdict, reason = (
+            INCONCLUSIVE,
+            _too_few(n1, n2, scope.min_requests).replace("requests", "predictions", 1),
+        )
+    else:
+        verdict = graded(effect, test.p_value, alpha, limit / 2, limit, strict=True)
+        reason = f"{statistic_name} {effect:.3f}, PSI {test.psi:.3f} over {len(keys)} " + (
+            "score buckets" if statistic_name == "ks" else "classes"
+        )
+    return Check("prediction_drift", "chi-square homogeneity test on the counts", verdict,
+                 reason, {"n": int(n1)}, {"n": int(n2)}, {statistic_name: effect,
+                 "psi": test.psi, "chi2": test.statistic, "dof": test.dof,
+                 "p_value": test.p_value}, rule, promql)  # fmt: skip
+
+
+def _ks(canary: list[float], baseline: list[float]) -> float:
+    n1, n2 = sum(canary) or 1.0, sum(baseline) or 1.0
+    gap = running_c = running_b = 0.0
+    for c, b in zip(canary, baseline, strict=True):
+        running_c += c
+        running_b += b
+        gap = max(gap, abs(running_c / n1 - running_b / n2))
+    return gap

@@ -45,6 +45,23 @@ def variables() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def service_variables() -> list[dict[str, Any]]:
+    """Source and service of the rollout guard's rows (normalised series, any source)."""
+    out = []
+    for name, label, metric in (
+        ("source", "Service source", "service_track:service_requests:rate5m"),
+        ("service", "Service", 'service_track:service_requests:rate5m{source=~"$source"}'),
+    ):
+        out.append({
+            "name": name, "label": label, "type": "query", "datasource": DS,
+            "query": {"query": f"label_values({metric}, {name})", "refId": name},
+            "definition": f"label_values({metric}, {name})",
+            "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": 0,
+        })  # fmt: skip
+    return out
+
+
 class Panels:
     def __init__(self) -> None:
         self.panels: list[dict[str, Any]] = []
@@ -92,13 +109,14 @@ class Panels:
         self.row_height = 0
 
 
-def dashboard(uid: str, title: str, description: str, panels: Panels) -> dict[str, Any]:
+def dashboard(uid: str, title: str, description: str, panels: Panels,
+              extra_variables: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     return {
         "uid": uid, "title": title, "description": description,
         "tags": ["trt-heartbeat", "gpu", "inference"], "timezone": "utc",
         "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": True,
         "time": {"from": "now-6h", "to": "now"}, "refresh": "30s",
-        "templating": {"list": variables()},
+        "templating": {"list": variables() + (extra_variables or [])},
         "annotations": {"list": []},
         "links": [{"title": "Runbooks", "type": "link", "targetBlank": True,
                    "url": "https://github.com/trt-heartbeat-exporter/trt-heartbeat-exporter/blob/main/docs/runbooks.md"}],
@@ -356,12 +374,106 @@ def canary() -> dict[str, Any]:
         instant=True,
         fmt="table",
     )
+    service_rows(p)
     return dashboard(
         "trt-heartbeat-canary",
         "TRT heartbeat / Canary vs stable",
         "Is the canary runtime image worse than stable?",
         p,
+        service_variables(),
     )
+
+
+SVC = 'source=~"$source",service=~"$service"'
+
+
+def service_rows(p: Panels) -> None:
+    """The rollout guard: the service's own requests per version (docs/service-canary.md)."""
+    p.row("Service traffic: canary against baseline, per version (rollout guard)")
+    p.add(
+        "timeseries",
+        "Traffic split per version",
+        [
+            (
+                f"sum by (service, track) (service_track:service_requests:rate5m{{{SVC}}})",
+                "{{service}} {{track}}",
+            )
+        ],
+        w=8,
+        unit="reqps",
+        description="Requests per second per version; the baseline is the busiest.",
+    )
+    p.add(
+        "timeseries",
+        "Error ratio per version (5m) and the pause threshold",
+        [
+            (f"service_track:service_request_error:ratio_rate5m{{{SVC}}}", "{{service}} {{track}}"),
+            ("trt_heartbeat:threshold:service_canary_error_ratio", "pause above"),
+        ],
+        w=8,
+        unit="percentunit",
+        thresholds=[("green", None), ("red", 0.01)],
+        description="A canary above the line for 5m (and 1m more) fires "
+        "TrtHeartbeatServiceCanaryErrorRatioHigh, which pauses the rollout.",
+    )
+    p.add(
+        "table",
+        "Versions: baseline and canaries",
+        [
+            (f"service_track:service_baseline:info{{{SVC}}}", "baseline"),
+            (f"service_track:service_canary:info{{{SVC}}}", "canary"),
+        ],
+        w=8,
+        instant=True,
+        fmt="table",
+    )
+    p.add(
+        "timeseries",
+        "Request latency p50 and p99 per version (10m)",
+        [
+            (
+                f"service_track_route:service_request_duration_seconds:p99_rate10m{{{SVC}}}",
+                "p99 {{service}} {{track}}",
+            ),
+            (
+                f"service_track_route:service_request_duration_seconds:p50_rate10m{{{SVC}}}",
+                "p50 {{service}} {{track}}",
+            ),
+        ],
+        w=8,
+        unit="s",
+    )
+    p.add(
+        "timeseries",
+        "Canary / baseline latency, with the alert thresholds",
+        [
+            (
+                f"service_track_route:service_request_duration_seconds:canary_over_baseline{{{SVC}}}",
+                "{{service}} {{track}} {{statistic}}",
+            ),
+            ("trt_heartbeat:threshold:service_canary_latency_ratio", "threshold {{statistic}}"),
+        ],
+        w=8,
+    )
+    p.add(
+        "timeseries",
+        "Comparison possible (1 = enough requests on both versions)",
+        [(f"service_track:service_canary_comparison:sufficient{{{SVC}}}", "{{service}} {{track}}")],
+        w=8,
+        description="No line: too few requests for latency, drift or memory verdicts.",
+    )
+    p.add(
+        "timeseries",
+        "GPU memory in use per version",
+        [(f"service_track:service_gpu_memory_used_bytes:avg{{{SVC}}}", "{{service}} {{track}}")],
+        w=12,
+        unit="bytes",
+    )
+    p.add("timeseries", "Prediction drift, canary against baseline (0 same, 1 disjoint)",
+          [(f"service_track_route:model_prediction:drift_canary_vs_baseline{{{SVC}}}",
+            "{{service}} {{track}} {{model}} {{statistic}}"),
+           ("trt_heartbeat:threshold:service_canary_prediction_drift", "threshold {{statistic}}")],
+          w=12)  # fmt: skip
 
 
 DASHBOARDS = {"fleet.json": fleet, "canary.json": canary}

@@ -66,7 +66,8 @@ tests:
       - expr: service_track_route:service_request_duration_seconds:p99_rate10m
         eval_time: 20m
         exp_samples:
-          - labels: 'service_track_route:service_request_duration_seconds:p99_rate10m{{source="tf-serving",service="tf-serving",track="v2"}}'
+          - labels: 'service_track_route:service_request_duration_seconds:p99_rate10m{{
+              source="tf-serving",service="tf-serving",track="v2"}}'
             value: 0.099
 """
 
@@ -121,8 +122,8 @@ def test_an_invalid_source_file_is_one_line_and_exit_2(name: str, message: str) 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--source", "envoy"],
-         "--source: unknown source 'envoy' (built in: istio, triton; or the path of a source file)"),
+        (["--source", "envoy"], "--source: unknown source 'envoy' (built in: istio, triton; "
+                                "or the path of a source file)"),
         (["--source", "/nonexistent/source.yaml"],
          "--source: /nonexistent/source.yaml: cannot read source file: No such file or directory"),
         (["--source", "istio", "--source", "istio"],

@@ -1,0 +1,280 @@
+"""End to end, the rollout guard on the service's own traffic: a fake inference service exporting
+Istio-shaped and drift metrics (tests/e2e/fake_service.py) with two heartbeat sidecars, scraped by
+a real Prometheus with the rule pack unchanged, a real Alertmanager with the example
+configuration, and the pause webhook (rules/rollouts/pause_webhook.py) calling a stand-in kubectl.
+
+Four services, 200 req/s each with 5% on the canary (v2), except the quiet one:
+  pausing - the canary's error ratio steps from 0.2% to 1.5% after 60 s: the rollout is paused;
+  steady  - the canary fails 0.5%: nothing pauses;
+  slower  - the canary is 1.5x slower: canary-judge fails it on latency;
+  quiet   - 2 req/s in all, 0.1 req/s on the canary: canary-judge says inconclusive.
+Prints the time from the error ratio crossing 1% to the pause (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_fleet import (
+    FAKE_PYNVML,
+    Webhook,
+    _start,
+    _stop,
+    get_json,
+    service_panels,
+    start_webhook,
+)
+
+from conftest import ROOT, cli, cli_env, free_port, http_ready, require, wait_for
+
+SCRAPE = EVAL = 5.0
+STEP_AFTER = 60.0
+BASE, CANARY = 190.0, 10.0  # req/s: 5% of 200 on the canary
+CLASSES = {"cat": 0.7, "dog": 0.3}
+SERVICES = {
+    "pausing": ({"errors": 0.002}, {"errors": 0.002, "errors_after": 0.015,
+                                    "step_after": STEP_AFTER}),
+    "steady": ({"errors": 0.002}, {"errors": 0.005}),
+    "slower": ({"latency_ms": 20.0}, {"latency_ms": 30.0}),
+    "quiet": ({"rps": 1.9}, {"rps": 0.1}),
+}  # fmt: skip
+SIDECARS = ("pausing",)  # services whose pods also run the heartbeat exporter
+FAKE_KUBECTL = '#!/bin/sh\necho "$(date +%s.%N) $*" >> "{log}"\n'
+
+
+@dataclass
+class Guard:
+    prometheus: str
+    webhook: Webhook
+    kubectl_log: Path
+    work: Path
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        from urllib.parse import urlencode
+
+        return list(get_json(f"{self.prometheus}/api/v1/query?{urlencode({'query': promql})}")
+                    ["data"]["result"])  # fmt: skip
+
+    def pauses(self) -> list[tuple[float, str]]:
+        if not self.kubectl_log.exists():
+            return []
+        lines = self.kubectl_log.read_text().splitlines()
+        return [(float(t), rest) for t, _, rest in (line.partition(" ") for line in lines)]
+
+
+def _pods(work: Path) -> list[dict[str, Any]]:
+    pods = []
+    for service, (stable, canary) in SERVICES.items():
+        for version, spec, rps in (("v1", stable, BASE), ("v2", canary, CANARY)):
+            pods.append({"name": f"{service}-{version}", "service": service, "version": version,
+                         "namespace": "prod", "port": free_port(), "rps": rps,
+                         "classes": CLASSES, **spec})  # fmt: skip
+    return pods
+
+
+@pytest.fixture(scope="module")
+def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
+    work = tmp_path_factory.mktemp("service-e2e")
+    processes: list[subprocess.Popen[bytes]] = []
+    hook_server = None
+    try:
+        pods = _pods(work)
+        (work / "service.json").write_text(json.dumps({"pods": pods, "dir": str(work)}))
+        processes.append(_start([sys.executable, str(Path(__file__).parent / "fake_service.py"),
+                                 str(work / "service.json")], work / "service.log"))  # fmt: skip
+        targets = [(f"127.0.0.1:{p['port']}", p["service"], p["version"], p["name"])
+                   for p in pods]  # fmt: skip
+        for pod in (p for p in pods if p["service"] in SIDECARS):
+            env = cli_env()
+            env["PYTHONPATH"] = os.pathsep.join([str(FAKE_PYNVML), env["PYTHONPATH"]])
+            (work / "nvml.yaml").write_text("nvml: {enabled: true, interval: 1s, timeout: 500ms}\n")
+            port = free_port()
+            processes.append(_start(
+                [sys.executable, "-m", "trt_heartbeat", "serve", "--backend", "reference",
+                 "--interval", "2s", "--web.listen-address", f"127.0.0.1:{port}",
+                 "--config", str(work / "nvml.yaml")],
+                work / f"{pod['name']}-heartbeat.log", env))  # fmt: skip
+            targets.append((f"127.0.0.1:{port}", pod["service"], pod["version"],
+                            pod["name"]))  # fmt: skip
+
+        kubectl_log = work / "kubectl.log"
+        kubectl = work / "kubectl"
+        kubectl.write_text(FAKE_KUBECTL.format(log=kubectl_log))
+        kubectl.chmod(0o755)
+        hook_port, bridge_port, am_port, prom_port = (free_port() for _ in range(4))
+        hook_server, hook = start_webhook(hook_port)
+        processes.append(_start(
+            [sys.executable, str(ROOT / "rules/rollouts/pause_webhook.py"), "--listen",
+             f"127.0.0.1:{bridge_port}", "--mode", "argo", "--kubectl", str(kubectl)],
+            work / "pause-webhook.log"))  # fmt: skip
+        am_config = (
+            (ROOT / "rules/alertmanager/alertmanager.yml").read_text()
+            .replace("http://rollout-pause.monitoring.svc:8080", f"http://127.0.0.1:{bridge_port}")
+            .replace("http://alert-router.monitoring.svc:8080", f"http://127.0.0.1:{hook_port}")
+        )  # fmt: skip
+        (work / "alertmanager.yml").write_text(am_config)
+        processes.append(_start(
+            [require("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
+             f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
+             "--cluster.listen-address="], work / "alertmanager.log"))  # fmt: skip
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE:g}s", "scrape_timeout": f"{SCRAPE:g}s",
+                       "evaluation_interval": f"{EVAL:g}s"},
+            "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
+            "alerting": {"alertmanagers": [{"static_configs": [
+                {"targets": [f"127.0.0.1:{am_port}"]}]}]},
+            "scrape_configs": [{
+                "job_name": "inference",
+                # What Kubernetes discovery gives each pod, relabeled as the sidecar example's
+                # PodMonitor does: app -> service, version -> track, namespace.
+                "static_configs": [
+                    {"targets": [t], "labels": {"__meta_kubernetes_pod_label_app": app,
+                                                "__meta_kubernetes_pod_label_version": version,
+                                                "__meta_kubernetes_namespace": "prod",
+                                                "__meta_kubernetes_pod_name": name}}
+                    for t, app, version, name in targets
+                ],
+                "relabel_configs": [
+                    {"source_labels": ["__meta_kubernetes_pod_label_app"],
+                     "target_label": "service"},
+                    {"source_labels": ["__meta_kubernetes_pod_label_version"],
+                     "target_label": "track"},
+                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }],
+        }  # fmt: skip
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+        processes.append(_start(
+            [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
+             f"--storage.tsdb.path={work / 'prom-data'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))  # fmt: skip
+        prometheus = f"http://127.0.0.1:{prom_port}"
+        wait_for(lambda: http_ready(prometheus) and http_ready(f"http://127.0.0.1:{am_port}"),
+                 timeout=60, what="prometheus and alertmanager ready")  # fmt: skip
+        yield Guard(prometheus, hook, kubectl_log, work)
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        if hook_server is not None:
+            hook_server.shutdown()
+        if os.environ.get("OUT"):
+            shutil.copytree(work, Path(os.environ["OUT"]) / "service-e2e", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*-data"))  # fmt: skip
+
+
+def test_a_canary_over_1_percent_errors_pauses_the_rollout(guard: Guard) -> None:
+    wait_for(lambda: len(guard.query('up{job="inference"} == 1')) == 2 * len(SERVICES) + 2,
+             timeout=60, what="every pod scraped")  # fmt: skip
+    ratio = 'service_track:service_request_error:ratio_rate5m{service="pausing",track="v2"}'
+    times: dict[str, float] = {}
+
+    def progress() -> bool:
+        now = time.time()
+        if "crossed" not in times and guard.query(f"{ratio} > 0.01"):
+            times["crossed"] = now
+        firing = 'ALERTS{alertname="TrtHeartbeatServiceCanaryErrorRatioHigh",alertstate="firing"}'
+        if "firing" not in times and guard.query(firing):
+            times["firing"] = now
+        paused = [t for t, command in guard.pauses()
+                  if command == "argo rollouts pause pausing -n prod"]  # fmt: skip
+        if paused:
+            times["paused"] = paused[0]
+        return "paused" in times
+
+    wait_for(progress, timeout=480, what="the rollout paused")
+    step = float((guard.work / "pausing-v2.step").read_text())
+    # Only the failing canary was paused, once per notification, and on-call heard of it.
+    assert {command for _, command in guard.pauses()} == {"argo rollouts pause pausing -n prod"}
+    wait_for(lambda: "TrtHeartbeatServiceCanaryErrorRatioHigh" in
+             {a for _, a, _ in guard.webhook.alerts("/pager")}, timeout=60)  # fmt: skip
+    pages = {a for _, a, _ in guard.webhook.alerts("/pager")}
+    steady = guard.query('ALERTS{alertname="TrtHeartbeatServiceCanaryErrorRatioHigh",'
+                         'service!="pausing"}')  # fmt: skip
+    assert steady == [], "a canary at 0.5% errors is not paused"
+    assert pages <= {"TrtHeartbeatServiceCanaryErrorRatioHigh"}
+
+    stages = {"ratio over 1% in Prometheus": times["crossed"] - step,
+              "alert firing": times.get("firing", times["paused"]) - step,
+              "rollout paused (webhook -> kubectl)": times["paused"] - step}  # fmt: skip
+    # 60 s at 0.2% then 1.5%: the 5m ratio crosses 1% after 96 s of the step, then `for: 1m`,
+    # up to one evaluation interval, and the pause route's group_wait of 10 s.
+    bound = 96 + 60 + 2 * EVAL + 10 + 2 * SCRAPE
+    for name, seconds in stages.items():
+        print(f"time from the error step to {name}: {seconds:.1f} s")
+    print(f"bound: {bound:.0f} s")
+    assert stages["rollout paused (webhook -> kubectl)"] <= bound
+    assert times["paused"] - times["crossed"] <= 60 + 2 * EVAL + 10 + 2 * SCRAPE
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "service-time-to-pause.json").write_text(json.dumps(stages))
+
+
+def judge(guard: Guard, service: str, *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli("canary-judge", "--prometheus", guard.prometheus, "--service", service,
+                 "--checks", "service", "--window", "2m", "--min-requests", "500",
+                 "--output", "json", *args)  # fmt: skip
+    assert result.stderr == "", result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def _checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for s in report["service"]["strata"] for c in s["checks"]}
+
+
+def test_canary_judge_on_the_service_traffic(guard: Guard) -> None:
+    # Runs after the pause: every service has served for minutes.
+    code, report = judge(guard, "slower")
+    checks = _checks(report)
+    assert (report["service"]["canary"], report["service"]["baseline"]) == ("v2", "v1")
+    assert checks["latency"]["verdict"] == "fail", checks["latency"]
+    assert checks["errors"]["verdict"] == "pass"
+    assert checks["prediction_drift"]["verdict"] == "pass"
+    assert (code, report["verdict"]) == (2, "fail")
+
+    code, report = judge(guard, "quiet")
+    assert (code, report["verdict"]) == (3, "inconclusive")
+    assert _checks(report)["errors"]["reason"].startswith("too few requests to judge: canary ")
+
+    code, report = judge(guard, "pausing", "--window", "1m")
+    errors = _checks(report)["errors"]
+    assert errors["verdict"] == "fail" and errors["canary"]["ratio"] > 0.01
+    assert report["rule_pack_thresholds_from"].startswith("the rule pack's")
+
+    result = cli("canary-judge", "--prometheus", guard.prometheus, "--service", "nosuch",
+                 "--checks", "service")  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+    assert re.fullmatch(r"Error: --service: no istio_requests_total series of service 'nosuch' "
+                        r"\(destination_canonical_service\) .*\n", result.stderr)  # fmt: skip
+
+
+def _substitute(expr: str) -> str:
+    for name in ("cluster", "job", "instance", "gpu", "track", "source", "service"):
+        expr = expr.replace(f"${name}", ".*")
+    return expr.replace("$__rate_interval", "1m")
+
+
+def test_every_service_traffic_panel_returns_data(guard: Guard) -> None:
+    document = json.loads((ROOT / "grafana" / "canary.json").read_text())
+    panels = service_panels(document)
+    assert len(panels) >= 6
+    empty = [f"{p['title']} / {t['refId']}: {t['expr']}" for p in panels
+             for t in p.get("targets", []) if not guard.query(_substitute(t["expr"]))]  # fmt: skip
+    for variable in document["templating"]["list"]:
+        if variable["name"] in ("source", "service"):
+            match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"])
+            assert match, variable
+            if not guard.query(f"count by ({match[2]}) ({_substitute(match[1])})"):
+                empty.append(f"variable {variable['name']}")
+    assert empty == [], "queries that return no data:\n" + "\n".join(empty)

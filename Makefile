@@ -15,8 +15,8 @@ test: lint
 	$(PY) -m pytest -q
 
 lint: deps
-	$(VENV)/bin/ruff check exporter tests bench deploy grafana
-	$(VENV)/bin/ruff format --check exporter tests bench deploy grafana
+	$(VENV)/bin/ruff check exporter tests bench deploy grafana rules
+	$(VENV)/bin/ruff format --check exporter tests bench deploy grafana rules
 	$(VENV)/bin/mypy
 
 bench: deps

@@ -29,6 +29,10 @@ END = (int(time.time()) // 3600 - 2) * 3600  # a whole hour, two hours back: clo
 WINDOW = "30m"
 FAST, SLOWED = lognormal(0.0016, 0.08), lognormal(0.0016 * 1.6, 0.08)
 NOISY = lognormal(0.0016, 0.9)  # same median, far wider
+# Issue 18's case: same 2 ms median, the log spread doubled (p99 1.73x), and a canary only 5%
+# slower on many probes.
+NARROW, WIDE = lognormal(0.002, 0.25), lognormal(0.002, 0.5)
+BARELY = lognormal(0.0016 * 1.05, 0.08)
 
 
 def scenarios() -> list[Track]:
@@ -55,6 +59,10 @@ def scenarios() -> list[Track]:
         Track("newhw", "stable", "H100", FAST, targets=3),
         Track("newhw", "canary", "H100", FAST, targets=2),
         Track("newhw", "canary", "B200", FAST, targets=2),
+        Track("tail", "stable", "H100", NARROW, targets=3),
+        Track("tail", "canary", "H100", WIDE, targets=3),
+        Track("barely", "stable", "H100", FAST, targets=6),
+        Track("barely", "canary", "H100", BARELY, targets=6),
     ]
 
 
@@ -130,6 +138,27 @@ def test_a_canary_that_only_got_noisier_is_caught(prometheus: str) -> None:
     assert c["latency"]["verdict"] == "pass"  # the median did not move...
     assert c["latency_dispersion"]["verdict"] == "fail"  # ...but the spread did
     assert (code, report["verdict"]) == (2, "fail")
+
+
+def test_a_canary_with_the_same_median_and_a_doubled_spread_is_not_passed(
+    prometheus: str,
+) -> None:
+    code, report = judge(prometheus, "tail")
+    c = checks(report)
+    assert c["latency"]["verdict"] == "pass"  # the medians agree
+    tail = c["latency_tail"]
+    assert tail["statistic"]["p99_ratio"] > 1.5  # what the rule pack's alert compares
+    assert tail["verdict"] in ("fail", "marginal"), tail["reason"]
+    assert report["verdict"] != "pass" and code in (1, 2)
+
+
+def test_a_canary_5_percent_slower_on_many_probes_does_not_fail_on_the_tail(
+    prometheus: str,
+) -> None:
+    _, report = judge(prometheus, "barely")
+    assert checks(report)["latency_tail"]["verdict"] == "pass"
+    assert report["verdict"] != "fail"
+    assert report["rule_pack_thresholds"]["canary_latency_ratio"] == 1.5
 
 
 def test_a_hardware_mix_is_not_a_regression(prometheus: str) -> None:

@@ -7,9 +7,13 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trt_heartbeat.judge import stats
 from trt_heartbeat.judge.queries import Scope, SelectorError, parse_selector
+from trt_heartbeat.judge.thresholds import DEFAULTS
+from trt_heartbeat.judge.verdict import tail_check
 
 
 def brute_u(canary: list[float], baseline: list[float]) -> float:
@@ -109,3 +113,78 @@ def test_matchers_combine_selector_tracks_and_extra() -> None:
         '{phase="total", namespace="infer", track=~"canary|stable"}'
     )
     assert scope.range == "[1800s]"
+
+
+# --- the tail check, the service checks' tests ---------------------------------------------------
+
+BOUNDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, math.inf]
+LIMIT = DEFAULTS[("canary_latency_ratio", "")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 400), min_size=len(BOUNDS), max_size=len(BOUNDS)),
+    st.lists(st.integers(0, 400), min_size=len(BOUNDS), max_size=len(BOUNDS)),
+)
+def test_the_judge_never_passes_a_window_the_alert_would_fire_on(
+    canary: list[int], baseline: list[int]
+) -> None:
+    """The rule pack fires on histogram_quantile(0.99) canary/stable above the threshold, with
+    enough probes; on the same buckets the judge's tail check is then fail or marginal."""
+    c, b = [float(x) for x in canary], [float(x) for x in baseline]
+    enough = min(sum(c), sum(b)) >= 50
+
+    def p99(bins: list[float]) -> float:
+        return stats.bucket_quantile(0.99, BOUNDS, list(itertools.accumulate(bins)))
+
+    fires = enough and p99(b) > 0 and p99(c) / p99(b) > LIMIT
+    check = tail_check(BOUNDS, c, b, LIMIT, 0.01, enough, "too few", "q")
+    if fires:
+        assert check.verdict in ("fail", "marginal"), (check.reason, c, b)
+
+
+def test_tail_check_verdicts() -> None:
+    base = [0, 500, 4000, 450, 50, 0, 0, 0]
+    same = tail_check(BOUNDS, [float(x) for x in base], [float(x) for x in base], LIMIT, 0.01,
+                      True, "", "q")  # fmt: skip
+    assert same.verdict == "pass" and same.statistic["p99_ratio"] == pytest.approx(1.0)
+    tail = [0, 500, 3600, 400, 100, 300, 100, 0]  # same median, a long tail
+    worse = tail_check(BOUNDS, [float(x) for x in tail], [float(x) for x in base], LIMIT, 0.01,
+                       True, "", "q")  # fmt: skip
+    assert worse.verdict == "fail", worse.reason
+    low, high = worse.statistic["p99_ratio_interval"]
+    assert low <= worse.statistic["p99_ratio"] <= high
+
+
+def test_two_proportion_and_homogeneity_tests() -> None:
+    # 1.5% against 0.2% on canary volumes: overwhelming; equal ratios: nothing.
+    assert stats.two_proportion_test(90, 6000, 23, 11400) < 1e-20
+    assert stats.two_proportion_test(12, 6000, 23, 11400) > 0.4
+    assert stats.two_proportion_test(0, 100, 0, 100) == 1.0
+    drifted = stats.homogeneity_test([300, 300], [7000, 3000])
+    assert drifted.tvd == pytest.approx(0.2) and drifted.p_value < 1e-20 and drifted.dof == 1
+    # A class the baseline never predicts counts fully in the distance and keeps PSI finite.
+    new_class = stats.homogeneity_test([50, 50, 100], [100, 100, 0])
+    assert new_class.tvd == pytest.approx(0.5) and math.isfinite(new_class.psi)
+
+
+@pytest.mark.parametrize(
+    ("x", "dof", "p"),
+    [(3.841, 1, 0.05), (11.070, 5, 0.05), (23.209, 10, 0.01), (0.5, 3, 0.9189), (2.0, 2, 0.3679)],
+)
+def test_chi_square_tail_matches_tables(x: float, dof: int, p: float) -> None:
+    assert stats.chi_square_sf(x, dof) == pytest.approx(p, rel=2e-3)
+
+
+def test_thresholds_defaults_equal_the_rule_pack() -> None:
+    import yaml
+
+    from conftest import ROOT
+
+    recorded = {}
+    pack = yaml.safe_load((ROOT / "rules/thresholds.rules.yml").read_text())
+    for rule in pack["groups"][0]["rules"]:
+        name = rule["record"].removeprefix("trt_heartbeat:threshold:")
+        value = float(rule["expr"].removeprefix("vector(").removesuffix(")"))
+        recorded[(name, rule.get("labels", {}).get("statistic", ""))] = value
+    assert {k: recorded[k] for k in DEFAULTS} == DEFAULTS

@@ -20,7 +20,7 @@ from . import stats
 from .prometheus import PrometheusClient
 from .queries import duration
 from .thresholds import Key
-from .verdict import FAIL, INCONCLUSIVE, MARGINAL, PASS, SKIPPED, Check, Stratum, graded, tail_check
+from .verdict import FAIL, INCONCLUSIVE, MARGINAL, PASS, Check, Stratum, graded, tail_check
 from .verdict import ratio_check as ratio_of_medians
 
 ALL = "all requests"
@@ -190,8 +190,11 @@ def judge(obs: ServiceObservations, scope: ServiceScope, limits: dict[Key, float
         enough = min(n1, n2) >= scope.min_requests
         checks = [_errors(obs, c, b, limits, alpha, scope.min_requests)]
         checks += _latency(obs, c, b, limits, alpha, enough, scope.min_requests)
-        checks.append(_drift(obs, c, b, limits, alpha, scope))
         strata.append(Stratum(f"{scope.service}: {route}", checks))
+    # Predictions are grouped by the drift contract's labels (model), not the request routes.
+    for route in sorted({r for r, _ in obs.drift}):
+        check = _drift(obs, (route, obs.canary), (route, obs.baseline), limits, alpha, scope)
+        strata.append(Stratum(f"{scope.service}: predictions {route}", [check]))
     if obs.memory:
         strata.append(Stratum(f"{scope.service}: GPUs", [ratio_of_medians(
             obs.memory, (ALL, obs.canary), (ALL, obs.baseline), "gpu_memory",
@@ -266,12 +269,8 @@ def _latency(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float],
 
 def _drift(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
            scope: ServiceScope) -> Check:  # fmt: skip
-    cd, bd = obs.drift.get(c), obs.drift.get(b)
+    cd, bd = obs.drift.get(c, {}), obs.drift.get(b, {})
     promql = obs.promql.get("drift", "")
-    if cd is None and bd is None:
-        return Check("prediction_drift", "-", SKIPPED, "no prediction metrics on either version",
-                     {}, {}, {}, "-", promql)  # fmt: skip
-    cd, bd = cd or {}, bd or {}
     if obs.drift_kind == "scores":
         keys = sorted({*cd, *bd}, key=float)
         cc, bc = _bins({0: {float(k): cd.get(k, 0.0) for k in keys},

@@ -190,6 +190,29 @@ def require(tool: str) -> str:
     return path
 
 
+def promql_on_scenario(tmp_path: Path, test_file: str, index: int, eval_time: str,
+                       expected: dict[str, float]) -> None:  # fmt: skip
+    """Run PromQL queries (a rollout controller's, say) with promtool on the input series of one
+    scenario of rules/tests/`test_file`, expecting one unlabelled value each."""
+    import yaml
+
+    rules = ROOT / "rules"
+    suite = yaml.safe_load((rules / "tests" / test_file).read_text())
+    scenario = suite["tests"][index]
+    scenario["alert_rule_test"] = []
+    scenario["promql_expr_test"] = [
+        {"expr": q, "eval_time": eval_time, "exp_samples": [{"labels": "{}", "value": v}]}
+        for q, v in expected.items()
+    ]
+    suite["tests"] = [scenario]
+    suite["rule_files"] = [str(rules / Path(f).name) for f in suite["rule_files"]]
+    path = tmp_path / "queries.test.yml"
+    path.write_text(yaml.safe_dump(suite))
+    result = subprocess.run([require("promtool"), "test", "rules", str(path)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `gpu` run where an NVIDIA GPU is visible (docs/gpu-validation.md)."""
     from trt_heartbeat.app import gpu_visible

@@ -233,6 +233,13 @@ BAD_FLAGS = [
     (["--plot", "/nonexistent/dir/x.png"],
      "--plot: directory '/nonexistent/dir' does not exist"),
     (["--prometheus", "localhost:9090"], "--prometheus: not an http(s) URL: 'localhost:9090'"),
+    (["--checks", "service"], "--checks service: name the service with --service"),
+    (["--service", "x", "--checks", "service", "--plot", "x.png"],
+     "--plot draws the probes' latency: use it with --checks probes or all"),
+    (["--service", "x", "--source", "envoy"],
+     "--source: unknown source 'envoy' (built in: istio, triton; or the path of a source file)"),
+    (["--service", "x", "--service-selector", "{a=b}"],
+     "--service-selector: 'a=b' is not a label matcher like name=\"value\""),
 ]  # fmt: skip
 
 

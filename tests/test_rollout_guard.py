@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, require, wait_for
+from conftest import ROOT, free_port, promql_on_scenario, wait_for
 
 ROLLOUTS = ROOT / "rules" / "rollouts"
 RULES = ROOT / "rules"
@@ -55,24 +55,6 @@ def test_templates_use_only_documented_fields() -> None:
         assert set(doc["spec"]["provider"]) <= FLAGGER_PROVIDER_FIELDS
 
 
-def _run_on_scenario(tmp_path: Path, test_index: int, eval_time: str,
-                     queries: dict[str, float]) -> None:  # fmt: skip
-    suite = yaml.safe_load((RULES / "tests" / "service-canary.test.yml").read_text())
-    scenario = suite["tests"][test_index]
-    scenario["alert_rule_test"] = []
-    scenario["promql_expr_test"] = [
-        {"expr": q, "eval_time": eval_time, "exp_samples": [{"labels": "{}", "value": v}]}
-        for q, v in queries.items()
-    ]
-    suite["tests"] = [scenario]
-    suite["rule_files"] = [str(RULES / Path(f).name) for f in suite["rule_files"]]
-    path = tmp_path / "rollouts.test.yml"
-    path.write_text(yaml.safe_dump(suite))
-    result = subprocess.run([require("promtool"), "test", "rules", str(path)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def _argo_query(name: str) -> str:
     metric = next(m for m in _argo()["spec"]["metrics"] if m["name"] == name)
     query: str = metric["provider"]["prometheus"]["query"]
@@ -87,7 +69,7 @@ def _flagger_query(name: str) -> str:
 
 def test_queries_read_the_failing_canary(tmp_path: Path) -> None:
     # The 1.5%-errors scenario of rules/tests/service-canary.test.yml, 10 minutes after the step.
-    _run_on_scenario(tmp_path, 0, "20m", {
+    promql_on_scenario(tmp_path, "service-canary.test.yml", 0, "20m", {
         _argo_query("canary-error-ratio"): 0.015,
         _flagger_query("trt-heartbeat-service-error-ratio"): 0.015,
     })  # fmt: skip
@@ -95,7 +77,7 @@ def test_queries_read_the_failing_canary(tmp_path: Path) -> None:
 
 def test_queries_read_the_long_tail(tmp_path: Path) -> None:
     p99 = 4.242424242424246  # the long-tail scenario: p99 of 210 ms against 49.5 ms
-    _run_on_scenario(tmp_path, 2, "30m", {
+    promql_on_scenario(tmp_path, "service-canary.test.yml", 2, "30m", {
         _argo_query("canary-latency-ratio"): p99,
         _flagger_query("trt-heartbeat-service-p99-ratio"): p99,
     })  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, daemon, free_port, require, wait_for
+from conftest import ROOT, daemon, free_port, promql_on_scenario, require, wait_for
 
 RULES = ROOT / "rules"
 RULE_FILES = sorted(RULES.glob("*.rules.yml"))
@@ -251,20 +251,8 @@ def _rollout_queries() -> list[str]:
 def test_rollout_queries_run_on_recorded_series(tmp_path: Path) -> None:
     # Run the controllers' queries, as promtool expressions, on the slower-canary scenario of
     # rules/tests/canary.test.yml: latency ratio 2, failure-ratio delta 0.
-    suite = yaml.safe_load((RULES / "tests" / "canary.test.yml").read_text())
-    scenario = suite["tests"][0]
     expected = {"p99_canary_over_stable": 2, "ratio_canary_minus_stable": 0}
-    scenario["alert_rule_test"] = []
-    scenario["promql_expr_test"] = [
-        {"expr": q, "eval_time": "50m",
-         "exp_samples": [{"labels": "{}", "value": next(v for k, v in expected.items() if k in q)}]}
-        for q in _rollout_queries()
-    ]  # fmt: skip
-    suite["tests"] = [scenario]
-    suite["rule_files"] = [str(RULES / Path(f).name) for f in suite["rule_files"]]
-    path = tmp_path / "rollouts.test.yml"
-    path.write_text(yaml.safe_dump(suite))
-    result = subprocess.run([require("promtool"), "test", "rules", str(path)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    promql_on_scenario(tmp_path, "canary.test.yml", 0, "50m", {
+        q: next(v for k, v in expected.items() if k in q) for q in _rollout_queries()
+    })  # fmt: skip
     assert len(_rollout_queries()) == 4

@@ -179,6 +179,8 @@ def canary_judge(
         raise BadInput(f"--plot: directory {str(plot.parent)!r} does not exist")
     if checks != "probes" and not service:
         raise BadInput(f"--checks {checks}: name the service with --service")
+    if plot is not None and checks == "service":
+        raise BadInput("--plot draws the probes' latency: use it with --checks probes or all")
     try:
         scope = queries.Scope(
             window_s, at, queries.parse_selector(selector),
@@ -225,8 +227,7 @@ def canary_judge(
     if plot is not None:
         from .plot import write_plot
 
-        if obs is None:
-            raise BadInput("--plot draws the probes' latency: use it with --checks probes or all")
+        assert obs is not None  # --plot with --checks service was refused above
         try:
             write_plot(plot, judgement, obs, queries.timeline(client, scope))
         except HeartbeatError as exc:

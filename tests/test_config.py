@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import cli
 from trt_heartbeat import config
@@ -58,6 +61,15 @@ INVALID = {
     '[0, "first"]',
     "cuda-api": 'cuda_api: expected one of cuda-python, pycuda, got "cupy"',
     "web-not-mapping": 'web: expected a mapping, got ":9470"',
+    "interval-nan": "interval: expected a finite number, got .nan",
+    "jitter-infinite": "jitter: expected a finite number, got .inf",
+    "duration-overflow": "startup_timeout: expected a finite number, got .inf",
+    "duration-too-long": f'startup_timeout: expected {DURATION}, got "9999999h"',
+    "memory-threshold-too-large": "gpu_memory_low_threshold: expected a size such as 512MiB, "
+    '2GiB or a number of bytes, got "99999999999TiB"',
+    "nesting": "line 2: config file nests deeper than 32 levels",
+    "alias-bomb": "line 6: config file expands to more than 10000 values (aliases count at "
+    "every use)",
 }
 
 
@@ -188,3 +200,78 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None
     assert effective["latency_objective"] == "200ms"  # file beats default
     assert effective["precision"] == "fp32"  # default
     assert json.dumps(effective)  # printable, plain data
+
+
+def test_a_file_over_1_mib_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text("# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match=r"huge.yaml: config file is larger than 1 MiB$"):
+        config.load(path)
+
+
+# The same text means the same duration in a file, a flag and an environment variable.
+SAME_EVERYWHERE = [("2", 2.0), ("1.5", 1.5), ("2s", 2.0), ("1500ms", 1.5), ("1m30s", 90.0)]
+
+
+@pytest.mark.parametrize(("text", "seconds"), SAME_EVERYWHERE)
+@pytest.mark.parametrize("where", ["file", "flag", "environment"])
+def test_a_duration_means_the_same_in_file_flag_and_environment(
+    tmp_path: Path, where: str, text: str, seconds: float
+) -> None:
+    path = tmp_path / "c.yaml"
+    # In a file a bare number is a YAML number; quoted, it is the text a flag would carry.
+    path.write_text(f"interval: {text}\n" if where == "file" else "")
+    args = ["check-config", str(path), "--timeout", "100ms"]
+    env = {"TRT_HEARTBEAT_INTERVAL": text} if where == "environment" else {}
+    if where == "flag":
+        args += ["--interval", text]
+    result = CliRunner().invoke(cli_group, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert config.parse_duration(yaml.safe_load(result.output)["interval"]) == seconds
+    quoted = tmp_path / "q.yaml"
+    quoted.write_text(f'interval: "{text}"\ntimeout: 100ms\n')
+    assert config.load(quoted).interval == seconds
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "1e400", "٣s", "2 s", "0x10", "1e3"])
+@pytest.mark.parametrize("where", ["file", "flag", "environment"])
+def test_a_bad_duration_is_refused_alike_everywhere(tmp_path: Path, where: str, text: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f'interval: "{text}"\n' if where == "file" else "")
+    args = ["serve", "--config", str(path)] + (["--interval", text] if where == "flag" else [])
+    env = {"TRT_HEARTBEAT_INTERVAL": text} if where == "environment" else {}
+    result = CliRunner().invoke(cli_group, args, env=env)
+    assert result.exit_code == 2, result.output
+    assert f"expected {DURATION}" in result.output
+
+
+KEYS = [*config.schema()["properties"], "nvml", "web"]
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**30), 10**400), st.floats(allow_nan=True),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+    st.sampled_from(["10s", "٣s", "1e400", "+Inf", "-5", "0", "512MiB", ".nan", "all", "::1"]),
+)  # fmt: skip
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.sampled_from([*KEYS, "x"]), inner, max_size=4),
+                      max_leaves=20)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6), st.integers(0, 3))
+def test_any_document_loads_or_is_one_clear_error(
+    tmp_path: Path, document: dict[str, Any], aliases: int
+) -> None:
+    text = yaml.safe_dump(document, allow_unicode=True)
+    if aliases:  # anchors and aliases, nested once per level
+        text += "".join(f"z{i}: &z{i} [*z{i - 1}, *z{i - 1}]\n" if i else "z0: &z0 [1, 2]\n"
+                        for i in range(aliases))  # fmt: skip
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        config.load(path)
+    except ConfigError as exc:
+        message = str(exc)
+        assert (
+            message.startswith(f"{path}: ") and "\n" not in message and "Traceback" not in message
+        )

@@ -7,6 +7,7 @@ path (or file line) and what was expected; unknown keys are errors.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -58,6 +59,14 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZES = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(B|KiB|MiB|GiB|TiB)")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # a plain number of seconds, as in a file
+# Bounds that keep every number finite and meaningful: no timer runs for more than a year, no
+# GPU has a pebibyte. Files larger, deeper or expanding further than these are refused unread.
+MAX_SECONDS = 366 * 86400.0
+MAX_BYTES = 1 << 50
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 10_000
 
 
 @dataclass(frozen=True)
@@ -128,24 +137,40 @@ class Settings:
 
 
 def parse_duration(value: float | int | str) -> float:
-    """Seconds from a number or a Prometheus-style duration ("1m30s", "250ms")."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"invalid duration {value!r}")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    """Seconds from a number, a number written as text (a flag, an environment variable) or a
+    Prometheus-style duration ("1m30s", "250ms"); finite and at most MAX_SECONDS."""
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            text = str(value).strip()
+            parts = _DURATION_PART.findall(text)
+            if _SECONDS.fullmatch(text):
+                seconds = float(text)
+            elif parts and "".join(n + u for n, u in parts) == text:
+                seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+            else:
+                raise ValueError(f"invalid duration {value!r}")
+    except OverflowError:
+        raise ValueError(f"duration out of range: {value!r}") from None
+    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+        raise ValueError(f"duration out of range: {value!r}")
+    return seconds
 
 
 def parse_size(value: int | str) -> int:
-    """Bytes from a number or a size with a binary unit ("512MiB")."""
+    """Bytes from a number or a size with a binary unit ("512MiB"); at most MAX_BYTES."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    match = _SIZE.fullmatch(str(value).strip())
-    if not match:
-        raise ValueError(f"invalid size {value!r}")
-    return int(float(match.group(1)) * _SIZES[match.group(2)])
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            raise ValueError(f"invalid size {value!r}")
+        number = float(match.group(1))  # finite: the pattern has no exponent
+        size = int(number * _SIZES[match.group(2)]) if number < MAX_BYTES else MAX_BYTES + 1
+    if size > MAX_BYTES:
+        raise ValueError(f"size out of range: {value!r}")
+    return size
 
 
 def format_size(size: int) -> str:
@@ -171,8 +196,41 @@ def schema() -> dict[str, Any]:
     return loaded
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """A document that is well-formed YAML but too deep or expanding too far to load."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one, and
+    documents nested deeper than MAX_DEPTH or expanding (aliases counted at every use: the
+    "billion laughs") to more than MAX_NODES nodes, before anything is built from them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._weight: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _Refused(None, None, f"nests deeper than {MAX_DEPTH} levels", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None and id(node) not in self._weight:
+            children: list[Any] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            weight = 1 + sum(self._weight.get(id(c), 1) for c in children)
+            if weight > MAX_NODES:
+                raise _Refused(None, None, f"expands to more than {MAX_NODES} values "
+                               "(aliases count at every use)", node.start_mark)  # fmt: skip
+            self._weight[id(node)] = weight
+        return node
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -190,16 +248,29 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML (or JSON) through the strict, bounded loader; yaml.YAMLError on any problem."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def read_file(path: Path, what: str = "config file", keys: str = "configuration") -> dict[str, Any]:
     """Parse a YAML or JSON file into a mapping; errors call it `what`, its keys `keys`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_FILE_BYTES >> 20} MiB")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: {what} is not UTF-8 text") from exc
     try:
-        document = yaml.load(text, Loader=_StrictLoader)
+        document = parse_yaml(text)
+    except _Refused as exc:
+        where = f"line {exc.problem_mark.line + 1}: " if exc.problem_mark else ""
+        raise ConfigError(f"{path}: {where}{what} {exc.problem}") from exc
     except yaml.MarkedYAMLError as exc:
         # Report where the construct began (an unclosed quote) when it differs from where the
         # parser gave up (the end of the file).
@@ -277,6 +348,11 @@ def validate(
 ) -> None:
     """Validate against the schema (the config's unless given); raise ConfigError naming the
     first problem."""
+    prefix = f"{source}: " if source else ""
+    for where, value in _numbers(document, []):
+        if not math.isfinite(value):
+            shown = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[str(value)]
+            raise ConfigError(f"{prefix}{_key_path(where)}: expected a finite number, got {shown}")
     validator = jsonschema.Draft202012Validator(against or schema())
     errors = sorted(
         validator.iter_errors(document),
@@ -286,6 +362,28 @@ def validate(
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         prefix = f"{source}: " if source else ""
         raise ConfigError(f"{prefix}{_describe(errors[0])}{more}")
+
+
+def _checked(parse: Any, value: Any, key: str, prefix: str) -> float:
+    """A duration or size parsed, or the key's usual one-line error (out of range included)."""
+    try:
+        return float(parse(value))
+    except ValueError:
+        node = schema()["properties"].get(key) or schema()["$defs"]["duration"]
+        expected = node.get("x-expected") or schema()["$defs"]["duration"]["x-expected"]
+        raise ConfigError(f"{prefix}{key}: expected {expected}, got {_shown(value)}") from None
+
+
+def _numbers(node: Any, where: list[Any]) -> Any:
+    """(key path, value) of every float in a document."""
+    if isinstance(node, float):
+        yield where, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numbers(value, [*where, key])
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _numbers(value, [*where, i])
 
 
 def _listen(address: str) -> tuple[str, int]:
@@ -308,7 +406,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
     for key in DURATION_KEYS:
         if key not in merged:
             continue
-        value = parse_duration(merged[key])
+        value = _checked(parse_duration, merged[key], key, prefix)
         if value <= 0:
             expected = schema()["$defs"]["duration"]["x-expected"]
             raise ConfigError(f"{prefix}{key}: expected {expected}, got {_kind(merged[key])}")
@@ -331,7 +429,8 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         except UnknownBackendError as exc:
             raise ConfigError(f"{prefix}backend: {exc}") from exc
     nvml = merged["nvml"]
-    nvml_seconds = {key: parse_duration(nvml[key]) for key in ("interval", "timeout")}
+    nvml_seconds = {key: _checked(parse_duration, nvml[key], f"nvml.{key}", prefix)
+                    for key in ("interval", "timeout")}  # fmt: skip
     for key, value in nvml_seconds.items():
         if value <= 0:
             expected = schema()["$defs"]["duration"]["x-expected"]
@@ -376,7 +475,11 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         max_requests=int(web["max_requests"]),
         log_level=merged["log"]["level"],
         log_format=merged["log"]["format"],
-        gpu_memory_low_threshold=parse_size(merged["gpu_memory_low_threshold"]),
+        gpu_memory_low_threshold=int(
+            _checked(
+                parse_size, merged["gpu_memory_low_threshold"], "gpu_memory_low_threshold", prefix
+            )
+        ),
         nvml_enabled=nvml["enabled"],
         nvml_interval=nvml_seconds["interval"],
         nvml_timeout=nvml_seconds["timeout"],

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .config import read_file
 from .errors import ConfigError
 
 log = logging.getLogger("trt_heartbeat")
@@ -143,11 +142,9 @@ def _names(path: Path, key: str, value: Any, known: dict[str, str]) -> tuple[str
 def load(path: Path) -> WebConfig:
     """Parse and check a web configuration file; every problem is one line naming the key."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise WebConfigError(f"{path}: cannot read web config file: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise WebConfigError(f"{path}: invalid YAML: {exc}".splitlines()[0]) from exc
+        document = read_file(path, what="web config file", keys="web configuration")
+    except ConfigError as exc:
+        raise WebConfigError(str(exc)) from exc
     top = _mapping(
         path, "", document, {"tls_server_config", "http_server_config", "basic_auth_users"}
     )

@@ -62,6 +62,8 @@ def _stat(check: Check) -> str:
         parts.append(f"A={s['effect_a']:.2f}")
     if "ratio" in s:
         parts.append(f"ratio={_num(s['ratio'])}")
+    if "p99_ratio" in s:
+        parts.append(f"p99_ratio={_num(s['p99_ratio'])}")
     if "p_value" in s:
         parts.append(f"p={_num(s['p_value'])}")
     return " ".join(parts) or "-"

@@ -218,7 +218,7 @@ def _dispersion(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Th
         verdict, reason = INCONCLUSIVE, _too_few(t, cs["n"], bs["n"])
     else:
         verdict = graded(test.effect, test.p_value, alpha, t.dispersion_marginal,
-                          t.dispersion_fail)  # fmt: skip
+                         t.dispersion_fail)  # fmt: skip
         reason = (
             f"canary latency further from its median than baseline's in {test.effect:.0%} "
             f"of pairs (p99/p50 {cs['p99_over_p50']:.2f} vs {bs['p99_over_p50']:.2f})"
@@ -281,9 +281,8 @@ def _deviation(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thr
                  obs.promql["output_deviation"])  # fmt: skip
 
 
-def ratio_check(values: dict[Any, list[float]], c: Any, b: Any,
-           name: str, marginal: float, fail: float, floor: float, unit: str,
-           promql: str) -> Check:  # fmt: skip
+def ratio_check(values: dict[Any, list[float]], c: Any, b: Any, name: str, marginal: float,
+                fail: float, floor: float, unit: str, promql: str) -> Check:  # fmt: skip
     cv, bv = values.get(c, []), values.get(b, [])
     cm, bm = stats.median(cv), stats.median(bv)
     rule = (f"fail if canary/baseline >= {fail} and the difference >= {floor:g} {unit}; "
@@ -345,7 +344,7 @@ def tail_check(bounds: list[float], canary: list[float], baseline: list[float], 
     if not enough:
         verdict, reason = INCONCLUSIVE, too_few
     elif any(math.isnan(r.ratio) for r in ratios):
-        verdict, reason = INCONCLUSIVE, "a tail quantile lies beyond the highest bucket"
+        verdict, reason = INCONCLUSIVE, "no latency observed on one of the tracks"
     else:
         worst = max(ratios, key=lambda r: (r.low > limit, r.high > limit, r.ratio))
         verdict = FAIL if worst.low > limit else MARGINAL if worst.high > limit else PASS

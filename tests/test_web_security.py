@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import http.client
+import select
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from trt_heartbeat import config, web_config
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.cli import main
 from trt_heartbeat.errors import ConfigError
-from trt_heartbeat.http_server import ExporterHTTPServer
+from trt_heartbeat.http_server import HEADERS, IDLE, ExporterHTTPServer
 
 PASSWORD = "s3cret"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$")
@@ -230,11 +233,12 @@ def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
     servers: list[tuple[ExporterHTTPServer, Exporter]] = []
 
     def start(
-        web: web_config.WebConfig | None = None, max_requests: int = 40
-    ) -> ExporterHTTPServer:
+        web: web_config.WebConfig | None = None, max_requests: int = 40,
+        wrap: Callable[[Exporter], Any] = lambda e: e, **limits: Any,
+    ) -> ExporterHTTPServer:  # fmt: skip
         s = make_settings(backend=FAULT_SPEC)
         exporter = Exporter(s, s.backend)
-        server = ExporterHTTPServer("127.0.0.1", 0, exporter, web, max_requests)
+        server = ExporterHTTPServer("127.0.0.1", 0, wrap(exporter), web, max_requests, **limits)
         server.start_background()
         exporter.start()
         servers.append((server, exporter))
@@ -348,20 +352,131 @@ def test_certificates_are_reloaded_when_rotated(
     assert https(server, pki, "/ping")[0] == 200
 
 
-def test_max_requests(serve: Callable[..., ExporterHTTPServer]) -> None:
-    server = serve(max_requests=1)
-    idle = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    idle.sendall(b"GET /ping HTTP/1.1\r\n")  # an unfinished request holds the one slot
+class SlowMetrics:
+    """The exporter, with /metrics held until released: a request being answered."""
 
-    def answer() -> bytes:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
-            s.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return s.recv(4096)
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter, self.entered, self.release = exporter, threading.Event(), threading.Event()
 
-    assert wait_for(lambda: answer().startswith(b"HTTP/1.1 503"))
-    assert answer().endswith(b"too many requests in flight\n")
-    idle.close()
-    wait_for(lambda: answer().startswith(b"HTTP/1.1 200"), what="slot released")
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.exporter, name)
+
+    def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
+        self.entered.set()
+        self.release.wait(20)
+        return self.exporter.render_metrics(accept)
+
+
+def _get(port: int, path: str = "/ping") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return s.recv(65536)
+
+
+def test_max_requests_counts_requests_being_answered(
+    serve: Callable[..., ExporterHTTPServer],
+) -> None:
+    slow: list[SlowMetrics] = []
+    server = serve(max_requests=1, wrap=lambda e: slow.append(SlowMetrics(e)) or slow[0])
+    held = threading.Thread(target=_get, args=(server.port, "/metrics"), daemon=True)
+    held.start()
+    assert slow[0].entered.wait(10)  # one request is being answered and holds the one slot
+    answer = _get(server.port)
+    assert answer.startswith(b"HTTP/1.1 503") and answer.endswith(b"too many requests in flight\n")
+    slow[0].release.set()
+    held.join(10)
+    wait_for(lambda: _get(server.port).startswith(b"HTTP/1.1 200"), what="slot released")
+
+
+def test_half_open_connections_do_not_shut_prometheus_out(
+    serve: Callable[..., ExporterHTTPServer],
+) -> None:
+    # Regression: 45 unfinished requests used to take all 40 slots until they timed out.
+    server = serve()
+    half_open = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                 for _ in range(45)]  # fmt: skip
+    try:
+        for s in half_open:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line, ever
+        wait_for(lambda: server.connections.count()[HEADERS] == 45, what="all half-open")
+        assert _get(server.port, "/metrics").startswith(b"HTTP/1.1 200")
+    finally:
+        for s in half_open:
+            s.close()
+
+
+def test_unfinished_headers_are_cut_at_the_deadline(
+    serve: Callable[..., ExporterHTTPServer],
+) -> None:
+    server = serve(header_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        closed = False
+        for _ in range(50):  # slowloris: a header byte every 0.1 s, far within the idle timeout
+            time.sleep(0.1)
+            try:
+                s.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            if select.select([s], [], [], 0)[0]:  # the server hung up
+                closed = True
+                break
+        assert closed, "the dribbling connection was cut"
+    assert server.connections.dropped == 1
+
+
+def test_a_slow_tls_handshake_is_cut_at_the_deadline_and_scrapes_go_on(
+    serve: Callable[..., ExporterHTTPServer], pki: Path, tmp_path: Path
+) -> None:
+    server = serve(web_config.load(write(tmp_path, {"tls_server_config": tls(pki)})),
+                   header_timeout=0.5)  # fmt: skip
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(45)]
+    try:
+        for s in slow:  # the first bytes of a ClientHello, and nothing more
+            s.sendall(b"\x16\x03\x01")
+        assert https(server, pki, "/ping")[0] == 200  # while 45 handshakes hang
+        wait_for(lambda: server.connections.dropped >= 45, what="handshakes cut")
+        assert all(_closed(s) for s in slow)
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_a_cut_request_is_never_answered(serve: Callable[..., ExporterHTTPServer]) -> None:
+    # Its headers end at the EOF the cut causes, and would parse: no slot, no /metrics render.
+    slow: list[SlowMetrics] = []
+    server = serve(header_timeout=0.3, wrap=lambda e: slow.append(SlowMetrics(e)) or slow[0])
+    slow[0].release.set()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        assert _closed(s)
+    assert server.connections.dropped == 1
+    assert not slow[0].entered.is_set(), "/metrics was rendered for a cut connection"
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(5)
+    try:
+        data = s.recv(4096)
+    except ConnectionResetError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 400")
+
+
+def test_past_the_connection_limit_the_oldest_idle_connection_is_dropped(
+    serve: Callable[..., ExporterHTTPServer],
+) -> None:
+    server = serve(max_connections=20)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(20)]
+    try:
+        wait_for(lambda: server.connections.count()[IDLE] == 20, what="20 idle connections")
+        assert _get(server.port, "/metrics").startswith(b"HTTP/1.1 200")
+        assert _closed(idle[0]), "the oldest idle connection made room"
+        assert server.connections.dropped == 1
+    finally:
+        for s in idle:
+            s.close()
 
 
 # --- fuzzing -----------------------------------------------------------------------------------

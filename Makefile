@@ -22,6 +22,8 @@ lint: deps
 bench: deps
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_soak.py
+	$(PY) bench/bench_halfopen.py --mode half-open
+	$(PY) bench/bench_halfopen.py --mode idle
 
 # The rollout guard's rules are generated from the service sources (tests keep them equal).
 rules: $(VENV)/.installed

@@ -115,9 +115,9 @@ def main() -> int:
     print(f"exporter alone: /metrics p50 {q(sorted(baseline), 50):.2f} ms, "
           f"p99 {q(sorted(baseline), 99):.2f} ms")  # fmt: skip
     print(f"{args.connections} {args.mode} connections held ({reopened[0]} re-opened after the "
-          f"exporter cut them): {len(results)} scrapes, {bad} not 200 {codes or ''}, p50 {q(times, 50):.2f} ms, "
-          f"p99 {q(times, 99):.2f} ms, max {times[-1] * 1e3:.1f} ms; exporter RSS max "
-          f"{max(rss):.1f} MiB")  # fmt: skip
+          f"exporter cut them): {len(results)} scrapes, {bad} not 200 {codes or ''}, "
+          f"p50 {q(times, 50):.2f} ms, p99 {q(times, 99):.2f} ms, max {times[-1] * 1e3:.1f} ms; "
+          f"exporter RSS max {max(rss):.1f} MiB")  # fmt: skip
     return 1 if bad else 0
 
 

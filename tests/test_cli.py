@@ -144,8 +144,13 @@ def test_serve_logs_state_changes_only_and_stops_cleanly(served: Served) -> None
     assert served.process.wait(timeout=15) == 0
     messages = [line["msg"] for line in served.lines()]
     assert messages[0].startswith("no GPU visible: probing the CPU with the reference backend")
-    assert messages[1:] == ["listening", "probe model loaded", "first probe passed",
-                            "target health changed", "shutting down"]  # fmt: skip
+    # Health changes are logged as /health sees them: awaiting the first probe, then healthy.
+    assert messages[1:] == ["listening", "probe model loaded", "target health changed",
+                            "first probe passed", "target health changed",
+                            "shutting down"]  # fmt: skip
+    health = [line["status"] + "/" + line["reason"] for line in served.lines()
+              if line["msg"] == "target health changed"]  # fmt: skip
+    assert health == ["degraded/awaiting_first_probe", "healthy/ok"]
 
 
 def test_serve_refuses_a_busy_port(served: Served) -> None:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
-from conftest import settings
+from conftest import Faults, Running, settings, wait_for
 from trt_heartbeat.backends import EngineInfo, Target
 from trt_heartbeat.errors import Reason
 from trt_heartbeat.health import Health, heartbeat_age, overall_health, target_health
+from trt_heartbeat.nvml_reader import GpuReading
 from trt_heartbeat.state import ProbeRecord, TargetState
 
 S = settings(interval=10, timeout=5, max_age=30, latency_objective=0.1)
@@ -70,9 +78,9 @@ def test_worker_lost_and_load_failure_are_unhealthy() -> None:
     state, clock = make()
     state.engine_loaded(ENGINE, 0.5)
     state.record(ok(clock.now))
-    state.record(fail(clock.now, "timeout", Reason.TIMEOUT))
-    state.worker_lost("timeout")
+    state.record(fail(clock.now, "timeout", Reason.TIMEOUT), worker_lost="timeout")
     assert health(state, clock) == Health("unhealthy", "timeout")
+    assert state.snapshot().restarts_total["timeout"] == 1
     state.engine_failed(Reason.ENGINE_INCOMPATIBLE, "plan from another TensorRT")
     assert health(state, clock) == Health("unhealthy", "engine_incompatible")
     snap = state.snapshot()
@@ -106,3 +114,91 @@ def test_history_is_bounded_and_histograms_skip_timeouts() -> None:
     assert len(snap.history) == 3 and snap.history[-1].result == "timeout"
     assert snap.durations["total"].count == 5
     assert snap.durations["total"].sum == pytest.approx(5 * 0.002)
+
+
+# --- low GPU memory across a worker restart (NVML reads every few seconds, on its own) -------
+
+MiB = 1 << 20
+
+
+def reading(free_mib: int) -> GpuReading:
+    used = (80_000 - free_mib) * MiB
+    return GpuReading(0, "GPU-x", "H100", "0000:3B:00.0", "9.0", 80_000 * MiB, used,
+                      free_mib * MiB, None, None, None, None, None)  # fmt: skip
+
+
+def test_a_worker_restart_does_not_hide_low_memory() -> None:
+    # Another process leaves 400 MiB free while the probe worker holds its 258 MiB context. When
+    # the worker is killed, NVML sees 658 MiB free until its next read after the new worker has
+    # loaded; that reading is older than the new worker and must not make the target healthy.
+    state, clock = make()
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
+                             gpu_memory_bytes=258 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    with_worker = reading(400)
+    assert target_health(state.snapshot(), clock.now, S, with_worker, clock.now) == Health(
+        "degraded", "gpu_memory_low"
+    )
+    clock.now += 1
+    state.record(fail(clock.now, "timeout", Reason.TIMEOUT), worker_lost="timeout")
+    clock.now += 1
+    without_worker, read_at = reading(658), clock.now  # the read while no worker runs
+    clock.now += 1
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ok(clock.now))
+    assert target_health(state.snapshot(), clock.now, S, without_worker, read_at) == Health(
+        "degraded", "gpu_memory_low"
+    )
+    clock.now += 5  # NVML's next read, with the new worker's context in place
+    assert target_health(state.snapshot(), clock.now, S, reading(400), clock.now) == Health(
+        "degraded", "gpu_memory_low"
+    )
+    # Memory really freed while no worker ran is not held against the target afterwards.
+    assert target_health(state.snapshot(), clock.now, S, reading(2000), clock.now) == Health(
+        "healthy", "ok"
+    )
+
+
+def test_a_reading_taken_before_the_worker_was_lost_counts_as_it_is() -> None:
+    state, clock = make()
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
+                             gpu_memory_bytes=258 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    read_at = clock.now
+    clock.now += 1
+    state.record(fail(clock.now, "timeout", Reason.TIMEOUT), worker_lost="timeout")
+    clock.now += 1
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ok(clock.now))
+    assert target_health(state.snapshot(), clock.now, S, reading(600), read_at) == Health(
+        "healthy", "ok"
+    )
+
+
+def test_the_log_and_health_endpoint_agree_after_a_timeout(
+    run_exporter: Callable[..., Running], faults: Faults, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: the log said degraded/timeout while /health answered unhealthy/timeout until
+    # the replacement worker had loaded. Both now report what one function decided.
+    caplog.set_level(logging.INFO, logger="trt_heartbeat")
+    r = run_exporter(targets=[Target("0", "GPU-fake-0")])
+
+    def health_endpoint() -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(r.url + "/health", timeout=5) as response:
+                return dict(json.load(response))
+        except urllib.error.HTTPError as err:
+            return dict(json.load(err))
+
+    def logged() -> list[str]:
+        return [f"{rec.fields['status']}/{rec.fields['reason']}" for rec in caplog.records
+                if rec.getMessage() == "target health changed"]  # fmt: skip
+
+    wait_for(lambda: health_endpoint()["status"] == "healthy")
+    faults.set(probe="hang", load="hang")  # the probe times out, the next worker never loads
+    wait_for(lambda: health_endpoint()["reason"] == "timeout", what="timeout in /health")
+    answer = health_endpoint()
+    said = f"{answer['status']}/{answer['reason']}"
+    wait_for(lambda: logged()[-1] == said, what=f"the log to say {said}")
+    assert answer["status"] == "unhealthy"
+    assert "degraded/timeout" not in logged(), logged()

@@ -112,6 +112,7 @@ class Exporter:
                 TargetLoop(
                     worker_spec, state, settings,
                     worker_factory=worker_factory, wall_clock=wall_clock,
+                    telemetry=self.telemetry_state,
                 )
             )  # fmt: skip
         self.scheduler = Scheduler(loops)

@@ -39,10 +39,30 @@ def heartbeat_age(snap: TargetSnapshot, now: float) -> float:
     return max(0.0, now - (snap.last_success if snap.last_success is not None else snap.started_at))
 
 
+def probe_free_memory(snap: TargetSnapshot, gpu: GpuReading, read_at: float | None) -> int:
+    """Free memory on the target's GPU as it is while the probe worker holds its context.
+
+    A reading taken while no worker ran — between one worker's loss and the next one's load —
+    counts the probe's own footprint as free; it is taken off again, so that a worker restart
+    cannot hide a low-memory reading that is still current.
+    """
+    footprint = snap.gpu_memory[0] if snap.gpu_memory else 0
+    gone, since = snap.worker_gone_since, snap.worker_since
+    if read_at is None or not footprint or gone is None:
+        return gpu.memory_free
+    without_worker = read_at >= gone if since is None or since < gone else gone <= read_at < since
+    return gpu.memory_free - footprint if without_worker else gpu.memory_free
+
+
 def target_health(
-    snap: TargetSnapshot, now: float, settings: Settings, gpu: GpuReading | None = None
+    snap: TargetSnapshot,
+    now: float,
+    settings: Settings,
+    gpu: GpuReading | None = None,
+    gpu_read_at: float | None = None,
 ) -> Health:
-    """Health of one target; `gpu` is its latest NVML reading, if NVML is up."""
+    """Health of one target; `gpu` is its latest NVML reading, if NVML is up, taken at
+    `gpu_read_at`. /health and the log both ask this, with the same inputs."""
     last = snap.last_probe
     if not snap.loaded:
         if snap.load_failure is not None:
@@ -59,7 +79,8 @@ def target_health(
         return Health("degraded", AWAITING_FIRST_PROBE)
     if last.result != "success":
         return Health("degraded", str(last.reason))
-    if gpu is not None and gpu.memory_free < settings.gpu_memory_low_threshold:
+    low = settings.gpu_memory_low_threshold
+    if gpu is not None and probe_free_memory(snap, gpu, gpu_read_at) < low:
         return Health("degraded", GPU_MEMORY_LOW)
     if last.phases.get("total", 0.0) > settings.latency_objective:
         return Health("degraded", SLOW)
@@ -69,7 +90,8 @@ def target_health(
 def target_healths(
     snaps: list[TargetSnapshot], now: float, settings: Settings, telemetry: TelemetryState
 ) -> list[Health]:
-    return [target_health(s, now, settings, telemetry.gpu(s.target.uuid)) for s in snaps]
+    return [target_health(s, now, settings, telemetry.gpu(s.target.uuid), telemetry.last_success)
+            for s in snaps]  # fmt: skip
 
 
 def overall_health(healths: list[Health]) -> Health:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from .backends import Target
 from .config import Settings
 from .errors import Reason
-from .health import target_health
+from .health import target_healths
 from .probe import run_probe
 from .state import ProbeRecord, TargetState
+from .telemetry import NO_TELEMETRY, TelemetryState
 from .worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
 
 log = logging.getLogger("trt_heartbeat")
@@ -43,8 +44,10 @@ class TargetLoop:
         worker_factory: WorkerFactory = Worker,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        telemetry: Callable[[], TelemetryState] = lambda: NO_TELEMETRY,
     ) -> None:
         self.spec = spec
+        self._telemetry = telemetry
         self.state = state
         self.settings = settings
         self._worker_factory = worker_factory
@@ -138,8 +141,8 @@ class TargetLoop:
         except WorkerFailure as failure:
             self.state.engine_failed(failure.reason, str(failure))
             result = "timeout" if failure.reason is Reason.STARTUP_TIMEOUT else "error"
-            self._record(ProbeRecord(self._wall_clock(), result, {}, failure.reason, str(failure)))
-            self._replace_worker(failure.restart_reason)
+            self._record(ProbeRecord(self._wall_clock(), result, {}, failure.reason, str(failure)),
+                         lost=failure.restart_reason)  # fmt: skip
             return False
         self._worker = worker
         self.state.engine_loaded(info, seconds)
@@ -150,6 +153,7 @@ class TargetLoop:
                 load_seconds=round(seconds, 3), pid=worker.pid,
             ),
         )  # fmt: skip
+        self._log_health()
         return True
 
     def _probe_once(self) -> None:
@@ -161,24 +165,16 @@ class TargetLoop:
             self._keep_waiting,
             self._wall_clock,
         )
-        self._record(outcome.record)
         if outcome.restart_reason is not None:
             self._worker.kill()
             self._worker = None
-            self._replace_worker(outcome.restart_reason)
         elif outcome.record.result == "success":
             self._backoff = 0.0
+        self._record(outcome.record, lost=outcome.restart_reason)
 
-    def _replace_worker(self, restart_reason: str) -> None:
-        self.state.worker_lost(restart_reason)
-        self._backoff = min(BACKOFF_MAX, max(BACKOFF_INITIAL, self._backoff * 2))
-        log.warning(
-            "worker replaced",
-            extra=self._fields(restart_reason=restart_reason, backoff_seconds=self._backoff),
-        )
-
-    def _record(self, record: ProbeRecord) -> None:
-        self.state.record(record)
+    def _record(self, record: ProbeRecord, lost: str | None = None) -> None:
+        """Record a probe (and the loss of its worker, in the same change), log what changed."""
+        self.state.record(record, worker_lost=lost)
         key = (record.result, str(record.reason or ""))
         if key != self._last_result:
             if record.result == "success":
@@ -194,7 +190,19 @@ class TargetLoop:
                     ),
                 )
             self._last_result = key
-        health = target_health(self.state.snapshot(), self._wall_clock(), self.settings)
+        if lost is not None:
+            self._backoff = min(BACKOFF_MAX, max(BACKOFF_INITIAL, self._backoff * 2))
+            log.warning(
+                "worker replaced",
+                extra=self._fields(restart_reason=lost, backoff_seconds=self._backoff),
+            )
+        self._log_health()
+
+    def _log_health(self) -> None:
+        """Log a change of health, decided as /health decides it: same function, same inputs
+        (the GPU's NVML reading included), after every change of the target's state."""
+        (health,) = target_healths([self.state.snapshot()], self._wall_clock(), self.settings,
+                                   self._telemetry())  # fmt: skip
         label = f"{health.status}/{health.reason}"
         if label != self._last_health:
             level = logging.INFO if health.status == "healthy" else logging.WARNING

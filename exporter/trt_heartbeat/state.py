@@ -76,6 +76,10 @@ class TargetSnapshot:
     last_failure: ProbeRecord | None
     consecutive_failures: int
     gpu_memory: tuple[int, str] | None  # (bytes, source) from the last probe that measured it
+    # When the current worker finished loading, and when the last one was lost (clock time):
+    # between the two no probe worker holds GPU memory.
+    worker_since: float | None
+    worker_gone_since: float | None
     probes_total: dict[str, int]
     restarts_total: dict[str, int]
     durations: dict[str, HistogramSnapshot]
@@ -96,6 +100,9 @@ class TargetState:
         self._last_failure: ProbeRecord | None = None
         self._consecutive_failures = 0
         self._gpu_memory: tuple[int, str] | None = None
+        self._clock = clock
+        self._worker_since: float | None = None
+        self._worker_gone_since: float | None = None
         # Every label value starts at zero so rate() and increase() see the first failure.
         self._probes = dict.fromkeys(RESULTS, 0)
         self._restarts = dict.fromkeys(RESTART_REASONS, 0)
@@ -112,21 +119,23 @@ class TargetState:
         with self._lock:
             self._engine, self._engine_load_seconds, self._load_failure = info, seconds, None
             self._loaded = True
+            self._worker_since = self._clock()
             self._version += 1
 
     def engine_failed(self, reason: Reason, message: str) -> None:
         with self._lock:
             self._loaded, self._load_failure = False, (reason, message)
+            self._worker_gone_since = self._clock()
             self._version += 1
 
-    def worker_lost(self, restart_reason: str) -> None:
+    def record(self, probe: ProbeRecord, worker_lost: str | None = None) -> None:
+        """A probe's outcome; with `worker_lost`, also that its worker is being replaced: one
+        change, so that nobody sees the failure with the worker still counted as loaded."""
         with self._lock:
-            self._loaded = False
-            self._restarts[restart_reason] += 1
-            self._version += 1
-
-    def record(self, probe: ProbeRecord) -> None:
-        with self._lock:
+            if worker_lost is not None:
+                self._loaded = False
+                self._worker_gone_since = self._clock()
+                self._restarts[worker_lost] += 1
             self._version += 1
             self._probes[probe.result] += 1
             self._last_probe = probe
@@ -160,6 +169,8 @@ class TargetState:
                 last_failure=self._last_failure,
                 consecutive_failures=self._consecutive_failures,
                 gpu_memory=self._gpu_memory,
+                worker_since=self._worker_since,
+                worker_gone_since=self._worker_gone_since,
                 probes_total=dict(self._probes),
                 restarts_total=dict(self._restarts),
                 durations={k: h.snapshot() for k, h in self._durations.items()},

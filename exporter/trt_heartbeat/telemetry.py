@@ -36,6 +36,9 @@ class TelemetryState:
         return next((g for g in self.snapshot.gpus if g.uuid == uuid), None)
 
 
+NO_TELEMETRY = TelemetryState(False, None, None)
+
+
 class NvmlTelemetry:
     def __init__(
         self,

@@ -11,6 +11,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import HeartbeatError
 from ..promql import LABEL_NAME, bad_matcher, quote
@@ -164,16 +165,7 @@ def observe(client: PrometheusClient, scope: Scope) -> Observations:
         le = float(s.labels.get("le", "nan"))
         if not math.isnan(le):
             cumulative[(s.labels.get("gpu_model", "unknown"), s.labels[track])][le] = s.values[0][1]
-    obs.bounds = sorted({le for per in cumulative.values() for le in per})
-    for key, per in cumulative.items():
-        running, bins = 0.0, []
-        for le in obs.bounds:
-            # increase() extrapolates to the window's edges: round to whole probes, and
-            # never let a bucket drop below the one before it.
-            value = max(running, float(round(per.get(le, running))))
-            bins.append(value - running)
-            running = value
-        obs.buckets[key] = bins
+    obs.bounds, obs.buckets = bins(cumulative)
 
     obs.promql["probes"] = expr = probe_counts(scope)
     for s in client.query(expr, scope.at):
@@ -195,6 +187,24 @@ def observe(client: PrometheusClient, scope: Scope) -> Observations:
             key = (s.labels.get("gpu_model", "unknown"), s.labels[track])
             target.setdefault(key, []).append(s.values[0][1])
     return obs
+
+
+def bins(cumulative: dict[Any, dict[float, float]]) -> tuple[list[float], dict[Any, list[float]]]:
+    """Cumulative buckets per key to counts per bin, over one common, sorted set of bounds.
+
+    increase() extrapolates to the window's edges: counts are rounded to whole observations, and
+    a bucket never drops below the one before it.
+    """
+    bounds = sorted({le for per in cumulative.values() for le in per})
+    out = {}
+    for key, per in cumulative.items():
+        running, counts = 0.0, []
+        for le in bounds:
+            value = max(running, float(round(per.get(le, running))))
+            counts.append(value - running)
+            running = value
+        out[key] = counts
+    return bounds, out
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from typing import Any
 
 from ..errors import HeartbeatError
 from ..promql import quote
-from ..service.source import Labels, Source
+from ..service.source import Source
 from . import stats
 from .prometheus import PrometheusClient
-from .queries import duration
+from .queries import bins, duration
 from .thresholds import Key
 from .verdict import FAIL, INCONCLUSIVE, MARGINAL, PASS, Check, Stratum, graded, tail_check
 from .verdict import ratio_check as ratio_of_medians
@@ -41,8 +41,9 @@ class ServiceScope:
     baseline: str | None = None
     min_requests: int = 1000
 
-    def requests(self, labels: Labels, selector: str, *extra: str) -> str:
-        parts = [selector.rstrip("}"), f"{labels.service}={quote(self.service)}",
+    def requests(self, selector: str, *extra: str) -> str:
+        """`selector` narrowed to this service, the user's matchers and `extra`."""
+        parts = [selector.rstrip("}"), f"{self.source.labels.service}={quote(self.service)}",
                  self.selector, *extra]  # fmt: skip
         head, _, first = parts[0].partition("{")
         body = ", ".join(p for p in [first, *parts[1:]] if p)
@@ -87,7 +88,7 @@ def _increase(client: PrometheusClient, scope: ServiceScope, selector: str, by: 
 def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservations:
     src, lab, obs = scope.source, scope.source.labels, ServiceObservations()
     by = ", ".join([lab.track, *lab.by])
-    requests = scope.requests(lab, src.requests.selector(), f'{lab.track}!=""')
+    requests = scope.requests(src.requests.selector(), f'{lab.track}!=""')
     obs.promql["requests"] = f"sum by ({by}) (increase({requests}{scope.range}))"
     for s in _increase(client, scope, requests, by, scope.at):
         track = s.labels[lab.track]
@@ -104,24 +105,24 @@ def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservation
     others = [t for t in busiest if t != obs.baseline]
     obs.canary = scope.canary or (others[0] if others else "")
 
-    errors = scope.requests(lab, src.errors.selector(), f'{lab.track}!=""')
+    errors = scope.requests(src.errors.selector(), f'{lab.track}!=""')
     obs.promql["errors"] = f"sum by ({by}) (increase({errors}{scope.range}))"
     for s in _increase(client, scope, errors, by, scope.at):
         obs.errors[(_route(s.labels, lab.by), s.labels[lab.track])] = s.values[0][1]
 
     lat = src.latency
     if lat.histogram:
-        buckets = scope.requests(lab, f"{lat.histogram}_bucket{{{lat.matchers}}}")
+        buckets = scope.requests(f"{lat.histogram}_bucket{{{lat.matchers}}}")
         obs.promql["latency"] = f"sum by ({by}, le) (increase({buckets}{scope.range}))"
         cumulative: dict[tuple[Route, str], dict[float, float]] = defaultdict(dict)
         for s in _increase(client, scope, buckets, f"{by}, le", scope.at):
             key = (_route(s.labels, lab.by), s.labels[lab.track])
             cumulative[key][float(s.labels["le"]) * lat.scale] = s.values[0][1]
-        obs.bounds, obs.buckets = _bins(cumulative)
+        obs.bounds, obs.buckets = bins(cumulative)
     else:
         per: dict[str, dict[tuple[Route, str], float]] = {}
         for name, metric in (("sum", lat.sum), ("count", lat.count)):
-            selector = scope.requests(lab, f"{metric}{{{lat.matchers}}}")
+            selector = scope.requests(f"{metric}{{{lat.matchers}}}")
             obs.promql[f"latency_{name}"] = f"sum by ({by}) (increase({selector}{scope.range}))"
             per[name] = {(_route(s.labels, lab.by), s.labels[lab.track]): s.values[0][1]
                          for s in _increase(client, scope, selector, by, scope.at)}  # fmt: skip
@@ -154,20 +155,6 @@ def _observe_pods(client: PrometheusClient, scope: ServiceScope, obs: ServiceObs
         obs.promql["gpu_memory"] = expr
         for s in client.query(expr, scope.at):
             obs.memory.setdefault((ALL, s.labels[pl.track]), []).append(s.values[0][1])
-
-
-def _bins(cumulative: dict[Any, dict[float, float]]) -> tuple[list[float], dict[Any, list[float]]]:
-    """Cumulative buckets per key to counts per bin over one common, sorted set of bounds."""
-    bounds = sorted({le for per in cumulative.values() for le in per})
-    out = {}
-    for key, per in cumulative.items():
-        running, bins = 0.0, []
-        for le in bounds:
-            value = max(running, float(round(per.get(le, running))))
-            bins.append(value - running)
-            running = value
-        out[key] = bins
-    return bounds, out
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -273,7 +260,7 @@ def _drift(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], a
     promql = obs.promql.get("drift", "")
     if obs.drift_kind == "scores":
         keys = sorted({*cd, *bd}, key=float)
-        cc, bc = _bins({0: {float(k): cd.get(k, 0.0) for k in keys},
+        cc, bc = bins({0: {float(k): cd.get(k, 0.0) for k in keys},
                         1: {float(k): bd.get(k, 0.0) for k in keys}})[1].values()  # fmt: skip
         statistic_name = "ks"
     else:

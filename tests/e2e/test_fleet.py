@@ -152,6 +152,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def tear_down(processes: list[subprocess.Popen[bytes]], hook_server: ThreadingHTTPServer | None,
+              work: Path, name: str) -> None:  # fmt: skip
+    """Stop what a stack started, newest first; keep its logs under $OUT/name where set."""
+    for process in reversed(processes):
+        _stop(process)
+    if hook_server is not None:
+        hook_server.shutdown()
+    if os.environ.get("OUT"):
+        shutil.copytree(work, Path(os.environ["OUT"]) / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*-data"))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e")
@@ -282,17 +294,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         yield stack
     finally:
-        for process in reversed(processes):
-            _stop(process)
-        if hook_server is not None:
-            hook_server.shutdown()
-        if os.environ.get("OUT"):
-            shutil.copytree(
-                work,
-                Path(os.environ["OUT"]) / "e2e",
-                dirs_exist_ok=True,
-                ignore=shutil.ignore_patterns("*-data"),
-            )
+        tear_down(processes, hook_server, work, "e2e")
 
 
 def test_fleet_end_to_end(stack: Stack) -> None:

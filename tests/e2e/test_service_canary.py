@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,10 +32,10 @@ from test_fleet import (
     FAKE_PYNVML,
     Webhook,
     _start,
-    _stop,
     get_json,
     service_panels,
     start_webhook,
+    tear_down,
 )
 
 from conftest import ROOT, cli, cli_env, http_ready, require, wait_for
@@ -183,13 +182,7 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
                  timeout=60, what="prometheus and alertmanager ready")  # fmt: skip
         yield Guard(prometheus, hook, kubectl_log, work)
     finally:
-        for process in reversed(processes):
-            _stop(process)
-        if hook_server is not None:
-            hook_server.shutdown()
-        if os.environ.get("OUT"):
-            shutil.copytree(work, Path(os.environ["OUT"]) / "service-e2e", dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*-data"))  # fmt: skip
+        tear_down(processes, hook_server, work, "service-e2e")
 
 
 def test_a_canary_over_1_percent_errors_pauses_the_rollout(guard: Guard) -> None:

@@ -24,16 +24,19 @@ VERSIONS = (
 )
 
 
-def variables() -> list[dict[str, Any]]:
-    def query(name: str, label: str, metric: str, hide: int = 0) -> dict[str, Any]:
-        return {
-            "name": name, "label": label, "type": "query", "datasource": DS,
-            "query": {"query": f"label_values({metric}, {name})", "refId": name},
-            "definition": f"label_values({metric}, {name})",
-            "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": hide,
-        }  # fmt: skip
+def query_variable(name: str, label: str, metric: str, hide: int = 0) -> dict[str, Any]:
+    """A multi-value variable over `label_values(metric, name)`, "All" by default."""
+    return {
+        "name": name, "label": label, "type": "query", "datasource": DS,
+        "query": {"query": f"label_values({metric}, {name})", "refId": name},
+        "definition": f"label_values({metric}, {name})",
+        "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": hide,
+    }  # fmt: skip
 
+
+def variables() -> list[dict[str, Any]]:
+    query = query_variable
     return [
         {"name": "datasource", "label": "Data source", "type": "datasource",
          "query": "prometheus", "current": {}, "hide": 0},
@@ -47,19 +50,11 @@ def variables() -> list[dict[str, Any]]:
 
 def service_variables() -> list[dict[str, Any]]:
     """Source and service of the rollout guard's rows (normalised series, any source)."""
-    out = []
-    for name, label, metric in (
-        ("source", "Service source", "service_track:service_requests:rate5m"),
-        ("service", "Service", 'service_track:service_requests:rate5m{source=~"$source"}'),
-    ):
-        out.append({
-            "name": name, "label": label, "type": "query", "datasource": DS,
-            "query": {"query": f"label_values({metric}, {name})", "refId": name},
-            "definition": f"label_values({metric}, {name})",
-            "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": 0,
-        })  # fmt: skip
-    return out
+    return [
+        query_variable("source", "Service source", "service_track:service_requests:rate5m"),
+        query_variable("service", "Service",
+                       'service_track:service_requests:rate5m{source=~"$source"}'),
+    ]  # fmt: skip
 
 
 class Panels:

@@ -87,6 +87,13 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
             for name, value in result.phases.items():
                 phases[name].append(value)
     memory = result.gpu_memory_bytes
+    # The device-memory query each probe makes (cuMemGetInfo), alone: its share of run().
+    host = backend._host
+    assert host is not None
+    t0 = time.perf_counter()
+    for _ in range(probes):
+        host.memory_info()
+    memory_info = (time.perf_counter() - t0) / probes
     backend.close()
     return {
         "gpu": info.details.get("gpu_name"),
@@ -97,6 +104,8 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
         "gpu_time": _stats([sum(p) for p in zip(*phases.values(), strict=True)]),
         "gpu_memory_mib": (memory or 0) / MIB,
         "gpu_memory_source": result.gpu_memory_source,
+        "memory_info_us": memory_info * 1e6,
+        "device_memory_mib": [v / MIB for v in result.device_memory or ()],
     }
 
 
@@ -161,7 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     from trt_heartbeat import gpus
 
-    index, uuid = gpus.discover()[0]
+    first = gpus.discover()[0]
+    index, uuid = first.index, first.uuid
     apis = ["cuda-python"] + (["pycuda"] if importlib.util.find_spec("pycuda") else [])
     results: dict[str, Any] = {
         "python": platform.python_version(),

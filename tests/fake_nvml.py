@@ -1,7 +1,10 @@
 """Test-only stand-in for `pynvml`: the NVML faults we cannot cause on a machine without a GPU.
 
 Controlled by a JSON file named in $TRT_HEARTBEAT_FAKE_NVML, read on every call:
-  {"mode": "ok|hang|error|missing", "free": bytes, "pids": [pid, ...]}
+  {"mode": "ok|hang|error|missing", "free": bytes, "pids": [pid, ...],
+   "mig": {"0": ["1g.10gb", "3g.40gb"]}}
+"mig" puts a GPU in MIG mode with one instance per profile listed (an empty list: MIG mode
+without instances). GPU 1 is a board without MIG (NotSupported), as GPU 0 is without it by default.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ NVML_TEMPERATURE_GPU = 0
 NVML_VOLATILE_ECC = 0
 NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
 NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_DEVICE_MIG_ENABLE = 1
+MAX_MIG_DEVICES = 7
 TOTAL = 80 << 30
 GPUS = [("GPU-fake-0", "0000:3B:00.0"), ("GPU-fake-1", "0000:5E:00.0")]
 
@@ -35,6 +40,14 @@ class NVMLError_GpuIsLost(NVMLError):
 
 class NVMLError_NotSupported(NVMLError):
     pass
+
+
+class NVMLError_NotFound(NVMLError):
+    pass
+
+
+# A MIG device handle: (parent index, slot); a GPU's is its index.
+Handle = int | tuple[int, int]
 
 
 def _control() -> dict[str, Any]:
@@ -82,16 +95,61 @@ def nvmlDeviceGetHandleByIndex(index: int) -> int:
     return index
 
 
-def nvmlDeviceGetHandleByUUID(uuid: str) -> int:
+def mig_uuid(index: int, slot: int) -> str:
+    return f"MIG-{index:08x}-0000-4000-8000-{slot:012x}"
+
+
+def _profiles(index: int) -> list[str] | None:
+    mig = _control().get("mig", {})
+    return list(mig[str(index)]) if str(index) in mig else None
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str) -> Handle:
+    for index in range(len(GPUS)):
+        for slot in range(len(_profiles(index) or [])):
+            if mig_uuid(index, slot) == uuid:
+                return index, slot
     return [u for u, _ in GPUS].index(uuid)
 
 
-def nvmlDeviceGetUUID(handle: int) -> str:
-    return GPUS[handle][0]
+def nvmlDeviceGetUUID(handle: Handle) -> str:
+    return mig_uuid(*handle) if isinstance(handle, tuple) else GPUS[handle][0]
 
 
-def nvmlDeviceGetName(handle: int) -> str:
+def nvmlDeviceGetName(handle: Handle) -> str:
+    if isinstance(handle, tuple):
+        return f"NVIDIA Fake H200 MIG {(_profiles(handle[0]) or [])[handle[1]]}"
     return "NVIDIA Fake H200"
+
+
+def nvmlDeviceGetMigMode(handle: int) -> list[int]:
+    if handle == 1:
+        raise NVMLError_NotSupported("Not Supported")
+    mode = int(_profiles(handle) is not None)
+    return [mode, mode]
+
+
+def nvmlDeviceGetMaxMigDeviceCount(handle: int) -> int:
+    return MAX_MIG_DEVICES
+
+
+def nvmlDeviceGetMigDeviceHandleByIndex(handle: int, slot: int) -> Handle:
+    if slot >= len(_profiles(handle) or []):
+        raise NVMLError_NotFound("Not Found")
+    return handle, slot
+
+
+def nvmlDeviceGetGpuInstanceId(handle: tuple[int, int]) -> int:
+    return [1, 2, 3, 5, 7, 9, 11][handle[1]]  # IDs as the driver hands them out: not the slot
+
+
+def nvmlDeviceGetComputeInstanceId(handle: tuple[int, int]) -> int:
+    return 0
+
+
+def _mig_total(handle: tuple[int, int]) -> int:
+    profile = (_profiles(handle[0]) or [])[handle[1]]  # "3g.40gb" -> 40 GiB
+    return int(profile.split(".")[1].removesuffix("gb")) << 30
 
 
 def nvmlDeviceGetPciInfo(handle: int) -> Any:
@@ -106,7 +164,10 @@ nvmlMemory_v2 = 0x02000028
 RESERVED = 350 << 20
 
 
-def nvmlDeviceGetMemoryInfo(handle: int, version: int | None = None) -> Any:
+def nvmlDeviceGetMemoryInfo(handle: Handle, version: int | None = None) -> Any:
+    if isinstance(handle, tuple):  # a MIG instance: its share, half of it free
+        total = _mig_total(handle)
+        return SimpleNamespace(total=total, free=total // 2, used=total - total // 2)
     free = int(_call().get("free", 60 << 30))
     if version == nvmlMemory_v2:  # as nvidia-smi: driver-reserved memory is not "used"
         return SimpleNamespace(total=TOTAL, free=free, reserved=RESERVED,
@@ -132,5 +193,5 @@ def nvmlDeviceGetTotalEccErrors(handle: int, kind: int, counter: int) -> int:
     return 2 if kind == NVML_MEMORY_ERROR_TYPE_CORRECTED else 0
 
 
-def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[Any]:
+def nvmlDeviceGetComputeRunningProcesses(handle: Handle) -> list[Any]:
     return [SimpleNamespace(pid=pid, usedGpuMemory=270532608) for pid in _call().get("pids", [])]

@@ -3,7 +3,8 @@
 It reads a JSON control file (path in $TRT_HEARTBEAT_FAULT_FILE) before loading and before every
 probe, so a test can change its behaviour while the exporter runs:
   {"load": "ok|fail|hang|crash", "probe": "ok|raise|fatal|cuda|crash|hang|wrong|nan|slow",
-   "delay": seconds for "slow"}
+   "delay": seconds for "slow", "device_memory": [free, total] as cuMemGetInfo would say,
+   "gpu_phases": true to report h2d/compute/d2h as the GPU backends do}
 A key "gpu:<index>" holds a control for that target alone. Without a control file it behaves
 like the reference backend.
 """
@@ -78,8 +79,14 @@ class FaultBackend:
         if mode == "nan":
             output = output.copy()
             output[0, 0] = float("nan")
-        # Pretend to hold device memory so the memory series exists, as on a GPU.
-        return RunResult(output, result.phases, 263 << 20, "test")
+        # Pretend to hold device memory so the memory series exists, as on a GPU; and, where
+        # the control says, report the device's (free, total) as cuMemGetInfo would.
+        device = ctl.get("device_memory")
+        phases = result.phases
+        if ctl.get("gpu_phases"):  # the phases a GPU backend times, for series counts
+            phases = {"h2d": 1e-5, "compute": phases["compute"], "d2h": 1e-5}
+        return RunResult(output, phases, 263 << 20, "test",
+                         None if device is None else (int(device[0]), int(device[1])))  # fmt: skip
 
     def close(self) -> None:
         self._inner.close()

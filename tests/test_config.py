@@ -19,11 +19,14 @@ from trt_heartbeat.errors import ConfigError
 DATA = Path(__file__).parent / "testdata"
 DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds"
 
+GPUS = (
+    "all, or a list of GPU indexes (0, 1, ...), GPU UUIDs (GPU-...) or MIG instance UUIDs (MIG-...)"
+)
 # One file per error case; the message must name the key path and what was expected.
 INVALID = {
     "unknown-key": "intervall: unknown key (expected one of: backend, constant_labels, cuda_api, "
     "engine_cache_dir, gpu_memory_low_threshold, gpus, history, interval, jitter, "
-    "latency_objective, log, max_age, nvml, precision, startup_timeout, timeout, web)",
+    "latency_objective, log, max_age, metrics, nvml, precision, startup_timeout, timeout, web)",
     "nvml-enabled": 'nvml.enabled: expected auto, true or false, got "sometimes"',
     "nvml-timeout": "nvml.timeout: must be shorter than nvml.interval (5s >= 5s)",
     "memory-threshold": "gpu_memory_low_threshold: expected a size such as 512MiB, 2GiB or a "
@@ -57,8 +60,14 @@ INVALID = {
     "'package.module:Class' spec, got \"\"",
     "backend-unknown": "backend: unknown backend 'tensorrtt': expected auto, cuda, reference, "
     "tensorrt or a 'package.module:Class' spec",
-    "gpus": "gpus: expected all, or a list of GPU indexes (0, 1, ...) or UUIDs (GPU-...), got "
-    '[0, "first"]',
+    "gpus": f'gpus: expected {GPUS}, got [0, "first"]',
+    "gpus-mig-uuid": f'gpus: expected {GPUS}, got [0, "MIG-1234"]',
+    "metrics-phases-without-total": "metrics.histogram_phases: must include total (the latency "
+    "alerts and canary-judge read it)",
+    "metrics-buckets-not-increasing": "metrics.buckets[2]: must be greater than "
+    "metrics.buckets[1] (5ms <= 10ms)",
+    "metrics-buckets": "metrics.buckets: expected default, coarse, or a list of up to 40 "
+    'increasing durations such as [1ms, 10ms, 100ms], got "fine"',
     "cuda-api": 'cuda_api: expected one of cuda-python, pycuda, got "cupy"',
     "web-not-mapping": 'web: expected a mapping, got ":9470"',
     "interval-nan": "interval: expected a finite number, got .nan",
@@ -275,3 +284,26 @@ def test_any_document_loads_or_is_one_clear_error(
         assert (
             message.startswith(f"{path}: ") and "\n" not in message and "Traceback" not in message
         )
+
+
+# The same list means the same in a file (YAML), a flag and an environment variable (commas).
+SAME_LISTS = [
+    ("histogram_phases", "total,compute", "[total, compute]", ["total", "compute"]),
+    ("buckets", "coarse", "coarse", "coarse"),
+    ("buckets", "1ms,0.01,250ms", "[1ms, 0.01, 250ms]", ["1ms", "10ms", "250ms"]),
+]
+
+
+@pytest.mark.parametrize(("key", "text", "in_file", "effective"), SAME_LISTS)
+@pytest.mark.parametrize("where", ["file", "flag", "environment"])
+def test_a_metrics_list_means_the_same_in_file_flag_and_environment(
+    tmp_path: Path, where: str, key: str, text: str, in_file: str, effective: Any
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"metrics:\n  {key}: {in_file}\n" if where == "file" else "")
+    flag = f"--metrics.{key.replace('_', '-')}"
+    args = ["check-config", str(path)] + ([flag, text] if where == "flag" else [])
+    env = {f"TRT_HEARTBEAT_METRICS_{key.upper()}": text} if where == "environment" else {}
+    result = CliRunner().invoke(cli_group, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output)["metrics"][key] == effective

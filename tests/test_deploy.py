@@ -18,6 +18,7 @@ import tomllib
 import yaml
 
 from conftest import ROOT, cli_env, require
+from trt_heartbeat import config
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -189,7 +190,13 @@ def test_dashboards_configmap_has_the_sidecar_label() -> None:
 def test_dockerfile_targets() -> None:
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM \S+ AS (\w+)$", text, re.MULTILINE)
-    assert stages == ["base", "reference", "full", "lean"], "lean is the default (last) target"
+    assert stages == ["base", "reference", "full", "jetson", "lean"], "lean is the default (last)"
+    # arm64: no TensorRT lean wheels on PyPI, so that image installs the cuda backend alone.
+    assert 'if [ "$TARGETARCH" = "arm64" ]; then pip install ".[gpu]"' in text
+    jetson = text.split("AS jetson\n")[1].split("\nFROM ")[0]
+    edge = ROOT / "deploy" / "edge" / "edge.yaml"
+    assert f"COPY {edge.relative_to(ROOT)} /etc/trt-heartbeat/edge.yaml" in jetson
+    assert config.load(edge).nvml_enabled is False and config.load(edge).backend == "cuda"
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
                  ["optional-dependencies"])  # fmt: skip
     for requested in re.findall(r'pip install "?\.\[([^\]]+)\]', text):

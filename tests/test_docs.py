@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import fake_nvml as fake_nvml_stub
 from conftest import ROOT, Faults, Running, fake_telemetry, wait_for
-from trt_heartbeat.backends import Target
+from trt_heartbeat.backends import MigInstance, Target
 from trt_heartbeat.cli import cli
 from trt_heartbeat.errors import Reason
 from trt_heartbeat.health import (
@@ -53,7 +55,12 @@ def scraped_metrics(url: str) -> dict[str, tuple[str, frozenset[str]]]:
 def test_metrics_doc_equals_real_output(
     run_exporter: Callable[..., Running], faults: Faults, fake_nvml: Faults
 ) -> None:
-    r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=fake_telemetry())
+    # A whole GPU and a MIG instance of another, so that the MIG families have series too.
+    fake_nvml.set(mode="ok", mig={"0": ["1g.10gb"]})
+    mig = Target(
+        "0/1/0", fake_nvml_stub.mig_uuid(0, 0), MigInstance("0", "GPU-fake-0", "1g.10gb", 1, 0)
+    )
+    r = run_exporter(targets=[Target("1", "GPU-fake-1"), mig], telemetry=fake_telemetry())
     wait_for(lambda: r.exporter.telemetry_state().up)
     # Visit every state once so that every family has series: pass, fail, pass.
     wait_for(lambda: r.snapshot().probes_total["success"] >= 1)
@@ -62,6 +69,30 @@ def test_metrics_doc_equals_real_output(
     faults.set()
     wait_for(lambda: r.snapshot().last_probe.result == "success")
     assert scraped_metrics(r.url) == documented_metrics()
+
+
+SERIES_ROW = re.compile(r"^\| `(\{.*\})` \| (\d+) \|", re.MULTILINE)
+
+
+def test_series_per_gpu_doc_equals_a_real_scrape(
+    run_exporter: Callable[..., Running], faults: Faults, fake_nvml: Faults
+) -> None:
+    """docs/metrics.md's series budget: every series carrying one GPU's UUID, in a steady
+    state (probes passing, NVML up), for each documented `metrics` setting."""
+    documented = SERIES_ROW.findall((DOCS / "metrics.md").read_text())
+    assert len(documented) >= 4
+    faults.set(gpu_phases=True)
+    for setting, count in documented:
+        r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=fake_telemetry(),
+                         metrics=json.loads(setting))  # fmt: skip
+        wait_for(lambda r=r: r.exporter.telemetry_state().up
+                 and r.snapshot().probes_total["success"] >= 1)  # fmt: skip
+        with urllib.request.urlopen(r.url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        series = [s for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.labels.get("uuid") == "GPU-fake-0"]  # fmt: skip
+        assert len(series) == int(count), setting
+    assert int(documented[0][1]) <= 120  # the default's budget
 
 
 def test_reason_codes_are_documented_with_runbooks() -> None:

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Running, wait_for
+import fake_nvml as fake_nvml_module
+from conftest import Faults, Running, cli, cli_env, free_port, wait_for
 from trt_heartbeat import gpus
 from trt_heartbeat.app import gpu_visible, select_backend
-from trt_heartbeat.backends import Target
+from trt_heartbeat.backends import MigInstance, Target
 from trt_heartbeat.cuda_host import cuda_failure
-from trt_heartbeat.errors import Reason, UnknownBackendError
+from trt_heartbeat.errors import ConfigError, Reason, UnknownBackendError
 
-FOUND = [(0, "GPU-aaaa"), (1, "GPU-bbbb")]
+FOUND = [gpus.FoundGpu(0, "GPU-aaaa"), gpus.FoundGpu(1, "GPU-bbbb")]
+PARENT = "GPU-0000aaaa-0000-4000-8000-000000000000"
+SMALL = Target("0/1/0", "MIG-00000000-0000-4000-8000-000000000000",
+               MigInstance("0", PARENT, "1g.10gb", 1, 0))  # fmt: skip
+LARGE = Target("0/2/0", "MIG-00000000-0000-4000-8000-000000000001",
+               MigInstance("0", PARENT, "3g.40gb", 2, 0))  # fmt: skip
+MIXED = [gpus.FoundGpu(0, PARENT, True, (SMALL, LARGE)), gpus.FoundGpu(1, "GPU-bbbb")]
 
 
 def test_select_all() -> None:
@@ -29,6 +42,55 @@ def test_select_by_index_and_uuid() -> None:
 
 def test_missing_gpus_become_targets_that_will_report_no_gpu() -> None:
     assert gpus.select_targets([3, "GPU-cccc"], FOUND) == [Target("3", ""), Target("", "GPU-cccc")]
+    gone = "MIG-00000000-0000-4000-8000-00000000000f"
+    assert gpus.select_targets([gone], MIXED) == [Target("", gone)]
+
+
+def test_a_gpu_in_mig_mode_is_probed_per_instance() -> None:
+    assert gpus.select_targets("all", MIXED) == [SMALL, LARGE, Target("1", "GPU-bbbb")]
+    # Selection by parent, by index or UUID: every instance on it.
+    assert gpus.select_targets([0], MIXED) == [SMALL, LARGE]
+    assert gpus.select_targets([PARENT, 1], MIXED) == [SMALL, LARGE, Target("1", "GPU-bbbb")]
+    # One instance, by its UUID or by the driver's older MIG-<parent>/<GI>/<CI> name.
+    assert gpus.select_targets([LARGE.uuid], MIXED) == [LARGE]
+    assert gpus.select_targets([f"MIG-{PARENT}/1/0"], MIXED) == [SMALL]
+
+
+def test_mig_mode_without_instances_stays_one_target() -> None:
+    empty = [gpus.FoundGpu(0, PARENT, mig_enabled=True)]
+    assert gpus.select_targets("all", empty) == [Target("0", PARENT)]
+
+
+def test_an_instance_selected_twice_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        gpus.select_targets([0, SMALL.uuid], MIXED)
+    assert str(info.value) == (
+        f"gpus[1]: {SMALL.uuid} selects {SMALL.uuid}, which gpus[0] (0) already selects"
+    )
+
+
+def test_discovery_through_nvml_reports_mig_instances(fake_nvml: Faults) -> None:
+    fake_nvml.set(mode="ok", mig={"0": ["1g.10gb", "3g.40gb"]})
+    found = gpus.discover(timeout=60, nvml_module="fake_nvml")
+    assert [(g.index, g.uuid, g.mig_enabled) for g in found] == [
+        (0, "GPU-fake-0", True), (1, "GPU-fake-1", False)
+    ]  # fmt: skip
+    small = MigInstance("0", "GPU-fake-0", "1g.10gb", 1, 0)
+    large = MigInstance("0", "GPU-fake-0", "3g.40gb", 2, 0)
+    assert found[0].instances == (
+        Target("0/1/0", fake_nvml_module.mig_uuid(0, 0), small),
+        Target("0/2/0", fake_nvml_module.mig_uuid(0, 1), large),
+    )
+
+
+def test_discovery_of_whole_gpus_is_unchanged(fake_nvml: Faults) -> None:
+    # What the lent GPUs show (MIG off): the same two targets as before MIG support.
+    found = gpus.discover(timeout=60, nvml_module="fake_nvml")
+    assert found == [gpus.FoundGpu(0, "GPU-fake-0"), gpus.FoundGpu(1, "GPU-fake-1")]
+    assert gpus.select_targets("all", found) == [
+        Target("0", "GPU-fake-0"),
+        Target("1", "GPU-fake-1"),
+    ]
 
 
 def test_gpu_visible_reads_procfs_and_dev(tmp_path: Path) -> None:
@@ -44,6 +106,15 @@ def test_gpu_visible_reads_procfs_and_dev(tmp_path: Path) -> None:
     (dev / "nvidia0").unlink()
     (proc / "0000:3b:00.0").mkdir()
     assert gpu_visible(proc, dev)
+
+
+@pytest.mark.parametrize("node", ["nvgpu/igpu0/ctrl", "nvhost-ctrl-gpu"])
+def test_gpu_visible_on_a_jetson(tmp_path: Path, node: str) -> None:
+    # An integrated GPU: no NVML procfs entries, no /dev/nvidiaN; JetPack 6 and 5 nodes.
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "dev" / node).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "dev" / node).touch()
+    assert gpu_visible(tmp_path / "proc", tmp_path / "dev")
 
 
 def test_auto_backend() -> None:
@@ -109,3 +180,81 @@ def test_probe_kernel_compiles_with_nvrtc(real: str, arch: tuple[int, int]) -> N
 
     image = nvrtc.compile_cubin(kernel_source(real), "canonical_mlp.cu", arch)
     assert image.startswith(b"\x7fELF")
+
+
+FAKE_PYNVML = Path(__file__).parent / "e2e" / "fake_pynvml"
+
+
+def _serve_mig(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`serve` with the stand-in NVML in place of pynvml, GPU 0 in MIG mode with two instances."""
+    control = tmp_path / "nvml.json"
+    control.write_text(json.dumps({"mode": "ok", "mig": {"0": ["1g.10gb", "3g.40gb"]}}))
+    (tmp_path / "c.yaml").write_text("nvml: {enabled: true, interval: 300ms, timeout: 250ms}\n")
+    env = cli_env(TRT_HEARTBEAT_FAKE_NVML=str(control))
+    env["PYTHONPATH"] = f"{FAKE_PYNVML}{os.pathsep}{env['PYTHONPATH']}"
+    return subprocess.Popen(
+        [sys.executable, "-m", "trt_heartbeat", "serve", "--config", str(tmp_path / "c.yaml"),
+         "--backend", "cuda", "--interval", "1s", "--timeout", "900ms", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def test_serve_probes_each_mig_instance(tmp_path: Path) -> None:
+    port = free_port()
+    process = _serve_mig(tmp_path, "--web.listen-address", f"127.0.0.1:{port}")
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def samples() -> dict[str, list[dict[str, str]]]:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:
+                return {}  # not listening yet
+            out: dict[str, list[dict[str, str]]] = {}
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    out.setdefault(s.name, []).append(s.labels)
+            return out
+
+        s = wait_for(lambda: (s := samples()).get("trt_heartbeat_gpu_memory_total_bytes") and s,
+                     timeout=60, what="NVML readings served")  # fmt: skip
+        mig0, mig1 = fake_nvml_module.mig_uuid(0, 0), fake_nvml_module.mig_uuid(0, 1)
+        # One target per instance of GPU 0, the whole GPU 1; each with its own worker failing
+        # for want of a driver on this machine, none taking the others down.
+        assert {(t["gpu"], t["uuid"]) for t in s["trt_heartbeat_up"]} == {
+            ("0/1/0", mig0), ("0/2/0", mig1), ("1", "GPU-fake-1")
+        }  # fmt: skip
+        placed = sorted((m["uuid"], m["parent_gpu"], m["profile"])
+                        for m in s["trt_heartbeat_mig_info"])  # fmt: skip
+        assert placed == [(mig0, "0", "1g.10gb"), (mig1, "0", "3g.40gb")]
+        memory = {(m["gpu"], m["source"]) for m in s["trt_heartbeat_gpu_memory_total_bytes"]}
+        assert memory == {("0", "nvml"), ("0/1/0", "nvml"), ("0/2/0", "nvml"), ("1", "nvml")}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_an_instance_selected_with_its_parent_exits_2(tmp_path: Path) -> None:
+    mig1 = fake_nvml_module.mig_uuid(0, 1)
+    process = _serve_mig(tmp_path, "--gpus", f"0,{mig1}", "--web.listen-address", "127.0.0.1:0")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2, out + err
+    assert err == f"Error: gpus[1]: {mig1} selects {mig1}, which gpus[0] (0) already selects\n"
+
+
+@pytest.mark.parametrize("where", ["file", "flag", "environment"])
+@pytest.mark.parametrize(
+    "value", ["MIG-1234", "MIG-GPU-abcd/1", "MIG-gggggggg-0000-4000-8000-000000000000"]
+)
+def test_a_malformed_mig_uuid_exits_2_alike_everywhere(
+    tmp_path: Path, where: str, value: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f'gpus: ["{value}"]\n' if where == "file" else "")
+    args = ["check-config", str(path)] + (["--gpus", value] if where == "flag" else [])
+    env = {"TRT_HEARTBEAT_GPUS": value} if where == "environment" else {}
+    result = cli(*args, **env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert "or MIG instance UUIDs (MIG-...)" in result.stderr and value in result.stderr

@@ -13,8 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml
+import fake_nvml as fake_nvml_stub
 from conftest import Faults, Running, fake_telemetry, wait_for
-from trt_heartbeat.backends import Target
+from trt_heartbeat.backends import MigInstance, Target
 from trt_heartbeat.backends.gpu_common import NvmlView
 from trt_heartbeat.telemetry import NvmlTelemetry
 
@@ -122,10 +123,9 @@ def test_metrics_and_health(run_exporter: Start, fake_nvml: Faults, faults: Faul
                      gpu_memory_low_threshold="512MiB")  # fmt: skip
     wait_for(lambda: r.exporter.telemetry_state().up and r.snapshot().probes_total["success"])
     s = scrape(r)
-    t0 = "gpu=0,uuid=GPU-fake-0"
     assert s["trt_heartbeat_nvml_up{}"] == 1
-    assert s[f"trt_heartbeat_gpu_memory_free_bytes{{{t0}}}"] == 60 << 30
-    assert s[f"trt_heartbeat_gpu_memory_total_bytes{{{t0}}}"] == 80 << 30
+    assert s["trt_heartbeat_gpu_memory_free_bytes{gpu=0,source=nvml,uuid=GPU-fake-0}"] == 60 << 30
+    assert s["trt_heartbeat_gpu_memory_total_bytes{gpu=0,source=nvml,uuid=GPU-fake-0}"] == 80 << 30
     assert s["trt_heartbeat_gpu_info{compute_capability=9.0,gpu=0,name=NVIDIA Fake H200,"
              "pci_bus_id=0000:3B:00.0,uuid=GPU-fake-0}"] == 1  # fmt: skip
     assert s["trt_heartbeat_gpu_ecc_errors_total{gpu=0,type=corrected,uuid=GPU-fake-0}"] == 2
@@ -138,7 +138,11 @@ def test_metrics_and_health(run_exporter: Start, fake_nvml: Faults, faults: Faul
     report = wait_for(lambda: (h := r.exporter.health_report()[0])["reason"] == "gpu_memory_low"
                       and h)  # fmt: skip
     assert report["status"] == "degraded" and r.exporter.health_report()[1]
-    assert report["targets"][0]["gpu_memory"] == {"free_mib": 100, "total_mib": 81920}
+    assert report["targets"][0]["gpu_memory"] == {
+        "free_mib": 100,
+        "total_mib": 81920,
+        "source": "nvml",
+    }
 
     fake_nvml.set(mode="error")
     wait_for(lambda: not r.exporter.telemetry_state().up)
@@ -189,3 +193,75 @@ def test_worker_memory_without_nvml() -> None:
     view = NvmlView("GPU-x", nvml=object())  # not NVML at all
     view.setup_done()
     assert view.current() is None and view.source == "unavailable"
+
+
+def test_memory_from_the_probe_where_nvml_is_absent(run_exporter: Start, faults: Faults) -> None:
+    # Jetson, or a container with a broken driver mount: no NVML, but the probe's own context
+    # can say how much of the device is free (cuMemGetInfo; the fault backend stands in).
+    faults.set(device_memory=[60 << 30, 80 << 30])
+    r = run_exporter(targets=[GPU0], gpu_memory_low_threshold="512MiB")
+    cuda = "gpu=0,source=cuda,uuid=GPU-fake-0"
+    wait_for(lambda: f"trt_heartbeat_gpu_memory_free_bytes{{{cuda}}}" in scrape(r))
+    s = scrape(r)
+    assert s[f"trt_heartbeat_gpu_memory_free_bytes{{{cuda}}}"] == 60 << 30
+    assert s[f"trt_heartbeat_gpu_memory_total_bytes{{{cuda}}}"] == 80 << 30
+    assert s[f"trt_heartbeat_gpu_memory_used_bytes{{{cuda}}}"] == 20 << 30
+    assert s["trt_heartbeat_nvml_up{}"] == 0
+    assert r.exporter.health_report()[0]["reason"] == "ok"
+
+    # An external process leaves 400 MiB: the next probe says so, and health follows.
+    faults.set(device_memory=[400 << 20, 80 << 30])
+    report = wait_for(lambda: (h := r.exporter.health_report()[0])["reason"] == "gpu_memory_low"
+                      and h)  # fmt: skip
+    assert report["status"] == "degraded"
+    assert report["targets"][0]["gpu_memory"] == {"free_mib": 400, "total_mib": 81920,
+                                                  "source": "cuda"}  # fmt: skip
+
+    # A lost worker's reading is not current: the series goes with it, not stale numbers.
+    faults.set(probe="cuda", device_memory=[400 << 20, 80 << 30])
+    wait_for(lambda: not any(k.startswith("trt_heartbeat_gpu_memory_free_bytes")
+                             for k in scrape(r)))  # fmt: skip
+
+
+def test_nvml_wins_over_the_probe_reading(
+    run_exporter: Start, fake_nvml: Faults, faults: Faults
+) -> None:
+    faults.set(device_memory=[1 << 30, 80 << 30])
+    r = run_exporter(targets=[GPU0], telemetry=fake_telemetry())
+    wait_for(lambda: r.exporter.telemetry_state().up and r.snapshot().device_memory is not None)
+    s = scrape(r)
+    memory = {k: v for k, v in s.items() if k.startswith("trt_heartbeat_gpu_memory_free_bytes")}
+    assert memory == {
+        "trt_heartbeat_gpu_memory_free_bytes{gpu=0,source=nvml,uuid=GPU-fake-0}": 60 << 30,
+        "trt_heartbeat_gpu_memory_free_bytes{gpu=1,source=nvml,uuid=GPU-fake-1}": 60 << 30,
+    }
+    # NVML down: the probe's reading takes over for the probed GPU.
+    fake_nvml.set(mode="error")
+    wait_for(lambda: "trt_heartbeat_gpu_memory_free_bytes{gpu=0,source=cuda,uuid=GPU-fake-0}"
+             in scrape(r))  # fmt: skip
+    assert r.exporter.health_report()[0]["targets"][0]["gpu_memory"]["source"] == "cuda"
+
+
+def test_mig_instances_are_read_one_by_one(
+    run_exporter: Start, fake_nvml: Faults, faults: Faults
+) -> None:
+    fake_nvml.set(mode="ok", mig={"0": ["1g.10gb", "3g.40gb"]})
+    placement = MigInstance("0", "GPU-fake-0", "1g.10gb", 1, 0)
+    small = Target("0/1/0", fake_nvml_stub.mig_uuid(0, 0), placement)
+    r = run_exporter(targets=[small], telemetry=fake_telemetry())
+    wait_for(lambda: r.exporter.telemetry_state().up and r.snapshot().probes_total["success"])
+    s = scrape(r)
+    mig = f"gpu=0/1/0,source=nvml,uuid={small.uuid}"
+    assert s[f"trt_heartbeat_gpu_memory_total_bytes{{{mig}}}"] == 10 << 30
+    assert s[f"trt_heartbeat_gpu_memory_free_bytes{{{mig}}}"] == 5 << 30
+    info = (f"compute_capability=9.0,gpu=0/1/0,name=NVIDIA Fake H200 MIG 1g.10gb,"
+            f"pci_bus_id=0000:3B:00.0,uuid={small.uuid}")  # fmt: skip
+    assert s[f"trt_heartbeat_gpu_info{{{info}}}"] == 1
+    where = (f"compute_instance_id=0,gpu=0/1/0,gpu_instance_id=1,parent_gpu=0,"
+             f"parent_uuid=GPU-fake-0,profile=1g.10gb,uuid={small.uuid}")  # fmt: skip
+    assert s[f"trt_heartbeat_mig_info{{{where}}}"] == 1
+    assert s[f"trt_heartbeat_up{{gpu=0/1/0,uuid={small.uuid}}}"] == 1
+    # Utilization, temperature, power and ECC are the parent's: not repeated per instance.
+    assert not any(k.startswith("trt_heartbeat_gpu_temperature_celsius{gpu=0/") for k in s)
+    # The instance's own memory decides its health.
+    assert r.exporter.health_report()[0]["targets"][0]["gpu_memory"]["total_mib"] == 10240

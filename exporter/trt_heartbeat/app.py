@@ -18,7 +18,7 @@ from .backends import GPU_BACKENDS, BackendOptions, Target, resolve_spec
 from .collector import ClockCollector, NodeCollector, TargetCollector
 from .config import Settings
 from .exposition import Exposition
-from .health import heartbeat_age, overall_health, target_healths
+from .health import device_memory, heartbeat_age, overall_health, target_healths
 from .scheduler import Scheduler, TargetLoop, WorkerFactory
 from .state import ProbeRecord, TargetSnapshot, TargetState
 from .telemetry import NvmlTelemetry, TelemetryState
@@ -34,14 +34,17 @@ def gpu_visible(proc_dir: Path = NVIDIA_PROC, dev_dir: Path = DEV) -> bool:
     """Whether the NVIDIA driver exposes a GPU here, without loading any CUDA library.
 
     The NVIDIA container runtime mounts the driver's procfs entries and /dev/nvidiaN nodes of
-    the GPUs a container may see, so this also holds inside Kubernetes pods.
+    the GPUs a container may see, so this also holds inside Kubernetes pods. A Jetson's
+    integrated GPU has neither: its nodes are /dev/nvgpu/igpu0/* (JetPack 6) or
+    /dev/nvhost-ctrl-gpu (JetPack 5 and older).
     """
     try:
         if any(proc_dir.iterdir()):
             return True
     except OSError:
         pass
-    return any(dev_dir.glob("nvidia[0-9]*"))
+    jetson = (dev_dir / "nvgpu").is_dir() or (dev_dir / "nvhost-ctrl-gpu").exists()
+    return jetson or any(dev_dir.glob("nvidia[0-9]*"))
 
 
 def select_backend(name: str, has_gpu: bool) -> str:
@@ -104,7 +107,8 @@ class Exporter:
         options = BackendOptions(settings.cuda_api, settings.engine_cache_dir)
         loops = []
         for target in targets if targets is not None else targets_for(backend, settings):
-            state = TargetState(target, wall_clock, settings.history)
+            state = TargetState(target, wall_clock, settings.history, settings.buckets,
+                                settings.histogram_phases)  # fmt: skip
             worker_spec = WorkerSpec(
                 spec, target, settings.precision, options, bind_gpu=backend in GPU_BACKENDS
             )
@@ -184,10 +188,11 @@ class Exporter:
                 if snap.gpu_memory is not None:
                     entry["probe_gpu_memory_bytes"] = snap.gpu_memory[0]
                     entry["probe_gpu_memory_source"] = snap.gpu_memory[1]
-                if gpu is not None:
-                    entry["gpu_memory"] = {
-                        "free_mib": gpu.memory_free >> 20, "total_mib": gpu.memory_total >> 20,
-                    }  # fmt: skip
+                memory = device_memory(snap, gpu, telemetry.last_success)
+                if memory is not None:
+                    entry["gpu_memory"] = {"free_mib": memory.free >> 20,
+                                           "total_mib": memory.total >> 20,
+                                           "source": memory.source}  # fmt: skip
                 if snap.last_failure is not None:
                     entry["last_failure"] = {
                         "reason": str(snap.last_failure.reason),

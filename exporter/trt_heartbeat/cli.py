@@ -46,7 +46,7 @@ class ConfigValue(click.ParamType):  # type: ignore[type-arg]
             node = node["properties"][part]
         if "$ref" in node:
             node = config.schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
-        self._schema = node
+        self._schema = {**node, "$defs": config.schema()["$defs"]}  # for references inside
         self.name = "duration" if duration else key.rsplit(".", 1)[-1]
         self._expected = node.get("x-expected", "a valid value")
 
@@ -81,6 +81,22 @@ class GpuSelection(click.ParamType):  # type: ignore[type-arg]
         return ConfigValue("gpus").convert(items, param, ctx)
 
 
+class ListValue(click.ParamType):  # type: ignore[type-arg]
+    """A comma-separated flag for a config list; a single word the key also takes as a name
+    (`--metrics.buckets coarse`) stays a word."""
+
+    def __init__(self, key: str, words: tuple[str, ...] = ()) -> None:
+        self.key, self.words = key, words
+        self.name = key.rsplit(".", 1)[-1]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        items = text if text in self.words else [v.strip() for v in text.split(",")]
+        return ConfigValue(self.key).convert(items, param, ctx)
+
+
 # (flag, config key, type, help)
 _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
     ("--backend", "backend", ConfigValue("backend"),
@@ -101,6 +117,13 @@ _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
      "Web configuration file (exporter-toolkit format) enabling TLS and/or basic auth."),
     ("--web.max-requests", "web.max_requests", click.IntRange(min=0),
      "Requests served at once; more get 503 (0: unlimited). [default: 40]"),
+    ("--metrics.histogram-phases", "metrics.histogram_phases",
+     ListValue("metrics.histogram_phases"),
+     "Probe phases with a latency histogram, comma-separated; must include total. "
+     "[default: total,h2d,compute,d2h]"),
+    ("--metrics.buckets", "metrics.buckets", ListValue("metrics.buckets", ("default", "coarse")),
+     "Latency histogram buckets: default, coarse, or comma-separated durations. "
+     "[default: default]"),
     ("--log.level", "log.level", click.Choice(["debug", "info", "warning", "error"]),
      "Log level. [default: info]"),
     ("--log.format", "log.format", click.Choice(["text", "json"]),

@@ -23,15 +23,14 @@ from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .config import Settings
-from .health import STATUSES, heartbeat_age, overall_health, target_healths
-from .state import BUCKETS, TargetSnapshot, TargetState
+from .health import STATUSES, device_memory, heartbeat_age, overall_health, target_healths
+from .state import TargetSnapshot, TargetState
 from .telemetry import TelemetryState
 
 PREFIX = "trt_heartbeat"
 # build_info labels filled from what the worker reports about the stack it runs on.
 STACK_VERSIONS = ("tensorrt_version", "cuda_driver_version", "driver_version")
 _go_float = cast(Callable[[float], str], floatToGoString)  # untyped in client_python
-_BUCKET_LABELS = [*(_go_float(b) for b in BUCKETS), "+Inf"]
 _TIMER_NOTE = (
     " Probes run on the exporter's own timer, not per scrape, so HA Prometheus pairs and"
     " scrape settings do not multiply GPU load."
@@ -81,7 +80,8 @@ class NodeCollector(Collector):
 
     def version(self) -> tuple[object, ...]:
         """Equal as long as what `collect` yields is unchanged."""
-        return (*(state.snapshot().engine for state in self._states), self._telemetry())
+        snaps = [state.snapshot() for state in self._states]
+        return (*((s.engine, s.device_memory) for s in snaps), self._telemetry())
 
     def collect(self) -> Iterator[Metric]:
         snaps = [state.snapshot() for state in self._states]
@@ -89,6 +89,7 @@ class NodeCollector(Collector):
         yield from self._config_gauges()
         yield self._build_info(snaps, telemetry)
         yield from self._gpu_telemetry(telemetry)
+        yield from self._gpu_memory(snaps, telemetry)
 
     def _config_gauges(self) -> Iterator[Metric]:
         f, s = self._f, self._settings
@@ -144,13 +145,8 @@ class NodeCollector(Collector):
             last.add_metric(f.label_values(), telemetry.last_success)
         yield last
         target = ["gpu", "uuid"]
-        info = f.gauge("gpu_info", "GPU identity as NVML reports it; constant 1.",
-                       [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
-        total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU.", target)
-        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use by all processes, "
-                       "driver-reserved memory excluded (as nvidia-smi shows it).",
-                       target)  # fmt: skip
-        free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU.", target)
+        info = f.gauge("gpu_info", "GPU (or MIG instance) identity as NVML reports it; "
+                       "constant 1.", [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
         util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "
                        "kernel ran on the GPU (0-1).", target)  # fmt: skip
         temp = f.gauge("gpu_temperature_celsius", "GPU core temperature.", target)
@@ -158,11 +154,8 @@ class NodeCollector(Collector):
         ecc = f.counter("gpu_ecc_errors", "ECC memory errors since the driver loaded (NVML "
                         "volatile counts), by type.", [*target, "type"])  # fmt: skip
         for g in telemetry.snapshot.gpus if telemetry.snapshot else ():
-            t = f.label_values(str(g.index), g.uuid)
+            t = f.label_values(g.gpu, g.uuid)
             info.add_metric([*t, g.name, g.pci_bus_id, g.compute_capability], 1)
-            total.add_metric(t, g.memory_total)
-            used.add_metric(t, g.memory_used)
-            free.add_metric(t, g.memory_free)
             for family, value in ((util, g.utilization), (temp, g.temperature),
                                   (power, g.power)):  # fmt: skip
                 if value is not None:
@@ -171,7 +164,34 @@ class NodeCollector(Collector):
                                 ("uncorrected", g.ecc_uncorrected)):  # fmt: skip
                 if count is not None:
                     ecc.add_metric([*t, kind], count)
-        yield from (info, total, used, free, util, temp, power, ecc)
+        yield from (info, util, temp, power, ecc)
+
+    def _gpu_memory(self, snaps: list[TargetSnapshot], telemetry: TelemetryState) -> Iterator[Metric]:
+        """Memory of every GPU and MIG instance NVML reads, and of each probed device NVML does
+        not read (absent, off, down: Jetson, a broken driver mount) as its probe saw it."""
+        f = self._f
+        labels = ["gpu", "uuid", "source"]
+        total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU (of a MIG instance: "
+                        "its share), by source (nvml, or cuda from the probe's own context).",
+                        labels)  # fmt: skip
+        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use by all processes; "
+                       "source nvml leaves driver-reserved memory out (as nvidia-smi shows it), "
+                       "source cuda counts it.", labels)  # fmt: skip
+        free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU, by source.", labels)
+        rows = [(g.gpu, g.uuid, g.memory_total, g.memory_used, g.memory_free, "nvml")
+                for g in (telemetry.snapshot.gpus if telemetry.snapshot else ())]  # fmt: skip
+        for snap in snaps:
+            if telemetry.gpu(snap.target.uuid) is None:
+                memory = device_memory(snap, None, None)
+                if memory is not None:
+                    rows.append((snap.target.gpu, snap.target.uuid, memory.total, memory.used,
+                                 memory.free, memory.source))  # fmt: skip
+        for gpu, uuid, total_bytes, used_bytes, free_bytes, source in rows:
+            t = f.label_values(gpu, uuid, source)
+            total.add_metric(t, total_bytes)
+            used.add_metric(t, used_bytes)
+            free.add_metric(t, free_bytes)
+        yield from (total, used, free)
 
 
 class TargetCollector(Collector):
@@ -180,6 +200,7 @@ class TargetCollector(Collector):
     def __init__(self, state: TargetState, settings: Settings) -> None:
         self._state = state
         self._f = _Families(settings.constant_labels)
+        self._bucket_labels = [*(_go_float(b) for b in state.buckets), "+Inf"]
 
     def describe(self) -> list[Metric]:
         return []
@@ -240,6 +261,13 @@ class TargetCollector(Collector):
             "matches, else the rise in used memory across the worker's own set-up).",
             target,
         )
+        mig = f.gauge(
+            "mig_info",
+            "Where a MIG instance target lives (parent GPU, profile, GPU and compute instance); "
+            "constant 1, only for MIG instances. Join on uuid to group by parent or profile.",
+            [*target, "parent_gpu", "parent_uuid", "profile", "gpu_instance_id",
+             "compute_instance_id"],
+        )  # fmt: skip
         failure = f.gauge(
             "last_failure_info",
             "Reason code of the most recent failed probe of the target; constant 1.",
@@ -254,7 +282,7 @@ class TargetCollector(Collector):
             for result, count in snap.probes_total.items():
                 probes.add_metric([*t, result], count)
             for phase, hist in snap.durations.items():
-                buckets = list(zip(_BUCKET_LABELS, hist.cumulative, strict=True))
+                buckets = list(zip(self._bucket_labels, hist.cumulative, strict=True))
                 durations.add_metric([*t, phase], buckets, hist.sum)
             if last is not None and last.max_abs_error is not None:
                 error.add_metric(t, last.max_abs_error)
@@ -268,10 +296,15 @@ class TargetCollector(Collector):
                 engine.add_metric([*t, e.backend, e.model, e.precision, e.engine_sha256], 1)
             if snap.gpu_memory is not None:
                 memory.add_metric(t, snap.gpu_memory[0])
+            placement = snap.target.mig
+            if placement is not None:
+                mig.add_metric([*t, placement.parent_gpu, placement.parent_uuid,
+                                placement.profile, str(placement.gpu_instance),
+                                str(placement.compute_instance)], 1)  # fmt: skip
             if snap.last_failure is not None and snap.last_failure.reason is not None:
                 failure.add_metric([*t, str(snap.last_failure.reason)], 1)
         yield from (up, last_success, probes, durations, error, failures, restarts, load,
-                    engine, memory, failure)  # fmt: skip
+                    engine, memory, mig, failure)  # fmt: skip
 
 
 class ClockCollector(Collector):

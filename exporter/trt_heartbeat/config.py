@@ -21,12 +21,14 @@ import yaml
 from .backends import resolve_spec
 from .engine_cache import default_cache_dir
 from .errors import ConfigError, UnknownBackendError
+from .state import BUCKET_SETS, PHASES
 
 # Labels the exporter sets itself; a constant label of the same name would clash.
 RESERVED_LABELS = frozenset(
     {"gpu", "uuid", "result", "phase", "reason", "status", "backend", "model", "precision",
      "engine_sha256", "version", "python_version", "tensorrt_version", "cuda_driver_version",
-     "driver_version", "le", "quantile"}
+     "driver_version", "le", "quantile", "source", "parent_gpu", "parent_uuid", "profile",
+     "gpu_instance_id", "compute_instance_id"}
 )  # fmt: skip
 RESERVED_PATHS = frozenset({"/", "/health", "/ping", "/probes"})
 
@@ -53,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "log": {"level": "info", "format": "text"},
     "nvml": {"enabled": "auto", "interval": "5s", "timeout": "2s"},
+    "metrics": {"histogram_phases": list(PHASES), "buckets": "default"},
 }
 DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -95,6 +98,9 @@ class Settings:
     nvml_enabled: str | bool  # "auto": only where a GPU is visible
     nvml_interval: float
     nvml_timeout: float
+    histogram_phases: tuple[str, ...] = PHASES  # phases with a probe_duration_seconds histogram
+    buckets: tuple[float, ...] = BUCKET_SETS["default"]
+    bucket_set: str = "default"  # the name the buckets were chosen by, "" for an explicit list
     constant_labels: dict[str, str] = field(default_factory=dict)
     source: str = ""  # the config file, if any
 
@@ -132,6 +138,10 @@ class Settings:
                 "enabled": self.nvml_enabled,
                 "interval": format_duration(self.nvml_interval),
                 "timeout": format_duration(self.nvml_timeout),
+            },
+            "metrics": {
+                "histogram_phases": list(self.histogram_phases),
+                "buckets": self.bucket_set or [format_duration(b) for b in self.buckets],
             },
         }
 
@@ -386,6 +396,31 @@ def _numbers(node: Any, where: list[Any]) -> Any:
             yield from _numbers(value, [*where, i])
 
 
+def _metrics(
+    section: dict[str, Any], prefix: str
+) -> tuple[tuple[str, ...], tuple[float, ...], str]:
+    """(histogram phases, bucket bounds, bucket set name) of a validated `metrics` section."""
+    phases = tuple(section["histogram_phases"])
+    if "total" not in phases:
+        raise ConfigError(f"{prefix}metrics.histogram_phases: must include total (the latency "
+                          "alerts and canary-judge read it)")  # fmt: skip
+    chosen = section["buckets"]
+    if isinstance(chosen, str):
+        return phases, BUCKET_SETS[chosen], chosen
+    bounds = tuple(_checked(parse_duration, b, f"metrics.buckets[{i}]", prefix)
+                   for i, b in enumerate(chosen))  # fmt: skip
+    if bounds[0] <= 0:
+        expected = schema()["$defs"]["duration"]["x-expected"]
+        raise ConfigError(f"{prefix}metrics.buckets[0]: expected {expected}, got {_shown(chosen[0])}")
+    for i in range(1, len(bounds)):
+        if bounds[i] <= bounds[i - 1]:
+            raise ConfigError(
+                f"{prefix}metrics.buckets[{i}]: must be greater than metrics.buckets[{i - 1}] "
+                f"({format_duration(bounds[i])} <= {format_duration(bounds[i - 1])})"
+            )
+    return phases, bounds, ""
+
+
 def _listen(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -454,6 +489,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         raise ConfigError(
             f"{prefix}web.telemetry_path: {web['telemetry_path']} is used by another endpoint"
         )
+    phases, buckets, bucket_set = _metrics(merged["metrics"], prefix)
     return Settings(
         backend=merged["backend"],
         precision=merged["precision"],
@@ -483,6 +519,9 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         nvml_enabled=nvml["enabled"],
         nvml_interval=nvml_seconds["interval"],
         nvml_timeout=nvml_seconds["timeout"],
+        histogram_phases=phases,
+        buckets=buckets,
+        bucket_set=bucket_set,
         constant_labels=dict(merged["constant_labels"]),
         source=source,
     )

@@ -54,6 +54,33 @@ def probe_free_memory(snap: TargetSnapshot, gpu: GpuReading, read_at: float | No
     return gpu.memory_free - footprint if without_worker else gpu.memory_free
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Memory of a target's device from one source: `nvml` (the telemetry process) or `cuda`
+    (cuMemGetInfo in the probe worker's own context, where NVML is absent, off or down)."""
+
+    free: int
+    total: int
+    source: str
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+def device_memory(
+    snap: TargetSnapshot, gpu: GpuReading | None, read_at: float | None
+) -> DeviceMemory | None:
+    """The target's device memory: NVML's reading where NVML reads this device, else what the
+    current worker's last probe saw; None where neither is known."""
+    if gpu is not None:
+        return DeviceMemory(probe_free_memory(snap, gpu, read_at), gpu.memory_total, "nvml")
+    if snap.device_memory is not None:
+        free, total = snap.device_memory
+        return DeviceMemory(free, total, "cuda")
+    return None
+
+
 def target_health(
     snap: TargetSnapshot,
     now: float,
@@ -62,7 +89,8 @@ def target_health(
     gpu_read_at: float | None = None,
 ) -> Health:
     """Health of one target; `gpu` is its latest NVML reading, if NVML is up, taken at
-    `gpu_read_at`. /health and the log both ask this, with the same inputs."""
+    `gpu_read_at` (without one, the probe's own memory reading counts). /health and the log
+    both ask this, with the same inputs."""
     last = snap.last_probe
     if not snap.loaded:
         if snap.load_failure is not None:
@@ -79,8 +107,8 @@ def target_health(
         return Health("degraded", AWAITING_FIRST_PROBE)
     if last.result != "success":
         return Health("degraded", str(last.reason))
-    low = settings.gpu_memory_low_threshold
-    if gpu is not None and probe_free_memory(snap, gpu, gpu_read_at) < low:
+    memory = device_memory(snap, gpu, gpu_read_at)
+    if memory is not None and memory.free < settings.gpu_memory_low_threshold:
         return Health("degraded", GPU_MEMORY_LOW)
     if last.phases.get("total", 0.0) > settings.latency_objective:
         return Health("degraded", SLOW)

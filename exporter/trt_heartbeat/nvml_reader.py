@@ -10,9 +10,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing.connection
+import re
 import signal
 from dataclasses import dataclass
 from typing import Any
+
+from .backends import MigInstance
+
+_PROFILE = re.compile(r"MIG (\S+)$")  # "NVIDIA H100 80GB HBM3 MIG 1g.10gb" -> "1g.10gb"
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,12 @@ class GpuReading:
     power: float | None  # watts
     ecc_corrected: int | None  # volatile counts since the driver loaded
     ecc_uncorrected: int | None
+    mig: MigInstance | None = None  # set for a MIG instance; `index` is then its parent's
+
+    @property
+    def gpu(self) -> str:
+        """The `gpu` label, equal to the probe target's for the same device."""
+        return self.mig.label if self.mig else str(self.index)
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,46 @@ def _memory(nvml: Any, handle: Any) -> Any:
     return nvml.nvmlDeviceGetMemoryInfo(handle)
 
 
-def _gpu(nvml: Any, index: int) -> GpuReading:
+def mig_enabled(nvml: Any, handle: Any) -> bool:
+    """Whether the GPU runs in MIG mode now (a pending change counts from the next reset)."""
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except Exception:
+        return False  # NVMLError_NotSupported: a GPU without MIG, or a driver that predates it
+    return bool(current == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1))
+
+
+def mig_devices(nvml: Any, index: int, handle: Any) -> list[tuple[Any, str, MigInstance]]:
+    """(handle, UUID, placement) of each MIG instance of a GPU in MIG mode; [] for a whole GPU.
+
+    Only reads: the MIG mode of a GPU is its operator's to set, never the exporter's.
+    """
+    if not mig_enabled(nvml, handle):
+        return []
+    parent_uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+    found = []
+    for slot in range(int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle))):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except Exception as exc:
+            if type(exc).__name__ == "NVMLError_NotFound":
+                continue  # an empty slot: fewer instances than the GPU could hold
+            raise
+        profile = _PROFILE.search(_text(nvml.nvmlDeviceGetName(mig)))
+        placement = MigInstance(
+            parent_gpu=str(index),
+            parent_uuid=parent_uuid,
+            profile=profile.group(1) if profile else "",
+            gpu_instance=int(nvml.nvmlDeviceGetGpuInstanceId(mig)),
+            compute_instance=int(nvml.nvmlDeviceGetComputeInstanceId(mig)),
+        )
+        found.append((mig, _text(nvml.nvmlDeviceGetUUID(mig)), placement))
+    return found
+
+
+def _gpu(nvml: Any, index: int) -> tuple[GpuReading, ...]:
+    """The GPU's reading, then one per MIG instance (memory is all NVML reads per instance:
+    utilization, temperature, power and ECC belong to the parent)."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = _memory(nvml, handle)
     major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
@@ -75,7 +125,7 @@ def _gpu(nvml: Any, index: int) -> GpuReading:
         value = _optional(nvml.nvmlDeviceGetTotalEccErrors, handle, kind, nvml.NVML_VOLATILE_ECC)
         return None if value is None else int(value)
 
-    return GpuReading(
+    whole = GpuReading(
         index=index,
         uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
         name=_text(nvml.nvmlDeviceGetName(handle)),
@@ -90,6 +140,17 @@ def _gpu(nvml: Any, index: int) -> GpuReading:
         ecc_corrected=ecc(nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
         ecc_uncorrected=ecc(nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
     )
+    instances = []
+    for mig, uuid, placement in mig_devices(nvml, index, handle):
+        share = _memory(nvml, mig)
+        instances.append(GpuReading(
+            index=index, uuid=uuid, name=_text(nvml.nvmlDeviceGetName(mig)),
+            pci_bus_id=whole.pci_bus_id, compute_capability=whole.compute_capability,
+            memory_total=int(share.total), memory_used=int(share.used),
+            memory_free=int(share.free), utilization=None, temperature=None, power=None,
+            ecc_corrected=None, ecc_uncorrected=None, mig=placement,
+        ))  # fmt: skip
+    return (whole, *instances)
 
 
 def read(nvml: Any) -> NvmlSnapshot:
@@ -97,7 +158,7 @@ def read(nvml: Any) -> NvmlSnapshot:
     return NvmlSnapshot(
         driver_version=_text(nvml.nvmlSystemGetDriverVersion()),
         cuda_driver_version=f"{cuda // 1000}.{cuda % 1000 // 10}",
-        gpus=tuple(_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())),
+        gpus=tuple(g for i in range(nvml.nvmlDeviceGetCount()) for g in _gpu(nvml, i)),
     )
 
 

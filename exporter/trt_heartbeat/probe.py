@@ -58,5 +58,6 @@ def run_probe(
         check.max_abs_error,
         result.gpu_memory_bytes,
         result.gpu_memory_source,
+        result.device_memory,
     )
     return ProbeOutcome(record)

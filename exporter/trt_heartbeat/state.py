@@ -15,18 +15,26 @@ from dataclasses import dataclass, field
 from .backends import EngineInfo, Target
 from .errors import Reason
 
-# 10 us (a GPU kernel) ... 10 s (a probe about to time out).
+# 10 us (a GPU kernel) ... 10 s (a probe about to time out): the resolution canary-judge's
+# rank tests and p99 intervals are tuned for.
 BUCKETS: tuple[float, ...] = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# Named bucket sets of the `metrics.buckets` setting; `coarse` keeps a factor of about 2-5
+# between bounds for fleets that count series.
+BUCKET_SETS: dict[str, tuple[float, ...]] = {
+    "default": BUCKETS,
+    "coarse": (1e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 2.5, 10.0),
+}
+PHASES = ("total", "h2d", "compute", "d2h")
 RESULTS = ("success", "error", "timeout", "mismatch")
 RESTART_REASONS = ("timeout", "crash", "error")
 
 
 @dataclass(frozen=True)
 class HistogramSnapshot:
-    cumulative: tuple[int, ...]  # one count per bucket in BUCKETS, then +Inf
+    cumulative: tuple[int, ...]  # one count per bucket bound, then +Inf
     sum: float
 
     @property
@@ -35,12 +43,13 @@ class HistogramSnapshot:
 
 
 class _Histogram:
-    def __init__(self) -> None:
-        self._counts = [0] * (len(BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
         self._sum += value
 
     def snapshot(self) -> HistogramSnapshot:
@@ -61,6 +70,7 @@ class ProbeRecord:
     max_abs_error: float | None = None
     gpu_memory_bytes: int | None = None  # held by the worker, as the backend measured it
     gpu_memory_source: str = ""
+    device_memory: tuple[int, int] | None = None  # (free, total) seen from the probe's context
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,9 @@ class TargetSnapshot:
     last_failure: ProbeRecord | None
     consecutive_failures: int
     gpu_memory: tuple[int, str] | None  # (bytes, source) from the last probe that measured it
+    # (free, total) of the device from the current worker's last probe; None while no worker
+    # holds the GPU (a reading of a lost worker's context would be stale).
+    device_memory: tuple[int, int] | None
     # When the current worker finished loading, and when the last one was lost (clock time):
     # between the two no probe worker holds GPU memory.
     worker_since: float | None
@@ -87,8 +100,17 @@ class TargetSnapshot:
 
 
 class TargetState:
-    def __init__(self, target: Target, clock: Callable[[], float], history: int = 20) -> None:
+    def __init__(
+        self,
+        target: Target,
+        clock: Callable[[], float],
+        history: int = 20,
+        buckets: tuple[float, ...] = BUCKETS,
+        histogram_phases: tuple[str, ...] = PHASES,
+    ) -> None:
         self.target = target
+        self.buckets = buckets
+        self._histogram_phases = frozenset(histogram_phases)
         self._lock = threading.Lock()
         self._started_at = clock()
         self._engine: EngineInfo | None = None
@@ -100,6 +122,7 @@ class TargetState:
         self._last_failure: ProbeRecord | None = None
         self._consecutive_failures = 0
         self._gpu_memory: tuple[int, str] | None = None
+        self._device_memory: tuple[int, int] | None = None
         self._clock = clock
         self._worker_since: float | None = None
         self._worker_gone_since: float | None = None
@@ -125,6 +148,7 @@ class TargetState:
     def engine_failed(self, reason: Reason, message: str) -> None:
         with self._lock:
             self._loaded, self._load_failure = False, (reason, message)
+            self._device_memory = None
             self._worker_gone_since = self._clock()
             self._version += 1
 
@@ -134,12 +158,15 @@ class TargetState:
         with self._lock:
             if worker_lost is not None:
                 self._loaded = False
+                self._device_memory = None
                 self._worker_gone_since = self._clock()
                 self._restarts[worker_lost] += 1
             self._version += 1
             self._probes[probe.result] += 1
             self._last_probe = probe
             self._history.append(probe)
+            if probe.device_memory is not None and self._loaded:
+                self._device_memory = probe.device_memory
             if probe.gpu_memory_bytes is not None:
                 self._gpu_memory = (probe.gpu_memory_bytes, probe.gpu_memory_source)
             if probe.result == "success":
@@ -150,7 +177,10 @@ class TargetState:
                 self._consecutive_failures += 1
             if probe.result != "timeout":  # a timeout's duration is the timeout, not a latency
                 for phase, seconds in probe.phases.items():
-                    self._durations.setdefault(phase, _Histogram()).observe(seconds)
+                    if phase in self._histogram_phases:
+                        histogram = self._durations.get(phase) or _Histogram(self.buckets)
+                        self._durations[phase] = histogram
+                        histogram.observe(seconds)
 
     def snapshot(self) -> TargetSnapshot:
         with self._lock:
@@ -169,6 +199,7 @@ class TargetState:
                 last_failure=self._last_failure,
                 consecutive_failures=self._consecutive_failures,
                 gpu_memory=self._gpu_memory,
+                device_memory=self._device_memory,
                 worker_since=self._worker_since,
                 worker_gone_since=self._worker_gone_since,
                 probes_total=dict(self._probes),

@@ -113,12 +113,13 @@ def _pack(result: RunResult) -> tuple[Any, ...]:
     # round trip on the 2-vCPU development machine, more than a probe's GPU phases take.
     out = np.ascontiguousarray(result.output)
     return ("ok", out.tobytes(), out.dtype.str, out.shape, tuple(result.phases.items()),
-            result.gpu_memory_bytes, result.gpu_memory_source)  # fmt: skip
+            result.gpu_memory_bytes, result.gpu_memory_source, result.device_memory)  # fmt: skip
 
 
 def _unpack(message: tuple[Any, ...]) -> RunResult:
-    _, data, dtype, shape, phases, memory, source = message
-    return RunResult(np.frombuffer(data, dtype).reshape(shape), dict(phases), memory, source)
+    _, data, dtype, shape, phases, memory, source, device = message
+    output = np.frombuffer(data, dtype).reshape(shape)
+    return RunResult(output, dict(phases), memory, source, device)
 
 
 class Worker:

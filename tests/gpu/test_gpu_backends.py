@@ -24,7 +24,8 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def first_gpu() -> Target:
-    index, uuid = gpus.discover()[0]
+    first = gpus.discover()[0]
+    index, uuid = first.index, first.uuid
     return Target(str(index), uuid)
 
 

@@ -4,71 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from served import Served, serve  # noqa: F401 (a fixture)
 
-from conftest import cli, cli_env, wait_for
+from conftest import cli, wait_for
 
 pytestmark = pytest.mark.gpu
-
-
-class Served:
-    def __init__(self, process: subprocess.Popen[str], port: int, log: Path) -> None:
-        self.process, self.log = process, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
-
-    def samples(self) -> dict[str, list[tuple[dict[str, str], float]]]:
-        out: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in text_string_to_metric_families(self.get("/metrics")[1].decode()):
-            for s in family.samples:
-                out.setdefault(s.name, []).append((s.labels, s.value))
-        return out
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    processes = []
-
-    def start(*args: str) -> Served:
-        log = tmp_path / f"serve{len(processes)}.log"
-        with log.open("w") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "trt_heartbeat", "serve", "--web.listen-address",
-                 "127.0.0.1:0", "--log.format", "json", *args],
-                stdout=sink, stderr=subprocess.STDOUT, text=True, env=cli_env(),
-            )  # fmt: skip
-        processes.append(process)
-
-        def port() -> int | None:
-            match = re.search(r'"msg": "listening".*"port": (\d+)', log.read_text())
-            assert process.poll() is None, log.read_text()
-            return int(match.group(1)) if match else None
-
-        return Served(process, wait_for(port, timeout=60, what="listening"), log)
-
-    yield start
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_cuda_backend_serves_passing_probes(serve: Callable[..., Served]) -> None:
@@ -154,7 +99,7 @@ def test_one_worker_per_gpu_each_on_its_own(serve: Callable[..., Served]) -> Non
     def passing() -> set[str]:
         return {labels["uuid"] for labels, v in s.samples().get("trt_heartbeat_up", []) if v == 1}
 
-    wait_for(lambda: passing() == {uuid for _, uuid in found}, timeout=120, what="all GPUs up")
+    wait_for(lambda: passing() == {g.uuid for g in found}, timeout=120, what="all GPUs up")
     # NVML's per-process lists: every worker appears on exactly one GPU, and each GPU has one.
     import pynvml
 
@@ -162,8 +107,9 @@ def test_one_worker_per_gpu_each_on_its_own(serve: Callable[..., Served]) -> Non
     try:
         workers = {t["worker_pid"] for t in json.loads(s.get("/probes")[1])["targets"]}
         seen: dict[int, list[str]] = {}
-        for index, uuid in found:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        for gpu in found:
+            uuid = gpu.uuid
+            handle = pynvml.nvmlDeviceGetHandleByIndex(gpu.index)
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.pid in workers:
                     seen.setdefault(proc.pid, []).append(uuid)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.gpu
 def test_never_finishing_kernel_is_killed_and_the_gpu_recovers(
     run_exporter: Callable[..., Running], faults: Faults, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    index, uuid = gpus.discover()[0]
+    first = gpus.discover()[0]
+    index, uuid = first.index, first.uuid
     # A backend given as module:Class is not bound to its GPU by the frame: bind it here.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid)
     r = run_exporter(

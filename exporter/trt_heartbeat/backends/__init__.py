@@ -10,7 +10,15 @@ import importlib
 from typing import cast
 
 from ..errors import UnknownBackendError
-from .base import Backend, BackendFactory, BackendOptions, EngineInfo, RunResult, Target
+from .base import (
+    Backend,
+    BackendFactory,
+    BackendOptions,
+    EngineInfo,
+    MigInstance,
+    RunResult,
+    Target,
+)
 
 # name -> "module:attribute"; modules are imported only inside worker processes.
 REGISTRY: dict[str, str] = {
@@ -60,6 +68,7 @@ __all__ = [
     "BackendFactory",
     "BackendOptions",
     "EngineInfo",
+    "MigInstance",
     "RunResult",
     "Target",
     "known_backends",

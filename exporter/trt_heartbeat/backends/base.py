@@ -17,11 +17,29 @@ PHASES = ("total", "h2d", "compute", "d2h")
 
 
 @dataclass(frozen=True)
-class Target:
-    """One probe target: a GPU (index and UUID) or the CPU for the reference backend."""
+class MigInstance:
+    """Where a MIG instance lives: its parent GPU and its place and size there."""
 
-    gpu: str
+    parent_gpu: str  # the parent's index, as in the parent's own `gpu` label
+    parent_uuid: str
+    profile: str  # e.g. "1g.10gb"; "" where NVML does not say
+    gpu_instance: int
+    compute_instance: int
+
+    @property
+    def label(self) -> str:
+        """The instance's `gpu` label, as nvidia-smi names it: GPU 0, GI 1, CI 0 -> "0/1/0"."""
+        return f"{self.parent_gpu}/{self.gpu_instance}/{self.compute_instance}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One probe target: a GPU (index and UUID), a MIG instance of one, or the CPU for the
+    reference backend."""
+
+    gpu: str  # the `gpu` label: "0", "cpu", or "0/1/0" (parent/GPU instance/compute instance)
     uuid: str = ""
+    mig: MigInstance | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,9 @@ class RunResult:
     phases: dict[str, float]  # seconds per phase measured by the backend (h2d, compute, d2h)
     gpu_memory_bytes: int | None = None  # device memory this worker holds, where measurable
     gpu_memory_source: str = ""  # how it was measured: nvml_process or setup_delta
+    # Free and total memory of the device (a MIG instance: its own share) as the driver saw it
+    # from the probe's context, where the backend can ask (cuMemGetInfo).
+    device_memory: tuple[int, int] | None = None
 
 
 class Backend(Protocol):

@@ -158,7 +158,9 @@ class GpuBackend:
         assert self._host is not None and self._io is not None and self._memory is not None
         output, phases = timed_probe(self._host, self._io, self._compute)
         used = self._memory.current()
-        return RunResult(output, phases, used, self._memory.source)
+        # After the probe's own synchronize: what the driver says now is what the probe ran in.
+        device = self._host.memory_info()
+        return RunResult(output, phases, used, self._memory.source, device)
 
     def _release(self) -> None:
         """Drop what lives inside the CUDA context, before the context goes."""

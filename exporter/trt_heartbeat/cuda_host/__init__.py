@@ -79,8 +79,9 @@ class CudaHost(Protocol):
 
     def launch(self, kernel: Any, grid: int, block: int, pointers: list[int]) -> None: ...
 
-    def memory_used(self) -> int:
-        """Device memory in use on the device as the driver reports it (all processes)."""
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) device memory as the driver reports it to this context: the whole GPU,
+        or the MIG instance's share of it."""
 
     def close(self) -> None: ...
 

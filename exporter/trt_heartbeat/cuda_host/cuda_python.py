@@ -150,9 +150,9 @@ class CudaPythonHost:
                               ctypes.addressof(params), 0),
         )  # fmt: skip
 
-    def memory_used(self) -> int:
+    def memory_info(self) -> tuple[int, int]:
         free, total = _check("cuMemGetInfo", cu.cuMemGetInfo())
-        return int(total) - int(free)
+        return int(free), int(total)
 
     def close(self) -> None:
         # Best effort: after a sticky error every call fails, and process exit frees it all.

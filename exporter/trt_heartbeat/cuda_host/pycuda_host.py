@@ -108,9 +108,9 @@ class PyCudaHost:
         self._call("cuLaunchKernel", kernel.prepared_async_call, (grid, 1), (block, 1, 1),
                    self._stream, *pointers)  # fmt: skip
 
-    def memory_used(self) -> int:
+    def memory_info(self) -> tuple[int, int]:
         free, total = self._call("cuMemGetInfo", cuda.mem_get_info)
-        return int(total) - int(free)
+        return int(free), int(total)
 
     def close(self) -> None:
         self._keep.clear()

@@ -1,0 +1,230 @@
+"""Time to page at production settings: probe interval 10s (timeout 5s, max age 30s), scrape and
+rule evaluation every 15s, the example Alertmanager configuration (critical route group_wait 10s).
+
+Three kinds of fault, each injected three times at staggered moments (5s apart, so the runs see
+different scrape and evaluation phases), each on its own exporter: a wedged GPU (every probe hangs
+and the running worker is SIGSTOPped), a wrong answer (every output off golden), and the exporter
+going down (SIGKILL). The test checks that each fault pages the on-call route with the alert it
+should, and prints the time from the fault to the notification with its stages; it asserts no
+wall-clock time (docs/performance.md records the figures and the worst-case formulas; promtool
+proves the rules' timing in rules/tests/time-to-page.test.yml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_fleet import Webhook, _start, get_json, start_webhook, tear_down
+
+from conftest import ROOT, cli_env, free_port, http_ready, require, wait_for
+
+INTERVAL, TIMEOUT = 10.0, 5.0  # the exporter's defaults
+SCRAPE = EVAL = 15.0
+RUNS = 3
+STAGGER = 5.0  # seconds between the runs of one kind
+KINDS = {"wedge": "TrtHeartbeatStale", "mismatch": "TrtHeartbeatOutputMismatch",
+         "down": "TrtHeartbeatExporterDown"}  # fmt: skip
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    process: subprocess.Popen[bytes]
+    control: Path
+    log: Path
+    port: int = 0
+    injected: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_fault(self, **control: Any) -> None:
+        tmp = self.control.with_suffix(".tmp")
+        tmp.write_text(json.dumps(control))
+        tmp.replace(self.control)
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+        except OSError:
+            return 0
+
+
+@dataclass
+class Stack:
+    nodes: list[Node]
+    prometheus: str
+    webhook: Webhook
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = self.prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        result: list[dict[str, Any]] = get_json(url)["data"]["result"]
+        return result
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("time-to-page")
+    processes: list[subprocess.Popen[bytes]] = []
+    hook_server = None
+    try:
+        nodes = []
+        for kind in KINDS:
+            for run in range(RUNS):
+                name = f"{kind}-{run}"
+                control, log = work / f"{name}.faults.json", work / f"{name}.log"
+                control.write_text("{}")
+                process = _start(
+                    [sys.executable, "-m", "trt_heartbeat", "serve",
+                     "--backend", "fault_backend:FaultBackend", "--interval", f"{INTERVAL:g}s",
+                     "--timeout", f"{TIMEOUT:g}s", "--web.listen-address", "127.0.0.1:0",
+                     "--log.format", "json"],
+                    log, cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
+                )  # fmt: skip
+                processes.append(process)
+                nodes.append(Node(name, kind, process, control, log))
+        for n in nodes:
+            n.port = wait_for(lambda n=n: _port(n.log), timeout=60, what=f"{n.name} listening")
+
+        hook_port, am_port, prom_port = free_port(), free_port(), free_port()
+        hook_server, hook = start_webhook(hook_port)
+        am_config = (ROOT / "rules/alertmanager/alertmanager.yml").read_text().replace(
+            "http://alert-router.monitoring.svc:8080", f"http://127.0.0.1:{hook_port}")  # fmt: skip
+        (work / "alertmanager.yml").write_text(am_config)
+        processes.append(_start(
+            [require("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
+             f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
+             "--cluster.listen-address="], work / "alertmanager.log"))  # fmt: skip
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE:g}s", "scrape_timeout": "10s",
+                       "evaluation_interval": f"{EVAL:g}s"},
+            "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
+            "alerting": {"alertmanagers": [{"static_configs": [
+                {"targets": [f"127.0.0.1:{am_port}"]}]}]},
+            "scrape_configs": [{
+                "job_name": "trt-heartbeat-exporter",
+                "static_configs": [{"targets": [f"127.0.0.1:{n.port}"],
+                                    "labels": {"pod": n.name, "track": "stable"}}
+                                   for n in nodes],
+            }],
+        }  # fmt: skip
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+        processes.append(_start(
+            [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
+             f"--storage.tsdb.path={work / 'prom-data'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))  # fmt: skip
+        prometheus = f"http://127.0.0.1:{prom_port}"
+        wait_for(lambda: http_ready(prometheus) and http_ready(f"http://127.0.0.1:{am_port}"),
+                 timeout=60, what="prometheus and alertmanager ready")  # fmt: skip
+        yield Stack(nodes, prometheus, hook)
+    finally:
+        tear_down(processes, hook_server, work, "time-to-page")
+
+
+def _port(log: Path) -> int | None:
+    match = re.search(r'"port": (\d+)', log.read_text())
+    return int(match.group(1)) if match else None
+
+
+STALE_FIRING = 'ALERTS{alertname="TrtHeartbeatStale",alertstate="firing"}'
+
+
+def _inject(node: Node) -> None:
+    node.injected = time.monotonic()
+    if node.kind == "wedge":
+        node.set_fault(probe="hang")
+        with urllib.request.urlopen(node.url + "/probes", timeout=5) as response:
+            worker = json.load(response)["targets"][0]["worker_pid"]
+        os.kill(int(worker), signal.SIGSTOP)
+    elif node.kind == "mismatch":
+        node.set_fault(probe="wrong")
+    else:
+        node.process.send_signal(signal.SIGKILL)
+
+
+def test_every_fault_pages_on_call(stack: Stack) -> None:
+    count = len(stack.nodes)
+    # Two scrapes of every healthy target first: the mismatch counter at 0, ages fresh.
+    wait_for(lambda: len(stack.query("count_over_time(trt_heartbeat_up[1m]) >= 2")) == count
+             and len(stack.query("trt_heartbeat_up == 1")) == count,
+             timeout=120, what="every target scraped twice, passing")  # fmt: skip
+    assert stack.query('ALERTS{severity="critical"}') == [], "a healthy fleet pages nobody"
+
+    start = time.monotonic()
+    schedule = sorted(((run * STAGGER, n) for n in stack.nodes
+                       for run in [int(n.name.rsplit("-", 1)[1])]), key=lambda x: x[0])  # fmt: skip
+    pending = list(schedule)
+    wedged = [n for n in stack.nodes if n.kind == "wedge"]
+
+    def paged(node: Node) -> float | None:
+        return next((t for t, alert, pod in stack.webhook.alerts("/pager")
+                     if alert == KINDS[node.kind] and pod == node.name), None)  # fmt: skip
+
+    deadline = start + 240
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        while pending and now - start >= pending[0][0]:
+            _inject(pending.pop(0)[1])
+        for n in wedged:  # the stages of a wedge, at one-second resolution
+            if n.injected and "health_503" not in n.stages and n.health() == 503:
+                n.stages["health_503"] = time.monotonic() - n.injected
+        if any(n.injected and "firing" not in n.stages for n in wedged):
+            down = {r["metric"]["pod"] for r in stack.query("trt_heartbeat_up == 0")}
+            firing = {r["metric"]["pod"] for r in stack.query(STALE_FIRING)}
+            for n in wedged:
+                if n.injected:
+                    if n.name in down:
+                        n.stages.setdefault("up_0", time.monotonic() - n.injected)
+                    if n.name in firing:
+                        n.stages.setdefault("firing", time.monotonic() - n.injected)
+        if not pending and all(paged(n) is not None for n in stack.nodes):
+            break
+        time.sleep(0.5)
+
+    missing = [n.name for n in stack.nodes if paged(n) is None]
+    assert not missing, f"no page for {missing}: {stack.webhook.received}"
+    # Each page went to on-call and named the fault; a wrong answer also turns the heartbeat
+    # stale (no passing probe), a killed exporter inhibits its own stale alert.
+    pages = {(alert, pod) for _, alert, pod in stack.webhook.alerts("/pager")}
+    expected = {(KINDS[n.kind], n.name) for n in stack.nodes}
+    extra = pages - expected - {("TrtHeartbeatStale", n.name) for n in stack.nodes
+                                if n.kind == "mismatch"}  # fmt: skip
+    assert extra == set(), extra
+
+    lines = ["", f"time to page (probe {INTERVAL:g}s/{TIMEOUT:g}s, scrape and evaluation "
+             f"{SCRAPE:g}s, group_wait 10s), seconds from the fault:"]  # fmt: skip
+    for kind, alert in KINDS.items():
+        nodes = [n for n in stack.nodes if n.kind == kind]
+        times = [paged(n) - n.injected for n in nodes]  # type: ignore[operator]
+        lines.append(f"  {kind:9s} {alert:28s} " + "  ".join(f"{t:5.1f}" for t in times)
+                     + f"   median {statistics.median(times):5.1f}")  # fmt: skip
+        for n in nodes:
+            if n.stages:
+                lines.append("            " + n.name + ": " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in n.stages.items()))  # fmt: skip
+    print("\n".join(lines))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "time-to-page.txt").write_text("\n".join(lines) + "\n")

@@ -66,6 +66,7 @@ INVALID = {
     "alerts and canary-judge read it)",
     "metrics-buckets-not-increasing": "metrics.buckets[2]: must be greater than "
     "metrics.buckets[1] (5ms <= 10ms)",
+    "metrics-bucket-zero": f'metrics.buckets[0]: expected {DURATION}, got "0s"',
     "metrics-buckets": "metrics.buckets: expected default, coarse, or a list of up to 40 "
     'increasing durations such as [1ms, 10ms, 100ms], got "fine"',
     "cuda-api": 'cuda_api: expected one of cuda-python, pycuda, got "cupy"',

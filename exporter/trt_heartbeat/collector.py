@@ -145,8 +145,8 @@ class NodeCollector(Collector):
             last.add_metric(f.label_values(), telemetry.last_success)
         yield last
         target = ["gpu", "uuid"]
-        info = f.gauge("gpu_info", "GPU (or MIG instance) identity as NVML reports it; "
-                       "constant 1.", [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
+        info = f.gauge("gpu_info", "GPU (or MIG instance) identity as NVML reports it; constant 1.",
+                       [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
         util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "
                        "kernel ran on the GPU (0-1).", target)  # fmt: skip
         temp = f.gauge("gpu_temperature_celsius", "GPU core temperature.", target)
@@ -166,7 +166,9 @@ class NodeCollector(Collector):
                     ecc.add_metric([*t, kind], count)
         yield from (info, util, temp, power, ecc)
 
-    def _gpu_memory(self, snaps: list[TargetSnapshot], telemetry: TelemetryState) -> Iterator[Metric]:
+    def _gpu_memory(
+        self, snaps: list[TargetSnapshot], telemetry: TelemetryState
+    ) -> Iterator[Metric]:
         """Memory of every GPU and MIG instance NVML reads, and of each probed device NVML does
         not read (absent, off, down: Jetson, a broken driver mount) as its probe saw it."""
         f = self._f

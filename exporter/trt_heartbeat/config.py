@@ -411,7 +411,8 @@ def _metrics(
                    for i, b in enumerate(chosen))  # fmt: skip
     if bounds[0] <= 0:
         expected = schema()["$defs"]["duration"]["x-expected"]
-        raise ConfigError(f"{prefix}metrics.buckets[0]: expected {expected}, got {_shown(chosen[0])}")
+        shown = _shown(chosen[0])
+        raise ConfigError(f"{prefix}metrics.buckets[0]: expected {expected}, got {shown}")
     for i in range(1, len(bounds)):
         if bounds[i] <= bounds[i - 1]:
             raise ConfigError(

@@ -53,8 +53,8 @@ def _discover_nvml(module: str = "pynvml") -> list[FoundGpu]:
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             uuid = nvml.nvmlDeviceGetUUID(handle)
-            instances = tuple(Target(placement.label, mig_uuid, placement)
-                              for _, mig_uuid, placement in mig_devices(nvml, index, handle))  # fmt: skip
+            instances = tuple(Target(mig.label, mig_uuid, mig)
+                              for _, mig_uuid, mig in mig_devices(nvml, index, handle))  # fmt: skip
             text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
             found.append(FoundGpu(index, text, mig_enabled(nvml, handle), instances))
         return found

@@ -164,6 +164,41 @@ def tear_down(processes: list[subprocess.Popen[bytes]], hook_server: ThreadingHT
                         ignore=shutil.ignore_patterns("*-data"))  # fmt: skip
 
 
+def start_alerting(work: Path, processes: list[subprocess.Popen[bytes]],
+                   receivers: dict[str, str], scrape_configs: list[dict[str, Any]],
+                   interval: float, ports: tuple[int, int]) -> tuple[str, str]:  # fmt: skip
+    """A real Alertmanager with the example configuration (receiver URLs replaced as given) and
+    a real Prometheus with the rule pack unchanged, scraping and evaluating every `interval`;
+    the URLs of both once they are ready."""
+    am_port, prom_port = ports
+    am_config = (ROOT / "rules" / "alertmanager" / "alertmanager.yml").read_text()
+    for url, local in receivers.items():
+        am_config = am_config.replace(url, local)
+    (work / "alertmanager.yml").write_text(am_config)
+    processes.append(_start(
+        [require("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
+         f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
+         "--cluster.listen-address="], work / "alertmanager.log"))  # fmt: skip
+    config = {
+        "global": {"scrape_interval": f"{interval:g}s",
+                   "scrape_timeout": f"{min(interval, 10.0):g}s",
+                   "evaluation_interval": f"{interval:g}s"},
+        "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
+        "alerting": {"alertmanagers": [{"static_configs": [
+            {"targets": [f"127.0.0.1:{am_port}"]}]}]},
+        "scrape_configs": scrape_configs,
+    }  # fmt: skip
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    processes.append(_start(
+        [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
+         f"--storage.tsdb.path={work / 'prom-data'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))  # fmt: skip
+    prometheus, alertmanager = f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}"
+    wait_for(lambda: http_ready(prometheus) and http_ready(alertmanager), timeout=60,
+             what="prometheus and alertmanager ready")  # fmt: skip
+    return prometheus, alertmanager
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e")
@@ -216,82 +251,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         hook_port, am_port, prom_port = free_port(), free_port(), free_port()
         hook_server, hook = start_webhook(hook_port)
-        am_config = (
-            (ROOT / "rules" / "alertmanager" / "alertmanager.yml")
-            .read_text()
-            .replace("http://alert-router.monitoring.svc:8080", f"http://127.0.0.1:{hook_port}")
-        )
-        (work / "alertmanager.yml").write_text(am_config)
-        processes.append(
-            _start(
-                [
-                    require("prometheus-alertmanager"),
-                    f"--config.file={work / 'alertmanager.yml'}",
-                    f"--storage.path={work / 'am-data'}",
-                    f"--web.listen-address=127.0.0.1:{am_port}",
-                    "--cluster.listen-address=",
-                ],
-                work / "alertmanager.log",
-            )
-        )
-
-        prometheus_config = {
-            "global": {
-                "scrape_interval": f"{SCRAPE:g}s",
-                "scrape_timeout": f"{SCRAPE:g}s",
-                "evaluation_interval": f"{EVAL:g}s",
-            },
-            "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
-            "alerting": {
-                "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]
-            },
-            "scrape_configs": [
-                {
-                    "job_name": "trt-heartbeat-exporter",
-                    # What Kubernetes service discovery would attach to each pod; relabeled as the
-                    # manifests do: the pod's track label becomes `track`.
-                    "static_configs": [
-                        {
-                            "targets": [e.instance],
-                            "labels": {
-                                "__meta_kubernetes_pod_label_track": e.track,
-                                "__meta_kubernetes_pod_name": e.name,
-                                "cluster": CLUSTER,
-                            },
-                        }
-                        for e in exporters.values()
-                    ],
-                    "relabel_configs": [
-                        {
-                            "source_labels": ["__meta_kubernetes_pod_label_track"],
-                            "target_label": "track",
+        scrape_configs = [
+            {
+                "job_name": "trt-heartbeat-exporter",
+                # What Kubernetes service discovery would attach to each pod; relabeled as the
+                # manifests do: the pod's track label becomes `track`.
+                "static_configs": [
+                    {
+                        "targets": [e.instance],
+                        "labels": {
+                            "__meta_kubernetes_pod_label_track": e.track,
+                            "__meta_kubernetes_pod_name": e.name,
+                            "cluster": CLUSTER,
                         },
-                        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                    ],
-                }
-            ],
-        }
-        (work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config))
-        processes.append(
-            _start(
-                [
-                    require("prometheus"),
-                    f"--config.file={work / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={work / 'prom-data'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    }
+                    for e in exporters.values()
                 ],
-                work / "prometheus.log",
-            )
-        )
-        stack = Stack(
-            exporters, f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", hook
-        )
-
-        wait_for(
-            lambda: http_ready(stack.prometheus) and http_ready(stack.alertmanager),
-            timeout=60,
-            what="prometheus and alertmanager ready",
-        )
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_label_track"],
+                        "target_label": "track",
+                    },
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ]
+        prometheus, alertmanager = start_alerting(
+            work, processes,
+            {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
+            scrape_configs, SCRAPE, (am_port, prom_port),
+        )  # fmt: skip
+        stack = Stack(exporters, prometheus, alertmanager, hook)
         yield stack
     finally:
         tear_down(processes, hook_server, work, "e2e")

@@ -27,18 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from test_fleet import (
     FAKE_PYNVML,
     Webhook,
     _start,
     get_json,
     service_panels,
+    start_alerting,
     start_webhook,
     tear_down,
 )
 
-from conftest import ROOT, cli, cli_env, http_ready, require, wait_for
+from conftest import ROOT, cli, cli_env, wait_for
 
 SCRAPE = EVAL = 5.0
 STEP_AFTER = 60.0
@@ -135,23 +135,7 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
             [sys.executable, str(ROOT / "rules/rollouts/pause_webhook.py"), "--listen",
              f"127.0.0.1:{bridge_port}", "--mode", "argo", "--kubectl", str(kubectl)],
             work / "pause-webhook.log"))  # fmt: skip
-        am_config = (
-            (ROOT / "rules/alertmanager/alertmanager.yml").read_text()
-            .replace("http://rollout-pause.monitoring.svc:8080", f"http://127.0.0.1:{bridge_port}")
-            .replace("http://alert-router.monitoring.svc:8080", f"http://127.0.0.1:{hook_port}")
-        )  # fmt: skip
-        (work / "alertmanager.yml").write_text(am_config)
-        processes.append(_start(
-            [require("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
-             f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-             "--cluster.listen-address="], work / "alertmanager.log"))  # fmt: skip
-        config = {
-            "global": {"scrape_interval": f"{SCRAPE:g}s", "scrape_timeout": f"{SCRAPE:g}s",
-                       "evaluation_interval": f"{EVAL:g}s"},
-            "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
-            "alerting": {"alertmanagers": [{"static_configs": [
-                {"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [{
+        scrape_configs = [{
                 "job_name": "inference",
                 # What Kubernetes discovery gives each pod, relabeled as the sidecar example's
                 # PodMonitor does: app -> service, version -> track, namespace.
@@ -170,16 +154,13 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
                     {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
                     {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
                 ],
-            }],
-        }  # fmt: skip
-        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        processes.append(_start(
-            [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
-             f"--storage.tsdb.path={work / 'prom-data'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))  # fmt: skip
-        prometheus = f"http://127.0.0.1:{prom_port}"
-        wait_for(lambda: http_ready(prometheus) and http_ready(f"http://127.0.0.1:{am_port}"),
-                 timeout=60, what="prometheus and alertmanager ready")  # fmt: skip
+            }]  # fmt: skip
+        prometheus, _ = start_alerting(
+            work, processes,
+            {"http://rollout-pause.monitoring.svc:8080": f"http://127.0.0.1:{bridge_port}",
+             "http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
+            scrape_configs, SCRAPE, (am_port, prom_port),
+        )  # fmt: skip
         yield Guard(prometheus, hook, kubectl_log, work)
     finally:
         tear_down(processes, hook_server, work, "service-e2e")

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from test_fleet import Webhook, _start, get_json, start_webhook, tear_down
+from test_fleet import Exporter, Webhook, _start, get_json, start_alerting, start_webhook, tear_down
 
-from conftest import ROOT, cli_env, free_port, http_ready, require, wait_for
+from conftest import cli_env, free_port, wait_for
 
 INTERVAL, TIMEOUT = 10.0, 5.0  # the exporter's defaults
 SCRAPE = EVAL = 15.0
@@ -43,33 +42,12 @@ KINDS = {"wedge": "TrtHeartbeatStale", "mismatch": "TrtHeartbeatOutputMismatch",
 
 
 @dataclass
-class Node:
-    name: str
-    kind: str
-    process: subprocess.Popen[bytes]
-    control: Path
-    log: Path
-    port: int = 0
+class Node(Exporter):
+    """An exporter of the fleet, the fault it will get, and when it got it."""
+
+    kind: str = ""
     injected: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def set_fault(self, **control: Any) -> None:
-        tmp = self.control.with_suffix(".tmp")
-        tmp.write_text(json.dumps(control))
-        tmp.replace(self.control)
-
-    def health(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as err:
-            return int(err.code)
-        except OSError:
-            return 0
 
 
 @dataclass
@@ -104,40 +82,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     log, cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
                 )  # fmt: skip
                 processes.append(process)
-                nodes.append(Node(name, kind, process, control, log))
+                nodes.append(Node(name, "stable", process, control, log, kind=kind))
         for n in nodes:
             n.port = wait_for(lambda n=n: _port(n.log), timeout=60, what=f"{n.name} listening")
 
         hook_port, am_port, prom_port = free_port(), free_port(), free_port()
         hook_server, hook = start_webhook(hook_port)
-        am_config = (ROOT / "rules/alertmanager/alertmanager.yml").read_text().replace(
-            "http://alert-router.monitoring.svc:8080", f"http://127.0.0.1:{hook_port}")  # fmt: skip
-        (work / "alertmanager.yml").write_text(am_config)
-        processes.append(_start(
-            [require("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
-             f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-             "--cluster.listen-address="], work / "alertmanager.log"))  # fmt: skip
-        config = {
-            "global": {"scrape_interval": f"{SCRAPE:g}s", "scrape_timeout": "10s",
-                       "evaluation_interval": f"{EVAL:g}s"},
-            "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
-            "alerting": {"alertmanagers": [{"static_configs": [
-                {"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [{
-                "job_name": "trt-heartbeat-exporter",
-                "static_configs": [{"targets": [f"127.0.0.1:{n.port}"],
-                                    "labels": {"pod": n.name, "track": "stable"}}
-                                   for n in nodes],
-            }],
-        }  # fmt: skip
-        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        processes.append(_start(
-            [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
-             f"--storage.tsdb.path={work / 'prom-data'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))  # fmt: skip
-        prometheus = f"http://127.0.0.1:{prom_port}"
-        wait_for(lambda: http_ready(prometheus) and http_ready(f"http://127.0.0.1:{am_port}"),
-                 timeout=60, what="prometheus and alertmanager ready")  # fmt: skip
+        scrape_configs = [{
+            "job_name": "trt-heartbeat-exporter",
+            "static_configs": [{"targets": [n.instance], "labels": {"pod": n.name,
+                                                                    "track": n.track}}
+                               for n in nodes],
+        }]  # fmt: skip
+        prometheus, _ = start_alerting(
+            work, processes,
+            {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
+            scrape_configs, SCRAPE, (am_port, prom_port),
+        )  # fmt: skip
         yield Stack(nodes, prometheus, hook)
     finally:
         tear_down(processes, hook_server, work, "time-to-page")
@@ -188,7 +149,7 @@ def test_every_fault_pages_on_call(stack: Stack) -> None:
         while pending and now - start >= pending[0][0]:
             _inject(pending.pop(0)[1])
         for n in wedged:  # the stages of a wedge, at one-second resolution
-            if n.injected and "health_503" not in n.stages and n.health() == 503:
+            if n.injected and "health_503" not in n.stages and n.health_status() == 503:
                 n.stages["health_503"] = time.monotonic() - n.injected
         if any(n.injected and "firing" not in n.stages for n in wedged):
             down = {r["metric"]["pod"] for r in stack.query("trt_heartbeat_up == 0")}

@@ -20,16 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-from test_fleet import Exporter, Webhook, _start, get_json, start_alerting, start_webhook, tear_down
+from test_fleet import Exporter, Stack, _start, start_alerting, start_webhook, tear_down
 
 from conftest import cli_env, free_port, wait_for
 
@@ -48,18 +45,6 @@ class Node(Exporter):
     kind: str = ""
     injected: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Stack:
-    nodes: list[Node]
-    prometheus: str
-    webhook: Webhook
-
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        url = self.prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        result: list[dict[str, Any]] = get_json(url)["data"]["result"]
-        return result
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +79,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                                                     "track": n.track}}
                                for n in nodes],
         }]  # fmt: skip
-        prometheus, _ = start_alerting(
+        prometheus, alertmanager = start_alerting(
             work, processes,
             {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
             scrape_configs, SCRAPE, (am_port, prom_port),
         )  # fmt: skip
-        yield Stack(nodes, prometheus, hook)
+        yield Stack({n.name: n for n in nodes}, prometheus, alertmanager, hook)
     finally:
         tear_down(processes, hook_server, work, "time-to-page")
 
@@ -125,8 +110,13 @@ def _inject(node: Node) -> None:
         node.process.send_signal(signal.SIGKILL)
 
 
+def _nodes(stack: Stack) -> list[Node]:
+    return [n for n in stack.exporters.values() if isinstance(n, Node)]
+
+
 def test_every_fault_pages_on_call(stack: Stack) -> None:
-    count = len(stack.nodes)
+    nodes = _nodes(stack)
+    count = len(nodes)
     # Two scrapes of every healthy target first: the mismatch counter at 0, ages fresh.
     wait_for(lambda: len(stack.query("count_over_time(trt_heartbeat_up[1m]) >= 2")) == count
              and len(stack.query("trt_heartbeat_up == 1")) == count,
@@ -134,10 +124,10 @@ def test_every_fault_pages_on_call(stack: Stack) -> None:
     assert stack.query('ALERTS{severity="critical"}') == [], "a healthy fleet pages nobody"
 
     start = time.monotonic()
-    schedule = sorted(((run * STAGGER, n) for n in stack.nodes
+    schedule = sorted(((run * STAGGER, n) for n in nodes
                        for run in [int(n.name.rsplit("-", 1)[1])]), key=lambda x: x[0])  # fmt: skip
     pending = list(schedule)
-    wedged = [n for n in stack.nodes if n.kind == "wedge"]
+    wedged = [n for n in nodes if n.kind == "wedge"]
 
     def paged(node: Node) -> float | None:
         return next((t for t, alert, pod in stack.webhook.alerts("/pager")
@@ -160,24 +150,24 @@ def test_every_fault_pages_on_call(stack: Stack) -> None:
                         n.stages.setdefault("up_0", time.monotonic() - n.injected)
                     if n.name in firing:
                         n.stages.setdefault("firing", time.monotonic() - n.injected)
-        if not pending and all(paged(n) is not None for n in stack.nodes):
+        if not pending and all(paged(n) is not None for n in nodes):
             break
         time.sleep(0.5)
 
-    missing = [n.name for n in stack.nodes if paged(n) is None]
+    missing = [n.name for n in nodes if paged(n) is None]
     assert not missing, f"no page for {missing}: {stack.webhook.received}"
     # Each page went to on-call and named the fault; a wrong answer also turns the heartbeat
     # stale (no passing probe), a killed exporter inhibits its own stale alert.
     pages = {(alert, pod) for _, alert, pod in stack.webhook.alerts("/pager")}
-    expected = {(KINDS[n.kind], n.name) for n in stack.nodes}
-    extra = pages - expected - {("TrtHeartbeatStale", n.name) for n in stack.nodes
+    expected = {(KINDS[n.kind], n.name) for n in nodes}
+    extra = pages - expected - {("TrtHeartbeatStale", n.name) for n in nodes
                                 if n.kind == "mismatch"}  # fmt: skip
     assert extra == set(), extra
 
     lines = ["", f"time to page (probe {INTERVAL:g}s/{TIMEOUT:g}s, scrape and evaluation "
              f"{SCRAPE:g}s, group_wait 10s), seconds from the fault:"]  # fmt: skip
     for kind, alert in KINDS.items():
-        nodes = [n for n in stack.nodes if n.kind == kind]
+        nodes = [n for n in nodes if n.kind == kind]
         times = [paged(n) - n.injected for n in nodes]  # type: ignore[operator]
         lines.append(f"  {kind:9s} {alert:28s} " + "  ".join(f"{t:5.1f}" for t in times)
                      + f"   median {statistics.median(times):5.1f}")  # fmt: skip

@@ -7,9 +7,17 @@ DEBIAN_PACKAGES := prometheus prometheus-alertmanager
 
 .PHONY: run test lint bench deps system-deps clean rules
 
-# Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s").
-run: $(VENV)/.installed
-	$(VENV)/bin/trt-heartbeat-exporter serve $(ARGS)
+# Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s"). It installs what
+# running needs, not what the tests need: the base package, plus the gpu extra (and the cuda
+# backend, which needs no prebuilt plan) where a GPU is visible, detected as the exporter does.
+GPU_VISIBLE := $(shell ls -d /proc/driver/nvidia/gpus/* /dev/nvidia[0-9]* /dev/nvgpu \
+                 /dev/nvhost-ctrl-gpu 2>/dev/null | head -n 1)
+RUN_EXTRAS := $(if $(GPU_VISIBLE),[gpu])
+RUN_BACKEND := $(if $(GPU_VISIBLE),--backend cuda)
+
+run: $(VENV)/.run-installed
+	@echo "make run: $(if $(GPU_VISIBLE),GPU visible ($(GPU_VISIBLE)): gpu extra$(,) --backend cuda,no GPU visible: base package$(,) reference backend)"
+	$(VENV)/bin/trt-heartbeat-exporter serve $(RUN_BACKEND) $(ARGS)
 
 test: lint
 	$(PY) -m pytest -q
@@ -41,11 +49,18 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    $(DEBIAN_PACKAGES) >/dev/null; }
 
+, := ,
+
+$(VENV)/.run-installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.$(RUN_EXTRAS)'
+	touch $@
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,lint,gpu,tensorrt-lean]'
-	touch $@
+	touch $@ $(VENV)/.run-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache exporter/*.egg-info

@@ -238,3 +238,22 @@ def test_npd_plugin_exit_codes(tmp_path: Path) -> None:
     assert (bad.returncode, bad.stdout) == (1, "failed: gpu cpu: timeout\n")
     unknown = _plugin("--count", "many")
     assert unknown.returncode == 2 and unknown.stdout == ""
+
+
+def test_make_run_installs_what_running_needs(tmp_path: Path) -> None:
+    """`make run` installs the base package (with the gpu extra where a GPU is visible), never
+    the test, lint or TensorRT extras: a fresh clone serves /metrics in seconds."""
+    from trt_heartbeat.app import gpu_visible
+
+    venv = tmp_path / "venv"
+    result = subprocess.run(["make", "-n", "run", f"VENV={venv}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (install,) = [line for line in result.stdout.splitlines() if "pip install" in line]
+    extras = "[gpu]" if gpu_visible() else ""
+    assert install.endswith(f"pip install -q -e '.{extras}'"), install
+    serve = result.stdout.splitlines()[-1]
+    assert serve.split()[:2] == [f"{venv}/bin/trt-heartbeat-exporter", "serve"]
+    assert ("--backend cuda" in serve) == gpu_visible()
+    (said,) = [line for line in result.stdout.splitlines() if line.startswith("echo")]
+    assert ("no GPU visible" not in said) == gpu_visible()

@@ -94,6 +94,13 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
     for _ in range(probes):
         host.memory_info()
     memory_info = (time.perf_counter() - t0) / probes
+    # NVML's per-process list, which gives the worker's footprint (asked at most every 10 s).
+    view = backend._memory
+    assert view is not None
+    t0 = time.perf_counter()
+    for _ in range(probes):
+        view._ask()
+    nvml_process = (time.perf_counter() - t0) / probes
     backend.close()
     return {
         "gpu": info.details.get("gpu_name"),
@@ -105,6 +112,7 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
         "gpu_memory_mib": (memory or 0) / MIB,
         "gpu_memory_source": result.gpu_memory_source,
         "memory_info_us": memory_info * 1e6,
+        "nvml_process_list_us": nvml_process * 1e6,
         "device_memory_mib": [v / MIB for v in result.device_memory or ()],
     }
 

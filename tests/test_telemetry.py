@@ -169,11 +169,16 @@ def test_low_memory_is_hidden_with_hardware_details(
 def test_worker_memory_source_in_a_foreign_pid_namespace(fake_nvml: Faults) -> None:
     # Inside a container NVML lists host PIDs: ours is not there, so the set-up delta is used.
     fake_nvml.set(mode="ok", free=60 << 30, pids=[4242])
-    view = NvmlView("GPU-fake-0", nvml=fake_nvml_module())
+    now = [0.0]
+    view = NvmlView("GPU-fake-0", nvml=fake_nvml_module(), clock=lambda: now[0])
     fake_nvml.set(mode="ok", free=(60 << 30) - (263 << 20), pids=[4242])
     view.setup_done()
     assert view.current() == 263 << 20 and view.source == "setup_delta"
     fake_nvml.set(mode="ok", free=60 << 30, pids=[4242, os.getpid()])
+    # The footprint only changes with set-up: NVML's process list is asked again after REFRESH.
+    now[0] += NvmlView.REFRESH - 0.1
+    assert view.current() == 263 << 20 and view.source == "setup_delta"
+    now[0] += 0.1
     assert view.current() == 270532608 and view.source == "nvml_process"
     assert view.driver_version == "580.159.04"
 

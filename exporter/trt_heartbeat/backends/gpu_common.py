@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -66,9 +68,19 @@ class NvmlView:
     NVML's per-process list reports host PIDs; inside a container's PID namespace our PID does not
     appear there. Then fall back to the rise in the device's used memory across our own set-up
     (context, buffers, module or engine), measured before and after it.
+
+    The footprint changes only with set-up, and NVML's process list is a slow call next to a
+    probe (docs/performance.md), so it is asked at most once per REFRESH seconds.
     """
 
-    def __init__(self, uuid: str, nvml: Any = None) -> None:
+    REFRESH = 10.0
+
+    def __init__(
+        self, uuid: str, nvml: Any = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._asked_at: float | None = None
+        self._last: int | None = None
         self.source = "unavailable"
         self.driver_version = ""
         self._nvml: Any = None
@@ -95,6 +107,14 @@ class NvmlView:
     def current(self) -> int | None:
         if self._nvml is None:
             return None
+        now = self._clock()
+        if self._asked_at is not None and now - self._asked_at < self.REFRESH:
+            return self._last
+        self._asked_at = now
+        self._last = self._ask()
+        return self._last
+
+    def _ask(self) -> int | None:
         try:
             for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
                 if proc.pid == os.getpid() and proc.usedGpuMemory is not None:

@@ -246,8 +246,10 @@ def test_make_run_installs_what_running_needs(tmp_path: Path) -> None:
     from trt_heartbeat.app import gpu_visible
 
     venv = tmp_path / "venv"
-    result = subprocess.run(["make", "-n", "run", f"VENV={venv}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    # Not as a sub-make of `make test`: no inherited flags, no "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    command = ["make", "--no-print-directory", "-n", "run", f"VENV={venv}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     (install,) = [line for line in result.stdout.splitlines() if "pip install" in line]
     extras = "[gpu]" if gpu_visible() else ""

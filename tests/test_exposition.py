@@ -3,12 +3,19 @@ exposition in both formats, with the clock-derived families fresh on every scrap
 
 from __future__ import annotations
 
+import gzip
+import subprocess
+import zlib
+
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import settings
+from conftest import require, settings
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.backends import EngineInfo, Target
 from trt_heartbeat.exposition import split_families
@@ -131,3 +138,80 @@ def test_heartbeat_age_and_health_follow_the_clock_without_a_new_probe() -> None
     assert ex.exposition.renders == renders
     assert samples(body)[age] == 45.0
     assert samples(body)[healthy] == 0
+
+
+def _fresh(ex: Exporter) -> Samples:
+    """What every collector yields right now, rendered from scratch by client_python."""
+    expected: Samples = {}
+    for collector in ex.exposition.collectors:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        expected.update(samples(generate_latest(registry)))
+    return expected
+
+
+def _variants(ex: Exporter) -> dict[str, bytes]:
+    plain, _ = ex.render_metrics(None)
+    gz, _ = ex.render_metrics(None, gzip=True)
+    om, _ = ex.render_metrics(OPENMETRICS)
+    om_gz, _ = ex.render_metrics(OPENMETRICS, gzip=True)
+    for packed in (gz, om_gz):  # one gzip member, as every client can read
+        stream = zlib.decompressobj(31)
+        stream.decompress(packed)
+        assert stream.eof and stream.unused_data == b""
+    return {"text": plain, "text+gzip": gzip.decompress(gz), "openmetrics": om,
+            "openmetrics+gzip": gzip.decompress(om_gz)}  # fmt: skip
+
+
+CHANGES = st.sampled_from(["probe", "fail", "mismatch", "load", "clock", "memory"])
+
+
+@settings_(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(CHANGES, st.integers(0, 2)), max_size=12))
+def test_a_scrape_after_any_change_shows_it(changes: list[tuple[str, int]]) -> None:
+    """Cached bytes are never stale: after every change, each variant (text, OpenMetrics, each
+    plain and gzip) holds exactly what the collectors yield now."""
+    ex, clock = exporter()
+    for kind, target in changes:
+        state = ex.scheduler.states[target]
+        clock.now += 3
+        if kind in ("probe", "fail", "mismatch"):
+            result = {"probe": "success", "fail": "error", "mismatch": "mismatch"}[kind]
+            error = 0.0 if result == "success" else 1.0
+            state.record(ProbeRecord(clock.now, result, {"total": 0.002 * (target + 1)},
+                                     max_abs_error=error))  # fmt: skip
+        elif kind == "load":
+            state.engine_loaded(EngineInfo("reference", "fp32", f"m@{clock.now}"), 0.01)
+        elif kind == "memory":
+            state.record(ProbeRecord(clock.now, "success", {"total": 0.001},
+                                     device_memory=(int(clock.now) << 20, 80 << 30)))  # fmt: skip
+        expected = _fresh(ex)
+        for name, body in _variants(ex).items():
+            assert samples(body, openmetrics=name.startswith("openmetrics")) == expected, name
+
+
+def test_every_variant_passes_promtool_and_the_openmetrics_parser() -> None:
+    ex, clock = exporter()
+    for i in range(3):
+        probe(ex, i, clock.now - 1)
+    ex.scheduler.states[1].record(ProbeRecord(clock.now, "error", {"total": 0.1}))
+    for name, body in _variants(ex).items():
+        if name.startswith("openmetrics"):
+            assert samples(body, openmetrics=True)  # the strict parser: EOF, family order
+            continue
+        check = subprocess.run([require("promtool"), "check", "metrics"], input=body,
+                               capture_output=True, timeout=30)  # fmt: skip
+        assert check.returncode == 0 and check.stdout == b"" and check.stderr == b"", name
+
+
+def test_a_scrape_between_changes_writes_cached_bytes() -> None:
+    ex, clock = exporter(targets=8)
+    for i in range(8):
+        probe(ex, i, clock.now - 1)
+    first, _ = ex.render_metrics(None, gzip=True)
+    renders = ex.exposition.renders
+    clock.now += 1  # only the age moves
+    again, _ = ex.render_metrics(None, gzip=True)
+    assert ex.exposition.renders == renders
+    age = ("trt_heartbeat_age_seconds", (("gpu", "0"), ("uuid", "GPU-0")))
+    assert samples(gzip.decompress(again))[age] == samples(gzip.decompress(first))[age] + 1

@@ -361,10 +361,10 @@ class SlowMetrics:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.exporter, name)
 
-    def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
+    def render_metrics(self, accept: str | None, gzip: bool = False) -> tuple[bytes, str]:
         self.entered.set()
         self.release.wait(20)
-        return self.exporter.render_metrics(accept)
+        return self.exporter.render_metrics(accept, gzip)
 
 
 def _get(port: int, path: str = "/ping") -> bytes:

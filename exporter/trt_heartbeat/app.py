@@ -125,7 +125,8 @@ class Exporter:
         self.exposition = Exposition(
             [NodeCollector(states, settings, backend, self.telemetry_state),
              *(TargetCollector(state, settings) for state in states)],
-            [ClockCollector(states, settings, wall_clock, self.telemetry_state), live_process],
+            ClockCollector(states, settings, wall_clock, self.telemetry_state),
+            [live_process],
         )  # fmt: skip
 
     @property
@@ -148,8 +149,8 @@ class Exporter:
     def alive(self) -> bool:
         return self.scheduler.alive()
 
-    def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
-        return self.exposition.render(accept)
+    def render_metrics(self, accept: str | None, gzip: bool = False) -> tuple[bytes, str]:
+        return self.exposition.render(accept, gzip)
 
     def _snapshots(self) -> list[TargetSnapshot]:
         return [state.snapshot() for state in self.scheduler.states]

@@ -328,6 +328,15 @@ class ClockCollector(Collector):
     def describe(self) -> list[Metric]:
         return []
 
+    def values(self) -> list[float]:
+        """The values `collect` yields now, in its order: the health statuses, then each
+        target's age (exposition.py fills them into a kept rendering)."""
+        now = self._clock()
+        snaps = [state.snapshot() for state in self._states]
+        health = overall_health(target_healths(snaps, now, self._settings, self._telemetry()))
+        return [*(1.0 if name == health.status else 0.0 for name in STATUSES),
+                *(heartbeat_age(snap, now) for snap in snaps)]  # fmt: skip
+
     def collect(self) -> Iterator[Metric]:
         f, now = self._f, self._clock()
         snaps = [state.snapshot() for state in self._states]

@@ -1,21 +1,29 @@
-"""Renders /metrics, re-rendering only the parts whose state changed since the last scrape.
+"""Renders /metrics as cached bytes: rebuilt only where the state changed since the last scrape.
 
 Formatting the targets' histograms is nearly all of a scrape's CPU (about 6 ms in client_python for
 8 targets' 550 lines), while a probe changes one target's share of them. So each versioned
 collector (one per target, one for the node) is rendered on its own and kept until its version
-changes, the clock-derived families are rendered on every scrape, and the pieces are stitched into
-one exposition with each metric family exactly once.
+changes, and the stitched body of all of them is kept, plain and gzip-primed, until any changes.
+A scrape between changes writes those bytes plus a short tail: the clock-derived families (the
+heartbeat age, health), whose values are filled into a kept template on every scrape, and the
+process metrics, read at most once per second.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import zlib
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+_go_float = cast(Callable[[float], str], floatToGoString)  # untyped in client_python
 
 _EOF = b"# EOF\n"  # OpenMetrics: once, at the very end
 _HELP = b"# HELP "
@@ -27,6 +35,12 @@ Fragments = list[tuple[bytes, bytes, bytes]]
 class VersionedCollector(Collector, Protocol):
     def version(self) -> object:
         """Compares equal for as long as what `collect` yields is unchanged."""
+
+
+class ValuedCollector(Collector, Protocol):
+    def values(self) -> list[float]:
+        """The values of the samples `collect` yields now, in the same order; the series
+        themselves (names, labels) stay the same for as long as their number does."""
 
 
 def split_families(text: bytes) -> Fragments:
@@ -57,41 +71,118 @@ def _registry(collector: Collector) -> CollectorRegistry:
     return registry
 
 
+class _Template:
+    """A collector's rendering with its sample values left out: a new render costs a few string
+    joins, as long as the collector yields the same series in the same order."""
+
+    def __init__(self, text: bytes) -> None:
+        self.pieces: list[bytes] = []  # header lines, and sample lines up to their value
+        self.samples = 0
+        for line in text.splitlines(keepends=True):
+            if line.startswith(b"#"):
+                self.pieces.append(line)
+            else:
+                self.pieces.append(line.rsplit(b" ", 1)[0] + b" ")
+                self.samples += 1
+
+    def fill(self, values: Sequence[float]) -> bytes:
+        out, it = [], iter(values)
+        for piece in self.pieces:
+            out.append(piece if piece.startswith(b"#") else
+                       piece + _go_float(next(it)).encode() + b"\n")  # fmt: skip
+        return b"".join(out)
+
+
+@dataclass
+class _Body:
+    versions: tuple[object, ...]
+    stable: bytes
+    gzip: tuple[Any, bytes] | None = None  # a gzip stream fed the stable part, and its output
+
+
 class Exposition:
-    def __init__(self, stable: Sequence[VersionedCollector], live: Sequence[Collector]) -> None:
-        self.collectors: tuple[Collector, ...] = (*stable, *live)
+    def __init__(
+        self,
+        stable: Sequence[VersionedCollector],
+        clock: ValuedCollector,
+        slow: Sequence[Collector] = (),
+        monotonic: Callable[[], float] = time.monotonic,
+        slow_ttl: float = 1.0,
+    ) -> None:
+        self.collectors: tuple[Collector, ...] = (*stable, clock, *slow)
         self._stable = [(c.version, _registry(c)) for c in stable]
-        self._live = CollectorRegistry(auto_describe=False)
-        for collector in live:
-            self._live.register(collector)
+        self._clock, self._clock_registry = clock, _registry(clock)
+        self._slow = CollectorRegistry(auto_describe=False)
+        for collector in slow:
+            self._slow.register(collector)
+        self._monotonic, self._slow_ttl = monotonic, slow_ttl
         self._lock = threading.Lock()
         # (content type, part index) -> (version, fragments)
         self._cache: dict[tuple[str, int], tuple[object, Fragments]] = {}
+        self._bodies: dict[str, _Body] = {}
+        self._templates: dict[str, _Template] = {}
+        self._slow_cache: dict[str, tuple[float, bytes]] = {}
         self.renders = 0  # of stable parts, for tests and benchmarks
 
-    def render(self, accept: str | None) -> tuple[bytes, str]:
-        """The body for a scrape with this Accept header, and its content type."""
+    def render(self, accept: str | None, gzip: bool = False) -> tuple[bytes, str]:
+        """The body for a scrape with this Accept header, and its content type; gzip-compressed
+        (one gzip member) when asked."""
         encoder, content_type = choose_encoder(accept or "")
         # One render at a time: concurrent scrapers would only contend for the GIL, and
         # waiting on a lock costs them less than a GIL convoy does.
         with self._lock:
-            parts = [self._part(encoder, content_type, i) for i in range(len(self._stable))]
-            parts.append(split_families(encoder(self._live)))
+            body = self._stable_body(encoder, content_type)
+            tail = self._clock_part(encoder, content_type) + self._slow_part(encoder, content_type)
+            if "openmetrics" in content_type:
+                tail += _EOF
+            if not gzip:
+                return body.stable + tail, content_type
+            if body.gzip is None:
+                stream = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip container
+                body.gzip = (stream, stream.compress(body.stable))
+            stream, head = body.gzip
+            rest = stream.copy()  # the stable part stays compressed; only the tail is new
+            return head + rest.compress(tail) + rest.flush(), content_type
+
+    def _stable_body(self, encoder: Callable[[CollectorRegistry], bytes],
+                     content_type: str) -> _Body:  # fmt: skip
+        # Read the versions before rendering: a change during the render shows up next time.
+        versions = tuple(version_of() for version_of, _ in self._stable)
+        body = self._bodies.get(content_type)
+        if body is None or body.versions != versions:
             families: dict[bytes, list[bytes]] = {}
-            for fragments in parts:
-                for name, header, samples in fragments:
+            for index, version in enumerate(versions):
+                for name, header, samples in self._part(encoder, content_type, index, version):
                     families.setdefault(name, [header]).append(samples)
-            body = b"".join(b"".join(chunks) for chunks in families.values())
-        return (body + _EOF if "openmetrics" in content_type else body), content_type
+            stitched = b"".join(b"".join(chunks) for chunks in families.values())
+            body = self._bodies[content_type] = _Body(versions, stitched)
+        return body
 
     def _part(self, encoder: Callable[[CollectorRegistry], bytes], content_type: str,
-              index: int) -> Fragments:  # fmt: skip
-        version_of, registry = self._stable[index]
-        # Read the version before rendering: a change during the render shows up next time.
-        version = version_of()
+              index: int, version: object) -> Fragments:  # fmt: skip
         cached = self._cache.get((content_type, index))
         if cached is None or cached[0] != version:
-            cached = (version, split_families(encoder(registry)))
+            text = encoder(self._stable[index][1]).removesuffix(_EOF)
+            cached = (version, split_families(text))
             self._cache[(content_type, index)] = cached
             self.renders += 1
+        return cached[1]
+
+    def _clock_part(self, encoder: Callable[[CollectorRegistry], bytes],
+                    content_type: str) -> bytes:  # fmt: skip
+        values = self._clock.values()
+        template = self._templates.get(content_type)
+        if template is None or template.samples != len(values):
+            text = encoder(self._clock_registry).removesuffix(_EOF)
+            self._templates[content_type] = _Template(text)
+            return text
+        return template.fill(values)
+
+    def _slow_part(self, encoder: Callable[[CollectorRegistry], bytes],
+                   content_type: str) -> bytes:  # fmt: skip
+        now = self._monotonic()
+        cached = self._slow_cache.get(content_type)
+        if cached is None or now - cached[0] >= self._slow_ttl:
+            cached = (now, encoder(self._slow).removesuffix(_EOF))
+            self._slow_cache[content_type] = cached
         return cached[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import gzip
 import html
 import json
 import logging
@@ -41,7 +40,8 @@ class App(Protocol):
     @property
     def telemetry_path(self) -> str: ...
 
-    def render_metrics(self, accept: str | None) -> tuple[bytes, str]: ...
+    def render_metrics(self, accept: str | None, gzip: bool = False) -> tuple[bytes, str]:
+        """The exposition for this Accept header; gzip-compressed when `gzip`."""
 
     def health_report(self) -> tuple[dict[str, Any], bool]: ...
 
@@ -153,8 +153,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             if path == app.telemetry_path:
-                body, content_type = app.render_metrics(self.headers.get("Accept"))
-                self._send(HTTPStatus.OK, body, content_type, head, compress=True)
+                gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+                body, content_type = app.render_metrics(self.headers.get("Accept"), gzipped)
+                self._send(HTTPStatus.OK, body, content_type, head, gzipped=gzipped)
             elif path == "/health":
                 report, ready = app.health_report()
                 status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
@@ -187,20 +188,16 @@ class _Handler(BaseHTTPRequestHandler):
         body: bytes,
         content_type: str,
         head: bool = False,
-        compress: bool = False,
+        gzipped: bool = False,
         extra: dict[str, str] | None = None,
     ) -> None:
         if "charset" not in content_type and not content_type.startswith("application/json"):
             content_type += "; charset=utf-8"
-        accept_encoding = self.headers.get("Accept-Encoding", "") if self.headers else ""
-        encoded = compress and "gzip" in accept_encoding
-        if encoded:
-            body = gzip.compress(body, compresslevel=1)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        if encoded:
+        if gzipped:
             self.send_header("Content-Encoding", "gzip")
         for key, value in {**self.server.headers, **(extra or {})}.items():
             self.send_header(key, value)

@@ -167,11 +167,11 @@ def test_every_fault_pages_on_call(stack: Stack) -> None:
     lines = ["", f"time to page (probe {INTERVAL:g}s/{TIMEOUT:g}s, scrape and evaluation "
              f"{SCRAPE:g}s, group_wait 10s), seconds from the fault:"]  # fmt: skip
     for kind, alert in KINDS.items():
-        nodes = [n for n in nodes if n.kind == kind]
-        times = [paged(n) - n.injected for n in nodes]  # type: ignore[operator]
+        runs = [n for n in nodes if n.kind == kind]
+        times = [paged(n) - n.injected for n in runs]  # type: ignore[operator]
         lines.append(f"  {kind:9s} {alert:28s} " + "  ".join(f"{t:5.1f}" for t in times)
                      + f"   median {statistics.median(times):5.1f}")  # fmt: skip
-        for n in nodes:
+        for n in runs:
             if n.stages:
                 lines.append("            " + n.name + ": " + ", ".join(
                     f"{k} {v:.1f}" for k, v in n.stages.items()))  # fmt: skip

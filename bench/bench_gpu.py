@@ -52,6 +52,14 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median_us": statistics.median(values) * 1e6, "p99_us": _pct(values, 0.99) * 1e6}
 
 
+def _per_call(call: Any, times: int) -> float:
+    """Seconds per call of `call()`, over `times` calls in a row."""
+    t0 = time.perf_counter()
+    for _ in range(times):
+        call()
+    return (time.perf_counter() - t0) / times
+
+
 def bare_context(uuid: str, stack_zero: bool) -> dict[str, Any]:
     os.environ["CUDA_VISIBLE_DEVICES"] = uuid
     from cuda.bindings import driver as cu
@@ -87,20 +95,12 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
             for name, value in result.phases.items():
                 phases[name].append(value)
     memory = result.gpu_memory_bytes
-    # The device-memory query each probe makes (cuMemGetInfo), alone: its share of run().
-    host = backend._host
-    assert host is not None
-    t0 = time.perf_counter()
-    for _ in range(probes):
-        host.memory_info()
-    memory_info = (time.perf_counter() - t0) / probes
+    host, view = backend._host, backend._memory
+    assert host is not None and view is not None
+    # The device-memory query each probe makes (cuMemGetInfo), alone: its share of run(); and
     # NVML's per-process list, which gives the worker's footprint (asked at most every 10 s).
-    view = backend._memory
-    assert view is not None
-    t0 = time.perf_counter()
-    for _ in range(probes):
-        view._ask()
-    nvml_process = (time.perf_counter() - t0) / probes
+    memory_info = _per_call(host.memory_info, probes)
+    nvml_process = _per_call(view._ask, probes)
     backend.close()
     return {
         "gpu": info.details.get("gpu_name"),

@@ -8,12 +8,12 @@ import os
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml
-import fake_nvml as fake_nvml_stub
 from conftest import Faults, Running, fake_telemetry, wait_for
 from trt_heartbeat.backends import MigInstance, Target
 from trt_heartbeat.backends.gpu_common import NvmlView
@@ -190,7 +190,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def fake_nvml_module() -> object:
+def fake_nvml_module() -> Any:
     return fake_nvml
 
 
@@ -252,7 +252,7 @@ def test_mig_instances_are_read_one_by_one(
 ) -> None:
     fake_nvml.set(mode="ok", mig={"0": ["1g.10gb", "3g.40gb"]})
     placement = MigInstance("0", "GPU-fake-0", "1g.10gb", 1, 0)
-    small = Target("0/1/0", fake_nvml_stub.mig_uuid(0, 0), placement)
+    small = Target("0/1/0", fake_nvml_module().mig_uuid(0, 0), placement)
     r = run_exporter(targets=[small], telemetry=fake_telemetry())
     wait_for(lambda: r.exporter.telemetry_state().up and r.snapshot().probes_total["success"])
     s = scrape(r)

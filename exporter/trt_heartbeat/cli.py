@@ -86,7 +86,7 @@ class ListValue(click.ParamType):  # type: ignore[type-arg]
     (`--metrics.buckets coarse`) stays a word."""
 
     def __init__(self, key: str, words: tuple[str, ...] = ()) -> None:
-        self.key, self.words = key, words
+        self.words, self._value = words, ConfigValue(key)
         self.name = key.rsplit(".", 1)[-1]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
@@ -94,7 +94,7 @@ class ListValue(click.ParamType):  # type: ignore[type-arg]
             return value
         text = value.strip()
         items = text if text in self.words else [v.strip() for v in text.split(",")]
-        return ConfigValue(self.key).convert(items, param, ctx)
+        return self._value.convert(items, param, ctx)
 
 
 # (flag, config key, type, help)

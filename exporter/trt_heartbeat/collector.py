@@ -338,16 +338,14 @@ class ClockCollector(Collector):
                 *(heartbeat_age(snap, now) for snap in snaps)]  # fmt: skip
 
     def collect(self) -> Iterator[Metric]:
-        f, now = self._f, self._clock()
-        snaps = [state.snapshot() for state in self._states]
-        health = overall_health(target_healths(snaps, now, self._settings, self._telemetry()))
+        f, values = self._f, iter(self.values())
         status = f.gauge(
             "health_status",
             "Overall exporter health as served on /health; exactly one status is 1.",
             ["status"],
         )
         for name in STATUSES:
-            status.add_metric(f.label_values(name), 1 if name == health.status else 0)
+            status.add_metric(f.label_values(name), next(values))
         yield status
         age = f.gauge(
             "age_seconds",
@@ -355,7 +353,6 @@ class ClockCollector(Collector):
             "while none has passed).",
             ["gpu", "uuid"],
         )
-        for snap in snaps:
-            age.add_metric(f.label_values(snap.target.gpu, snap.target.uuid),
-                           heartbeat_age(snap, now))  # fmt: skip
+        for state in self._states:
+            age.add_metric(f.label_values(state.target.gpu, state.target.uuid), next(values))
         yield age

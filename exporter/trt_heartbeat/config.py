@@ -19,9 +19,10 @@ import jsonschema
 import yaml
 
 from .backends import resolve_spec
+from .backends.base import PHASES
 from .engine_cache import default_cache_dir
 from .errors import ConfigError, UnknownBackendError
-from .state import BUCKET_SETS, PHASES
+from .state import BUCKET_SETS
 
 # Labels the exporter sets itself; a constant label of the same name would clash.
 RESERVED_LABELS = frozenset(

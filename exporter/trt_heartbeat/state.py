@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .backends import EngineInfo, Target
+from .backends.base import PHASES
 from .errors import Reason
 
 # 10 us (a GPU kernel) ... 10 s (a probe about to time out): the resolution canary-judge's
@@ -27,7 +28,6 @@ BUCKET_SETS: dict[str, tuple[float, ...]] = {
     "default": BUCKETS,
     "coarse": (1e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 2.5, 10.0),
 }
-PHASES = ("total", "h2d", "compute", "d2h")
 RESULTS = ("success", "error", "timeout", "mismatch")
 RESTART_REASONS = ("timeout", "crash", "error")
 

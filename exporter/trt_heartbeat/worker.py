@@ -23,6 +23,7 @@ import numpy as np
 
 from .backends import BackendOptions, EngineInfo, RunResult, Target, load_backend
 from .errors import BackendError, Reason
+from .gpus import visible_devices
 
 _SLICE = 0.1  # seconds between liveness checks while waiting on a worker
 # A probe answers within a few hundred µs; sleeping in poll() at once adds the scheduler's wake-up
@@ -74,7 +75,7 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.bind_gpu:
         # Before any CUDA library loads: the worker sees its own GPU, as device 0, and no other.
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec.target.uuid or spec.target.gpu
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(spec.target)
         os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
     start = time.perf_counter()
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..backends.base import PHASES
 from ..clicommon import BadInput, duration_flag, env_name, time_flag
 from ..errors import HeartbeatError
 from ..service.source import DEFAULT as DEFAULT_SOURCE
@@ -59,7 +60,7 @@ class JudgeUnavailable(click.ClickException):
 )
 @click.option(
     "--phase",
-    type=click.Choice(["total", "h2d", "compute", "d2h"]),
+    type=click.Choice(PHASES),
     default="total",
     show_default=True,
     help="Probe phase whose latency is compared.",

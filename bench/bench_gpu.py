@@ -11,7 +11,10 @@ own spawned process, as the exporter's workers do, so memory figures are per pro
   - bare loop: the same backend's run() timed in a loop in one process, the baseline of the
     overhead ratio (exporter round trip / bare loop);
   - exporter round trip: probe total as the exporter measures it, through the worker pipe;
-  - process boundary alone: a worker that answers at once, the floor of any isolated probe;
+  - both again after the GPU sat idle for 10 ms before each probe, as between production probes;
+  - process boundary alone: a worker that answers at once, over the same channel and wake-up
+    handshake, the floor of any isolated probe;
+  - host calls: each CUDA call a probe makes, alone, so run() can be read as their sum;
   - GPU duty cycle: GPU phases per probe over the probe interval.
 Run it twice: the bare loop and the round trip run in different processes, on whatever cores
 the scheduler picks, and the ratio moves by ±0.3 between runs.
@@ -30,6 +33,7 @@ import time
 from typing import Any
 
 MIB = 1 << 20
+IDLE, IDLE_PROBES = 0.01, 300  # probes after the GPU sat idle for 10 ms
 
 
 def _process_memory(uuid: str) -> int | None:
@@ -94,13 +98,26 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
             walls.append(wall)
             for name, value in result.phases.items():
                 phases[name].append(value)
-    memory = result.gpu_memory_bytes
-    host, view = backend._host, backend._memory
-    assert host is not None and view is not None
-    # The device-memory query each probe makes (cuMemGetInfo), alone: its share of run(); and
-    # NVML's per-process list, which gives the worker's footprint (asked at most every 10 s).
+    # After the GPU sat idle, as between production probes: the same run() costs more, in the
+    # driver and on the device (it does after a busy-wait as well, so not the CPU's sleep).
+    idle_walls, idle_gpu = [], []
+    for _ in range(IDLE_PROBES):
+        time.sleep(IDLE)
+        t0 = time.perf_counter()
+        result = backend.run()
+        idle_walls.append(time.perf_counter() - t0)
+        idle_gpu.append(sum(result.phases.values()))
+        failed += not canonical.check_output(result.output, "fp32").passed
+    reading = backend.memory()
+    host, view, io = backend._host, backend._memory, backend._io
+    assert host is not None and view is not None and io is not None
+    # The reading after each probe (the worker takes it once the answer is sent), its
+    # cuMemGetInfo alone, and NVML's per-process list, which gives the worker's footprint
+    # (asked at most every 10 s).
+    memory = _per_call(backend.memory, probes)
     memory_info = _per_call(host.memory_info, probes)
     nvml_process = _per_call(view._ask, probes)
+    calls = host_calls(backend, host, io, probes)
     backend.close()
     return {
         "gpu": info.details.get("gpu_name"),
@@ -109,11 +126,42 @@ def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
         # The same backend in a bare loop in one process: the baseline of the overhead ratio.
         "bare_loop": _stats(walls),
         "gpu_time": _stats([sum(p) for p in zip(*phases.values(), strict=True)]),
-        "gpu_memory_mib": (memory or 0) / MIB,
-        "gpu_memory_source": result.gpu_memory_source,
+        "bare_loop_after_idle": _stats(idle_walls),
+        "gpu_time_after_idle": _stats(idle_gpu),
+        "gpu_memory_mib": (reading.held_bytes or 0) / MIB,
+        "gpu_memory_source": reading.held_source,
+        "memory_reading_us": memory * 1e6,
         "memory_info_us": memory_info * 1e6,
         "nvml_process_list_us": nvml_process * 1e6,
-        "device_memory_mib": [v / MIB for v in result.device_memory or ()],
+        "device_memory_mib": [v / MIB for v in reading.device or ()],
+        "host_calls_us": calls,
+    }
+
+
+def host_calls(backend: Any, host: Any, io: Any, probes: int) -> dict[str, float]:
+    """Host time of each call a probe makes, alone, in µs: what run() is made of. Asynchronous
+    calls are timed in batches of 100 with a synchronize after each batch (untimed), so the
+    stream's queue never fills."""
+
+    def batched(call: Any) -> float:
+        total = 0.0
+        for _ in range(max(1, probes // 100)):
+            total += _per_call(call, 100)
+            host.synchronize()
+        return total / max(1, probes // 100) * 1e6
+
+    # Events recorded on an idle, synchronized stream, as at the end of a probe.
+    for i in range(4):
+        host.record(i)
+    host.synchronize()
+    return {
+        "record": batched(lambda: host.record(0)),
+        "h2d": batched(lambda: host.h2d(io.dev_in, io.host_in)),
+        "launch": batched(backend._compute),
+        "d2h": batched(lambda: host.d2h(io.host_out, io.dev_out)),
+        "synchronize (idle stream)": _per_call(host.synchronize, probes) * 1e6,
+        "elapsed": _per_call(lambda: host.elapsed(0, 1), probes) * 1e6,
+        "copy of the output": _per_call(io.host_out.copy, probes) * 1e6,
     }
 
 
@@ -127,40 +175,68 @@ def exporter_round_trip(uuid: str, index: str, api: str, probes: int) -> dict[st
     worker = Worker(spec)
     worker.start()
     _, load = worker.wait_ready(120, lambda: True)
-    totals, overhead = [], []
+    out: dict[str, Any] = {"engine_load_s": load}
     try:
-        for i in range(probes + 100):
-            record = run_probe(worker, "fp32", 5, lambda: True).record
-            assert record.result == "success", record
-            if i >= 100:
-                totals.append(record.phases["total"])
-                gpu = sum(record.phases[p] for p in ("h2d", "compute", "d2h"))
-                overhead.append(record.phases["total"] - gpu)
+        for name, count, idle in (("", probes + 100, 0.0), ("_after_idle", IDLE_PROBES, IDLE)):
+            totals, overhead = [], []
+            for i in range(count):
+                time.sleep(idle)
+                record = run_probe(worker, "fp32", 5, lambda: True).record
+                assert record.result == "success", record
+                if i >= count - probes:  # warm-up: the first 100 back to back
+                    totals.append(record.phases["total"])
+                    gpu = sum(record.phases[p] for p in ("h2d", "compute", "d2h"))
+                    overhead.append(record.phases["total"] - gpu)
+            out[f"total{name}"], out[f"host_overhead{name}"] = _stats(totals), _stats(overhead)
     finally:
         worker.close()
-    return {"engine_load_s": load, "total": _stats(totals), "host_overhead": _stats(overhead)}
+    return out
 
 
 def _echo(conn: Any) -> None:
-    while conn.recv() == "probe":
-        conn.send(("ok",))
+    """A worker that answers at once, over the same channel and wake-up handshake."""
+    from trt_heartbeat.channel import Channel
+    from trt_heartbeat.worker import _WAKE_SPIN
+
+    channel = Channel(conn.fileno())
+    answer = ("ok", bytes(512), "<f4", (8, 16), (("h2d", 0.0), ("compute", 0.0), ("d2h", 0.0)))
+    while (command := channel.recv()) in ("wake", "probe"):
+        if command == "wake":
+            channel.send("awake")
+            channel.spin(_WAKE_SPIN)
+        else:
+            channel.send(answer)
+            channel.send(("memory", None))
 
 
 def pipe_floor(probes: int) -> dict[str, float]:
-    """A worker that answers at once: what the process boundary alone costs per round trip."""
+    """What the process boundary alone costs per round trip, timed as the exporter times it."""
+    from trt_heartbeat.channel import Channel
+    from trt_heartbeat.worker import _SPIN
+
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     process = ctx.Process(target=_echo, args=(child,), daemon=True)
     process.start()
+    channel = Channel(parent.fileno())
+
+    def receive() -> Any:
+        if not channel.spin(_SPIN):
+            channel.poll(1.0)
+        return channel.recv()
+
     times = []
     for i in range(probes + 100):
+        time.sleep(0.001)  # the worker is idle between probes
+        channel.send("wake")
+        receive()
         t0 = time.perf_counter()
-        parent.send("probe")
-        parent.poll(1.0)
-        parent.recv()
+        channel.send("probe")
+        receive()
         if i >= 100:
             times.append(time.perf_counter() - t0)
-    parent.send("stop")
+        receive()
+    channel.send("stop")
     process.join(5)
     return _stats(times)
 
@@ -222,6 +298,10 @@ def main() -> None:
                 f"{total['median_us']:.0f} µs median, {total['p99_us']:.0f} µs p99",
             )
         )
+        rows.append((f"[{api}] after {IDLE * 1e3:g} ms idle: bare loop / round trip / GPU phases",
+                     f"{b['bare_loop_after_idle']['median_us']:.0f} / "
+                     f"{r['total_after_idle']['median_us']:.0f} / "
+                     f"{b['gpu_time_after_idle']['median_us']:.0f} µs median"))  # fmt: skip
         rows.append(
             (
                 f"[{api}] overhead ratio round trip / bare loop",
@@ -238,6 +318,11 @@ def main() -> None:
                 )
             )
         rows.append((f"[{api}] failed probes", str(b["failed"])))  # fmt: skip
+        rows.append((f"[{api}] memory reading after the answer (not in run())",
+                     f"{b['memory_reading_us']:.1f} µs, of which cuMemGetInfo "
+                     f"{b['memory_info_us']:.1f} µs"))  # fmt: skip
+        for call, us in b["host_calls_us"].items():
+            rows.append((f"[{api}] host call: {call}", f"{us:.1f} µs"))
     floor = results["pipe_floor"]
     rows.append(
         (

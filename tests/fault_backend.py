@@ -4,7 +4,8 @@ It reads a JSON control file (path in $TRT_HEARTBEAT_FAULT_FILE) before loading 
 probe, so a test can change its behaviour while the exporter runs:
   {"load": "ok|fail|hang|crash", "probe": "ok|raise|fatal|cuda|crash|hang|wrong|nan|slow",
    "delay": seconds for "slow", "device_memory": [free, total] as cuMemGetInfo would say,
-   "gpu_phases": true to report h2d/compute/d2h as the GPU backends do}
+   "gpu_phases": true to report h2d/compute/d2h as the GPU backends do,
+   "memory": "ok|raise|hang" for the memory reading after a probe}
 A key "gpu:<index>" holds a control for that target alone. Without a control file it behaves
 like the reference backend.
 """
@@ -17,7 +18,7 @@ import os
 import time
 from typing import Any, ClassVar
 
-from trt_heartbeat.backends.base import BackendOptions, EngineInfo, RunResult, Target
+from trt_heartbeat.backends.base import BackendOptions, EngineInfo, MemoryReading, RunResult, Target
 from trt_heartbeat.backends.reference import ReferenceBackend
 from trt_heartbeat.errors import BackendError, Reason
 
@@ -79,14 +80,22 @@ class FaultBackend:
         if mode == "nan":
             output = output.copy()
             output[0, 0] = float("nan")
-        # Pretend to hold device memory so the memory series exists, as on a GPU; and, where
-        # the control says, report the device's (free, total) as cuMemGetInfo would.
-        device = ctl.get("device_memory")
         phases = result.phases
         if ctl.get("gpu_phases"):  # the phases a GPU backend times, for series counts
             phases = {"h2d": 1e-5, "compute": phases["compute"], "d2h": 1e-5}
-        return RunResult(output, phases, 263 << 20, "test",
-                         None if device is None else (int(device[0]), int(device[1])))  # fmt: skip
+        return RunResult(output, phases)
+
+    def memory(self) -> MemoryReading:
+        # Pretend to hold device memory so the memory series exists, as on a GPU; and, where
+        # the control says, report the device's (free, total) as cuMemGetInfo would.
+        ctl = control(self._target)
+        if ctl.get("memory") == "raise":
+            raise BackendError(Reason.CUDA_ERROR, "injected: cuMemGetInfo failed", fatal=True)
+        if ctl.get("memory") == "hang":
+            time.sleep(3600)
+        device = ctl.get("device_memory")
+        free_total = None if device is None else (int(device[0]), int(device[1]))
+        return MemoryReading(263 << 20, "test", free_total)
 
     def close(self) -> None:
         self._inner.close()

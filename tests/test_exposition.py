@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import require, settings
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.backends import EngineInfo, Target
-from trt_heartbeat.exposition import split_families
+from trt_heartbeat.exposition import GzipMember, split_families
 from trt_heartbeat.state import ProbeRecord
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -215,3 +215,17 @@ def test_a_scrape_between_changes_writes_cached_bytes() -> None:
     assert ex.exposition.renders == renders
     age = ("trt_heartbeat_age_seconds", (("gpu", "0"), ("uuid", "GPU-0")))
     assert samples(gzip.decompress(again))[age] == samples(gzip.decompress(first))[age] + 1
+
+
+@settings_(max_examples=30, deadline=None)
+@given(st.binary(max_size=2000), st.sampled_from([0, 1, 100, 0xFFFF, 0x10000, 3 * 0xFFFF + 7]))
+def test_a_gzip_member_holds_any_tail_after_the_compressed_stable_part(
+    stable: bytes, tail_size: int
+) -> None:
+    # Tails at and past a stored block's 65535 bytes, and none at all.
+    tail = bytes(i % 251 for i in range(tail_size))
+    packed = GzipMember(stable).member(tail)
+    stream = zlib.decompressobj(31)
+    assert stream.decompress(packed) == stable + tail
+    assert stream.eof and stream.unused_data == b"", "one gzip member, nothing after it"
+    assert gzip.decompress(packed) == stable + tail  # CRC and size checked

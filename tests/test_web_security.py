@@ -4,7 +4,9 @@ configuration, flags and HTTP requests."""
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
+import re
 import select
 import socket
 import ssl
@@ -477,6 +479,70 @@ def test_past_the_connection_limit_the_oldest_idle_connection_is_dropped(
     finally:
         for s in idle:
             s.close()
+
+
+# --- odd requests ------------------------------------------------------------------------------
+
+THEN_PING = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+MANY = "".join(f"X-{i}: y\r\n" for i in range(101))
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "statuses"),
+    [
+        # Each request is followed on its connection by THEN_PING: a second answer (200) shows
+        # that the connection stayed open and in step, its absence that it was closed.
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", ["200", "200"]),
+        (b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n", ["200"]),
+        (b"GET /ping HTTP/1.0\r\n\r\n", ["200"]),
+        (b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", ["200", "200"]),
+        (b"GET /ping\r\n\r\n", ["200"]),  # HTTP/0.9
+        (b"GET /ping HTTP/1.1\r\nHost x\r\n\r\n", ["400"]),  # no colon
+        (b"GET /ping HTTP/1.1\r\nHost : x\r\n\r\n", ["400"]),  # space before the colon
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", ["400"]),  # obs-fold
+        (b"GET /ping HTTP/1.1 x\r\n\r\n", ["400"]),
+        (b"GET /ping HTTP/1.x\r\n\r\n", ["400"]),
+        (b"GET /ping HTTP/2.0\r\n\r\n", ["505"]),
+        (b"BREW /ping HTTP/1.1\r\n\r\n", ["501"]),
+        (f"GET /ping HTTP/1.1\r\n{MANY}\r\n".encode(), ["431"]),
+        (b"GET /ping HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", ["431"]),
+        (b"GET /" + b"p" * 70_000 + b" HTTP/1.1\r\n\r\n", ["414"]),
+        # A body is never read: the connection closes after the answer instead of reading the
+        # body as a request of its own (here one that would have been answered).
+        (b"POST /ping HTTP/1.1\r\nContent-Length: 18\r\n\r\nGET / HTTP/1.1\r\n\r\n", ["405"]),
+        (b"GET /ping HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ["200"]),
+    ],
+    ids=lambda value: value.decode(errors="replace")[:40] if isinstance(value, bytes) else None,
+)
+def test_odd_requests(
+    serve: Callable[..., ExporterHTTPServer], request_bytes: bytes, statuses: list[str]
+) -> None:
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(request_bytes + THEN_PING)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    answered = re.findall(rb"^HTTP/1\.1 (\d{3}) ", reply, re.MULTILINE)
+    assert [status.decode() for status in answered] == statuses
+    assert b"Traceback" not in reply
+    if len(statuses) == 1:
+        assert b"\r\nConnection: close\r\n" in reply
+
+
+def test_header_names_are_case_insensitive_and_the_first_one_counts(
+    serve: Callable[..., ExporterHTTPServer],
+) -> None:
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\naccept-ENCODING: gzip\r\nAccept-Encoding: identity\r\n"
+                  b"Connection: close\r\n\r\n")  # fmt: skip
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in head.split(b"\r\n")
+    assert gzip.decompress(body).startswith(b"# HELP ")
 
 
 # --- fuzzing -----------------------------------------------------------------------------------

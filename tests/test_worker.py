@@ -103,6 +103,34 @@ def test_hang_times_out_and_the_worker_is_killed(worker: Worker, faults: Faults)
     assert worker.pid is None  # killed and reaped
 
 
+def test_memory_is_read_after_the_answer_and_a_failed_reading_is_left_out(
+    worker: Worker, faults: Faults
+) -> None:
+    ready(worker)
+    faults.set(device_memory=[7 << 30, 80 << 30])
+    record = run_probe(worker, "fp32", 5, always).record
+    assert record.result == "success"
+    assert (record.gpu_memory_bytes, record.device_memory) == (263 << 20, (7 << 30, 80 << 30))
+    # A failing reading is left out; the probe that came before it passed, and the next one
+    # finds the worker in step.
+    faults.set(memory="raise")
+    outcome = run_probe(worker, "fp32", 5, always)
+    assert outcome.record.result == "success" and outcome.record.device_memory is None
+    faults.set()
+    assert run_probe(worker, "fp32", 5, always).record.device_memory is None
+    assert run_probe(worker, "fp32", 5, always).restart_reason is None
+
+
+def test_a_reading_that_hangs_times_the_probe_out(worker: Worker, faults: Faults) -> None:
+    # The wedge shows after the answer (the device stops answering while its memory is read):
+    # the probe's timeout covers the whole exchange.
+    ready(worker)
+    faults.set(memory="hang")
+    outcome = run_probe(worker, "fp32", 0.5, always)
+    assert (outcome.record.result, outcome.restart_reason) == ("timeout", "timeout")
+    assert worker.pid is None
+
+
 def test_segfault_is_a_crash(worker: Worker, faults: Faults) -> None:
     ready(worker)
     faults.set(probe="crash")

@@ -3,7 +3,7 @@
 Formatting the targets' histograms is nearly all of a scrape's CPU (about 6 ms in client_python for
 8 targets' 550 lines), while a probe changes one target's share of them. So each versioned
 collector (one per target, one for the node) is rendered on its own and kept until its version
-changes, and the stitched body of all of them is kept, plain and gzip-primed, until any changes.
+changes, and the stitched body of all of them is kept, plain and compressed, until any changes.
 A scrape between changes writes those bytes plus a short tail: the clock-derived families (the
 heartbeat age, health), whose values are filled into a kept template on every scrape, and the
 process metrics, read at most once per second.
@@ -11,12 +11,13 @@ process metrics, read at most once per second.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -93,11 +94,41 @@ class _Template:
         return b"".join(out)
 
 
+# A gzip member's header: deflate, no name, no time, unknown OS (RFC 1952).
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_STORED_MAX = 0xFFFF  # bytes in one stored deflate block
+
+
+class GzipMember:
+    """One gzip member of `stable + tail` for any tail, at the cost of a CRC of the tail.
+
+    The stable part is compressed once and ends on a byte boundary (a sync flush); each scrape's
+    tail follows it in stored deflate blocks, with the member's CRC carried on from the stable
+    part. Compressing the tail instead (a few kB) cost 50-150 µs per scrape, for about 1.3 kB
+    less on the wire (8 targets).
+    """
+
+    def __init__(self, stable: bytes) -> None:
+        stream = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self.head = _GZIP_HEADER + stream.compress(stable) + stream.flush(zlib.Z_SYNC_FLUSH)
+        self.crc, self.size = zlib.crc32(stable), len(stable)
+
+    def member(self, tail: bytes) -> bytes:
+        blocks = [self.head]
+        for start in range(0, max(len(tail), 1), _STORED_MAX):
+            chunk = tail[start : start + _STORED_MAX]
+            final = start + _STORED_MAX >= len(tail)
+            blocks += [struct.pack("<BHH", final, len(chunk), len(chunk) ^ 0xFFFF), chunk]
+        crc, size = zlib.crc32(tail, self.crc), (self.size + len(tail)) & 0xFFFFFFFF
+        blocks.append(struct.pack("<II", crc, size))
+        return b"".join(blocks)
+
+
 @dataclass
 class _Body:
     versions: tuple[object, ...]
     stable: bytes
-    gzip: tuple[Any, bytes] | None = None  # a gzip stream fed the stable part, and its output
+    gzip: GzipMember | None = None  # the stable part compressed, built at the first gzip scrape
 
 
 class Exposition:
@@ -138,11 +169,8 @@ class Exposition:
             if not gzip:
                 return body.stable + tail, content_type
             if body.gzip is None:
-                stream = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip container
-                body.gzip = (stream, stream.compress(body.stable))
-            stream, head = body.gzip
-            rest = stream.copy()  # the stable part stays compressed; only the tail is new
-            return head + rest.compress(tail) + rest.flush(), content_type
+                body.gzip = GzipMember(body.stable)
+            return body.gzip.member(tail), content_type
 
     def _stable_body(self, encoder: Callable[[CollectorRegistry], bytes],
                      content_type: str) -> _Body:  # fmt: skip

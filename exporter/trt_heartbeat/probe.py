@@ -1,4 +1,4 @@
-"""One probe as the frame sees it: time the round trip, check the answer, classify the result.
+"""One probe as the frame sees it: the round trip's time, the answer checked, the result classified.
 
 Shared by the scheduler (`serve`) and the one-shot `probe` command so both judge a probe the
 same way.
@@ -40,15 +40,14 @@ def run_probe(
         elapsed = perf_counter() - t0
         record = ProbeRecord(started, kind, {"total": elapsed}, failure.reason, str(failure))
         return ProbeOutcome(record, restart_reason=failure.restart_reason)
-    total = perf_counter() - t0
-    phases = {"total": total}
+    phases = {"total": reply.seconds}
     if reply.result is None:
         reason = reply.reason or Reason.PROBE_ERROR
         record = ProbeRecord(started, "error", phases, reason, reply.message)
         return ProbeOutcome(record, restart_reason="error" if reply.fatal else None)
-    result = reply.result
-    phases.update(result.phases)
-    check = canonical.check_output(result.output, precision)
+    phases.update(reply.result.phases)
+    check = canonical.check_output(reply.result.output, precision)
+    memory = reply.memory
     record = ProbeRecord(
         started,
         "success" if check.passed else "mismatch",
@@ -56,8 +55,8 @@ def run_probe(
         None if check.passed else Reason.MISMATCH,
         check.reason,
         check.max_abs_error,
-        result.gpu_memory_bytes,
-        result.gpu_memory_source,
-        result.device_memory,
+        memory.held_bytes,
+        memory.held_source,
+        memory.device,
     )
     return ProbeOutcome(record)

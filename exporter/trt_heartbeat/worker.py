@@ -2,8 +2,8 @@
 
 Each target gets its own process, started with multiprocessing `spawn` (never `fork`: a forked
 CUDA context is unusable, and forking a threaded server copies its locks). The parent talks to it
-over a pipe and never blocks on it for longer than a short slice, so a wedged GPU can freeze the
-worker but never the exporter.
+over a pipe (channel.py) and never blocks on it for longer than a short slice, so a wedged GPU can
+freeze the worker but never the exporter.
 """
 
 from __future__ import annotations
@@ -21,15 +21,25 @@ from typing import Any
 
 import numpy as np
 
-from .backends import BackendOptions, EngineInfo, RunResult, Target, load_backend
+from .backends import (
+    Backend,
+    BackendOptions,
+    EngineInfo,
+    MemoryReading,
+    RunResult,
+    Target,
+    load_backend,
+)
+from .channel import Channel
 from .errors import BackendError, Reason
 from .gpus import visible_devices
 
 _SLICE = 0.1  # seconds between liveness checks while waiting on a worker
-# A probe answers within a few hundred µs; sleeping in poll() at once adds the scheduler's wake-up
-# latency to every measured round trip (30-40 µs on the 2-vCPU development machine), so poll
-# without sleeping first.
+# An answer due within microseconds is waited for without sleeping first: a sleeping wait adds
+# the scheduler's wake-up latency (tens of µs) to it.
 _SPIN = 0.0005
+# A woken worker waits this long for its probe request without sleeping (it comes at once).
+_WAKE_SPIN = 0.01
 _CLOSE_GRACE = 2.0  # seconds a worker gets to release its GPU before it is killed
 
 
@@ -50,6 +60,9 @@ class ProbeReply:
     reason: Reason | None = None
     message: str = ""
     fatal: bool = False
+    memory: MemoryReading = field(default_factory=MemoryReading)
+    # From the request to its answer, with the worker already awake (see Worker.probe).
+    seconds: float = 0.0
 
 
 class WorkerFailure(Exception):
@@ -65,6 +78,19 @@ class WorkerAborted(Exception):
     """The caller asked to stop waiting (shutdown)."""
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    """When waiting on the worker ends, and what a wait past it means."""
+
+    seconds: float
+    late: Reason
+    restart_reason: str
+    at: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at", time.monotonic() + self.seconds)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
@@ -73,6 +99,7 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
     """Entry point of the worker process."""
     # The parent owns shutdown; a Ctrl-C delivered to the process group must not race it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = Channel(conn.fileno())  # `conn` owns the pipe and stays open while this runs
     if spec.bind_gpu:
         # Before any CUDA library loads: the worker sees its own GPU, as device 0, and no other.
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(spec.target)
@@ -83,44 +110,62 @@ def worker_main(conn: multiprocessing.connection.Connection, spec: WorkerSpec) -
         backend = factory(spec.target, spec.precision, spec.options)
         info = backend.prepare()
     except BackendError as exc:
-        conn.send(("load_failed", exc.reason, str(exc)))
+        channel.send(("load_failed", exc.reason, str(exc)))
         return
     except Exception as exc:
-        conn.send(("load_failed", Reason.ENGINE_LOAD_FAILED, _describe(exc)))
+        channel.send(("load_failed", Reason.ENGINE_LOAD_FAILED, _describe(exc)))
         return
-    conn.send(("ready", info, time.perf_counter() - start))
+    channel.send(("ready", info, time.perf_counter() - start))
     try:
         while True:
             try:
-                command = conn.recv()
+                command = channel.recv()
             except EOFError:
                 return
-            if command != "probe":
+            if command == "wake":
+                channel.send("awake")
+                channel.spin(_WAKE_SPIN)
+            elif command == "probe":
+                answer = _run(backend)
+                channel.send(answer)
+                if answer[0] == "ok":
+                    channel.send(("memory", _memory(backend)))
+            else:
                 return
-            try:
-                conn.send(_pack(backend.run()))
-            except BackendError as exc:
-                conn.send(("error", exc.reason, str(exc), exc.fatal))
-            except Exception as exc:
-                # Unknown failure: the backend's state cannot be trusted any more.
-                detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                conn.send(("error", Reason.PROBE_ERROR, detail, True))
     finally:
         backend.close()
+
+
+def _run(backend: Backend) -> tuple[Any, ...]:
+    try:
+        return _pack(backend.run())
+    except BackendError as exc:
+        return ("error", exc.reason, str(exc), exc.fatal)
+    except Exception as exc:
+        # Unknown failure: the backend's state cannot be trusted any more.
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return ("error", Reason.PROBE_ERROR, detail, True)
+
+
+def _memory(backend: Backend) -> MemoryReading:
+    # A device that fails here fails the next probe too, which says why; the reading is only
+    # left out.
+    try:
+        return backend.memory()
+    except Exception:
+        return MemoryReading()
 
 
 def _pack(result: RunResult) -> tuple[Any, ...]:
     # Plain values instead of the pickled dataclass and array: that pickle cost ~50 µs more per
     # round trip on the 2-vCPU development machine, more than a probe's GPU phases take.
     out = np.ascontiguousarray(result.output)
-    return ("ok", out.tobytes(), out.dtype.str, out.shape, tuple(result.phases.items()),
-            result.gpu_memory_bytes, result.gpu_memory_source, result.device_memory)  # fmt: skip
+    return ("ok", out.tobytes(), out.dtype.str, out.shape, tuple(result.phases.items()))
 
 
 def _unpack(message: tuple[Any, ...]) -> RunResult:
-    _, data, dtype, shape, phases, memory, source, device = message
-    output = np.frombuffer(data, dtype).reshape(shape)
-    return RunResult(output, dict(phases), memory, source, device)
+    _, data, dtype, shape, phases = message
+    return RunResult(np.frombuffer(data, dtype).reshape(shape), dict(phases))
 
 
 class Worker:
@@ -130,7 +175,8 @@ class Worker:
         self.spec = spec
         self._ctx = context or multiprocessing.get_context("spawn")
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn: multiprocessing.connection.Connection | None = None
+        self._conn: multiprocessing.connection.Connection | None = None  # owns the pipe
+        self._channel: Channel | None = None  # reads and writes it
 
     @property
     def pid(self) -> int | None:
@@ -147,49 +193,78 @@ class Worker:
         process.start()
         child_conn.close()
         self._process, self._conn = process, parent_conn
+        self._channel = Channel(parent_conn.fileno())
 
     def wait_ready(
         self, timeout: float, keep_waiting: Callable[[], bool]
     ) -> tuple[EngineInfo, float]:
         """Wait for the backend to load; returns its EngineInfo and load time in seconds."""
-        message = self._receive(timeout, keep_waiting, Reason.STARTUP_TIMEOUT, "startup")
+        deadline = _Deadline(timeout, Reason.STARTUP_TIMEOUT, "startup")
+        message = self._receive(deadline, keep_waiting)
         if message[0] == "ready":
             return message[1], message[2]
         self.kill()
         raise WorkerFailure(message[1], "error", message[2])
 
     def probe(self, timeout: float, keep_waiting: Callable[[], bool]) -> ProbeReply:
-        assert self._conn is not None
-        try:
-            self._conn.send("probe")
-        except (BrokenPipeError, OSError) as exc:
-            raise self._crashed(f"worker pipe closed: {exc}") from exc
-        message = self._receive(timeout, keep_waiting, Reason.TIMEOUT, "timeout")
-        if message[0] == "ok":
-            return ProbeReply(result=_unpack(message))
-        _, reason, text, fatal = message
-        return ProbeReply(result=None, reason=reason, message=text, fatal=fatal)
+        """One probe. The worker, idle since its last probe, is woken first and the clock
+        starts once it is awake: the answer's time is the probe's, not the scheduler's latency
+        in waking a sleeping process (which a GPU's health does not change). `timeout` bounds
+        the whole exchange."""
+        deadline = _Deadline(timeout, Reason.TIMEOUT, "timeout")
+        self._send("wake")
+        self._expect(self._receive(deadline, keep_waiting), "awake")
+        started = time.perf_counter()
+        self._send("probe")
+        message = self._receive(deadline, keep_waiting)
+        seconds = time.perf_counter() - started
+        if self._expect(message, "ok", "error") == "error":
+            _, reason, text, fatal = message
+            return ProbeReply(None, reason, text, fatal, seconds=seconds)
+        memory = self._receive(deadline, keep_waiting)
+        self._expect(memory, "memory")
+        return ProbeReply(_unpack(message), memory=memory[1], seconds=seconds)
 
-    def _receive(
-        self, timeout: float, keep_waiting: Callable[[], bool], late: Reason, restart_reason: str
-    ) -> tuple[Any, ...]:
-        assert self._conn is not None and self._process is not None
-        deadline = time.monotonic() + timeout
-        spin_until = time.perf_counter() + _SPIN
+    def _expect(self, message: Any, *kinds: str) -> str:
+        """The kind of `message`, one of `kinds`; anything else means the two ends are out of
+        step, and only a new worker puts them back in it."""
+        kind = message if isinstance(message, str) else message[0]
+        if kind not in kinds:
+            self.kill()
+            detail = f"worker answered {kind!r}, expected {' or '.join(kinds)}"
+            raise WorkerFailure(Reason.WORKER_CRASH, "crash", detail)
+        return str(kind)
+
+    def _send(self, command: str) -> None:
+        assert self._channel is not None
+        try:
+            self._channel.send(command)
+        except OSError as exc:
+            raise self._crashed(f"worker pipe closed: {exc}") from exc
+
+    def _receive(self, deadline: _Deadline, keep_waiting: Callable[[], bool]) -> tuple[Any, ...]:
+        assert self._channel is not None
+        try:
+            self._wait(self._channel, deadline, keep_waiting)
+            message: tuple[Any, ...] = self._channel.recv()
+        except (EOFError, OSError) as exc:
+            raise self._crashed(f"worker pipe closed: {exc}") from exc
+        return message
+
+    def _wait(
+        self, channel: Channel, deadline: _Deadline, keep_waiting: Callable[[], bool]
+    ) -> None:
+        assert self._process is not None
+        if channel.spin(_SPIN):
+            return
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline.at - time.monotonic()
             if remaining <= 0:
                 self.kill()
-                raise WorkerFailure(late, restart_reason, f"no answer within {timeout:g}s")
-            wait = 0.0 if time.perf_counter() < spin_until else min(_SLICE, remaining)
-            try:
-                if self._conn.poll(wait):
-                    message: tuple[Any, ...] = self._conn.recv()
-                    return message
-            except (EOFError, OSError) as exc:
-                raise self._crashed(f"worker pipe closed: {exc}") from exc
-            if wait == 0.0:
-                continue
+                raise WorkerFailure(deadline.late, deadline.restart_reason,
+                                    f"no answer within {deadline.seconds:g}s")  # fmt: skip
+            if channel.poll(min(_SLICE, remaining)):
+                return
             if not self._process.is_alive():
                 raise self._crashed("worker exited")
             if not keep_waiting():
@@ -213,15 +288,15 @@ class Worker:
         """Ask the worker to release its backend, then make sure it is gone."""
         if self._process is None:
             return
-        if self._conn is not None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                self._conn.send("close")
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.send("close")
         self._process.join(_CLOSE_GRACE)
         self.kill()
 
     def kill(self) -> None:
         process, conn = self._process, self._conn
-        self._process = self._conn = None
+        self._process = self._conn = self._channel = None
         reap(process, conn)
 
 

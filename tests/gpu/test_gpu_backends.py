@@ -43,9 +43,10 @@ def run_backend(backend: CudaBackend, probes: int) -> list[dict[str, object]]:
     results = []
     for _ in range(probes):
         r = backend.run()
+        memory = backend.memory()
         check = canonical.check_output(r.output, backend.precision)
         results.append({"passed": check.passed, "err": check.max_abs_error, "phases": r.phases,
-                        "mem": r.gpu_memory_bytes, "source": r.gpu_memory_source,
+                        "mem": memory.held_bytes, "source": memory.held_source,
                         "output": r.output})  # fmt: skip
     return results
 

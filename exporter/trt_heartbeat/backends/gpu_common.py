@@ -14,10 +14,7 @@ import numpy as np
 
 from ..cuda_host import CudaHost
 from ..errors import BackendError, Reason
-from .base import PHASES, BackendOptions, RunResult, Target
-
-# The phases a GPU probe times with CUDA events: 0 -h2d- 1 -compute- 2 -d2h- 3.
-GPU_PHASES = tuple(phase for phase in PHASES if phase != "total")
+from .base import BackendOptions, MemoryReading, RunResult, Target
 
 
 @dataclass
@@ -48,18 +45,19 @@ def upload(host: CudaHost, array: np.ndarray) -> int:
 
 
 def timed_probe(host: CudaHost, io: IOBuffers, compute: Any) -> tuple[np.ndarray, dict[str, float]]:
-    """h2d, compute(), d2h on the probe stream, each phase between two CUDA events."""
-    io.host_out.fill(np.nan)  # a probe that writes nothing must not pass on stale output
-    host.record(0)
+    """h2d, compute(), d2h on the probe stream, each phase between two CUDA events:
+    0 -h2d- 1 -compute- 2 -d2h- 3 (the phases of backends.base.PHASES besides total)."""
+    out, record, elapsed = io.host_out, host.record, host.elapsed
+    out.fill(np.nan)  # a probe that writes nothing must not pass on stale output
+    record(0)
     host.h2d(io.dev_in, io.host_in)
-    host.record(1)
+    record(1)
     compute()
-    host.record(2)
-    host.d2h(io.host_out, io.dev_out)
-    host.record(3)
+    record(2)
+    host.d2h(out, io.dev_out)
+    record(3)
     host.synchronize()
-    phases = {name: host.elapsed(i, i + 1) for i, name in enumerate(GPU_PHASES)}
-    return io.host_out.copy(), phases
+    return out.copy(), {"h2d": elapsed(0, 1), "compute": elapsed(1, 2), "d2h": elapsed(2, 3)}
 
 
 class NvmlView:
@@ -175,12 +173,15 @@ class GpuBackend:
         return versions, details
 
     def run(self) -> RunResult:
-        assert self._host is not None and self._io is not None and self._memory is not None
+        assert self._host is not None and self._io is not None
         output, phases = timed_probe(self._host, self._io, self._compute)
-        used = self._memory.current()
+        return RunResult(output, phases)
+
+    def memory(self) -> MemoryReading:
+        assert self._host is not None and self._memory is not None
+        held = self._memory.current()
         # After the probe's own synchronize: what the driver says now is what the probe ran in.
-        device = self._host.memory_info()
-        return RunResult(output, phases, used, self._memory.source, device)
+        return MemoryReading(held, self._memory.source, self._host.memory_info())
 
     def _release(self) -> None:
         """Drop what lives inside the CUDA context, before the context goes."""

@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import canonical
-from .base import BackendOptions, EngineInfo, RunResult, Target
+from .base import BackendOptions, EngineInfo, MemoryReading, RunResult, Target
 
 _DTYPES: dict[str, type[np.floating]] = {
     "fp64": np.float64,
@@ -48,6 +48,9 @@ class ReferenceBackend:
         hidden = np.maximum(w["x"] @ w["w1"] + w["b1"], 0)
         out = hidden @ w["w2"] + w["b2"]
         return RunResult(output=out, phases={"compute": time.perf_counter() - start})
+
+    def memory(self) -> MemoryReading:
+        return MemoryReading()  # no device
 
     def close(self) -> None:
         self._weights = {}

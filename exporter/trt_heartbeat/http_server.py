@@ -12,6 +12,7 @@ import email.utils
 import html
 import json
 import logging
+import re
 import socket
 import ssl
 import sys
@@ -72,6 +73,7 @@ def _landing_page(telemetry_path: str) -> bytes:
 _MAX_LINE = 65536  # bytes in the request line or one header line
 _MAX_HEADERS = 100
 _METHODS_NOT_ALLOWED = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 _date = (0, "")  # (second, HTTP-date of it): formatting the date costs more than a cached read
 
 
@@ -169,11 +171,12 @@ class _Handler(BaseHTTPRequestHandler):
         if len(words) != 3:
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad request line")
         self.command, self.path, version = words
-        major, dot, minor = version.removeprefix("HTTP/").partition(".")
-        if not (version.startswith("HTTP/") and dot and major.isdigit() and minor.isdigit()
-                and len(major) <= 10 and len(minor) <= 10):  # fmt: skip
+        # ASCII digits only: str.isdigit() takes "²", which int() then refuses.
+        number = _VERSION.fullmatch(version)
+        if number is None:
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad HTTP version")
-        if int(major) >= 2:
+        major, minor = int(number[1]), int(number[2])
+        if major >= 2:
             raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/2 is not served here")
         self.request_version = version
         if self.path.startswith("//"):  # "//host/x" reads as a host to some clients
@@ -199,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
         self.fields = fields
         connection = fields.get("connection", "").lower()
-        keep_alive = (int(major), int(minor)) >= (1, 1) or connection == "keep-alive"
+        keep_alive = (major, minor) >= (1, 1) or connection == "keep-alive"
         # Nothing here reads a request body: after a request that has one, the connection
         # closes rather than read the body as the next request.
         has_body = fields.get("content-length", "0") != "0" or "transfer-encoding" in fields

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trt_heartbeat import canonical
 from trt_heartbeat.backends.base import Target
@@ -70,3 +72,30 @@ def test_wrong_shape_and_nan_fail() -> None:
     check = canonical.check_output(bad, "fp32")
     assert not check.passed and check.reason == "output contains NaN or Inf"
     assert check.max_abs_error == float("inf")
+
+
+ERRORS = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(canonical.PRECISIONS),
+    st.lists(st.tuples(st.integers(0, 127), ERRORS), max_size=4),
+    st.sampled_from([np.float16, np.float32, np.float64]),
+)
+def test_the_golden_check_agrees_with_its_definition(
+    precision: str, errors: list[tuple[int, float]], dtype: type
+) -> None:
+    # Passes exactly when every output is finite and within atol + rtol * |golden| (the check's
+    # shortcut for the usual case must not change a verdict).
+    ref = canonical.golden()
+    out = ref.copy()
+    for index, error in errors:
+        out.flat[index] += error
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = out.astype(dtype)  # as a backend of that precision would answer
+        seen = out.astype(np.float64)
+        tol = canonical.TOLERANCES[precision]
+        within = np.abs(seen - ref) <= tol.atol + tol.rtol * np.abs(ref)
+        expected = bool(np.all(np.isfinite(seen)) and np.all(within))
+        assert canonical.check_output(out, precision).passed is expected

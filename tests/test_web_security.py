@@ -204,6 +204,14 @@ def test_files_promtool_accepts_are_accepted(pki: Path, tmp_path: Path, name: st
             {"http_server_config": {"headers": {"Server": "x"}}},
             "http_server_config.headers.Server: unknown key",
         ),
+        (
+            {"http_server_config": {"headers": {"X-Frame-Options": "deny\r\nSet-Cookie: a=b"}}},
+            "http_server_config.headers.X-Frame-Options: expected printable ASCII (no line breaks)",
+        ),
+        (
+            {"http_server_config": {"headers": {"Content-Security-Policy": "default-src ☃"}}},
+            "http_server_config.headers.Content-Security-Policy: expected printable ASCII",
+        ),
     ],
 )
 def test_invalid_web_configs(pki: Path, tmp_path: Path, document: Any, message: str) -> None:

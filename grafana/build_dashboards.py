@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ class Panels:
 
     def add(self, kind: str, title: str, targets: list[tuple[str, str]], *, w: int = 12,
             h: int = 8, unit: str = "short", description: str = "",
-            thresholds: list[tuple[str, float | None]] | None = None,
+            thresholds: Sequence[tuple[str, float | None]] | None = None,
             instant: bool = False, fmt: str = "time_series",
             options: dict[str, Any] | None = None) -> None:  # fmt: skip
         if self.x + w > 24:

@@ -27,7 +27,12 @@ def test_messages_arrive_one_at_a_time_and_in_order(
     left, right, _ = pair
     big = bytes(range(256)) * 1024  # more than one read brings, and than the socket holds
     messages = ("wake", ("ok", b"\x00" * 512, (8, 16)), big, None)
-    writer = threading.Thread(target=lambda: [left.send(m) for m in messages])
+
+    def write() -> None:
+        for message in messages:
+            left.send(message)
+
+    writer = threading.Thread(target=write)
     writer.start()
     assert right.poll(5.0)
     assert [right.recv() for _ in range(4)] == list(messages)

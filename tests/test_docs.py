@@ -6,6 +6,7 @@ import json
 import re
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,6 +75,10 @@ def test_metrics_doc_equals_real_output(
 SERIES_ROW = re.compile(r"^\| `(\{.*\})` \| (\d+) \|", re.MULTILINE)
 
 
+def _probed_with_telemetry(r: Running) -> bool:
+    return r.exporter.telemetry_state().up and r.snapshot().probes_total["success"] >= 1
+
+
 def test_series_per_gpu_doc_equals_a_real_scrape(
     run_exporter: Callable[..., Running], faults: Faults, fake_nvml: Faults
 ) -> None:
@@ -85,8 +90,7 @@ def test_series_per_gpu_doc_equals_a_real_scrape(
     for setting, count in documented:
         r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=fake_telemetry(),
                          metrics=json.loads(setting))  # fmt: skip
-        wait_for(lambda r=r: r.exporter.telemetry_state().up
-                 and r.snapshot().probes_total["success"] >= 1)  # fmt: skip
+        wait_for(partial(_probed_with_telemetry, r))
         with urllib.request.urlopen(r.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
         series = [s for f in text_string_to_metric_families(text) for s in f.samples

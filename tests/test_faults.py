@@ -61,7 +61,7 @@ def exporter(run_exporter: Start, faults: Faults) -> Iterator[tuple[Running, Scr
 
 def failures(r: Running) -> int:
     p = r.snapshot().probes_total
-    return p["error"] + p["timeout"] + p["mismatch"]
+    return int(p["error"] + p["timeout"] + p["mismatch"])
 
 
 def recover(r: Running, since: float, lost_before: int, scraper: Scraper, name: str) -> None:
@@ -214,7 +214,9 @@ def test_config_file_replaced_with_garbage_while_running(tmp_path: Path) -> None
         def successes() -> float:
             with urllib.request.urlopen(url, timeout=2) as response:
                 text = response.read().decode()
-            return float(re.search(r'result="success",uuid=""} (\S+)', text).group(1))
+            found = re.search(r'result="success",uuid=""} (\S+)', text)
+            assert found is not None, text
+            return float(found.group(1))
 
         before = wait_for(successes, timeout=30)
         wait_for(lambda: successes() >= before + 3, what="still probing on the old config")

@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -253,7 +254,7 @@ def test_a_malformed_mig_uuid_exits_2_alike_everywhere(
     path = tmp_path / "c.yaml"
     path.write_text(f'gpus: ["{value}"]\n' if where == "file" else "")
     args = ["check-config", str(path)] + (["--gpus", value] if where == "flag" else [])
-    env = {"TRT_HEARTBEAT_GPUS": value} if where == "environment" else {}
+    env: dict[str, Any] = {"TRT_HEARTBEAT_GPUS": value} if where == "environment" else {}
     result = cli(*args, **env)
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1

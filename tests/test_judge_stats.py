@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +17,7 @@ from trt_heartbeat.judge.thresholds import DEFAULTS
 from trt_heartbeat.judge.verdict import tail_check
 
 
-def brute_u(canary: list[float], baseline: list[float]) -> float:
+def brute_u(canary: Sequence[float], baseline: Sequence[float]) -> float:
     return sum(1.0 if c > b else 0.5 if c == b else 0.0
                for c, b in itertools.product(canary, baseline))  # fmt: skip
 

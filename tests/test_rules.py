@@ -67,7 +67,8 @@ def test_recording_rule_names(rule: dict[str, Any]) -> None:
 
 
 def _cases() -> tuple[set[str], set[str]]:
-    firing, quiet = set(), set()
+    firing: set[str] = set()
+    quiet: set[str] = set()
     for path in TEST_FILES:
         for test in yaml.safe_load(path.read_text())["tests"]:
             for case in test.get("alert_rule_test", []):

@@ -80,6 +80,7 @@ def test_hang_is_cut_off_and_the_reader_replaced(
     reader = telemetry._process
     assert reader is not None
     pid = reader.pid
+    assert pid is not None
     fake_nvml.set(mode="hang")
     wait_for(lambda: not telemetry.state().up, what="down after the timeout")
     wait_for(lambda: telemetry._process is not reader, what="hung reader replaced")

@@ -58,7 +58,9 @@ def test_fp16_comes_from_tensor_types_not_builder_flags() -> None:
 
 def test_portable_plans() -> None:
     build_plan(fake, make_logger(fake), "fp32", version_compatible=True, hardware_compatible=True)
-    config = fake.Builder.last.config  # type: ignore[union-attr]
+    assert fake.Builder.last is not None
+    config = fake.Builder.last.config
+    assert config is not None
     assert config.flags == {fake.BuilderFlag.VERSION_COMPATIBLE}
     assert config.hardware_compatibility_level is fake.HardwareCompatibilityLevel.AMPERE_PLUS
 

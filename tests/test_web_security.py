@@ -369,6 +369,16 @@ class SlowMetrics:
     def __init__(self, exporter: Exporter) -> None:
         self.exporter, self.entered, self.release = exporter, threading.Event(), threading.Event()
 
+    @classmethod
+    def into(cls, kept: list[SlowMetrics]) -> Callable[[Exporter], SlowMetrics]:
+        """A `wrap` for `serve` that also keeps the wrapper in `kept`."""
+
+        def wrap(exporter: Exporter) -> SlowMetrics:
+            kept.append(cls(exporter))
+            return kept[-1]
+
+        return wrap
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.exporter, name)
 
@@ -388,7 +398,7 @@ def test_max_requests_counts_requests_being_answered(
     serve: Callable[..., ExporterHTTPServer],
 ) -> None:
     slow: list[SlowMetrics] = []
-    server = serve(max_requests=1, wrap=lambda e: slow.append(SlowMetrics(e)) or slow[0])
+    server = serve(max_requests=1, wrap=SlowMetrics.into(slow))
     held = threading.Thread(target=_get, args=(server.port, "/metrics"), daemon=True)
     held.start()
     assert slow[0].entered.wait(10)  # one request is being answered and holds the one slot
@@ -457,7 +467,7 @@ def test_a_slow_tls_handshake_is_cut_at_the_deadline_and_scrapes_go_on(
 def test_a_cut_request_is_never_answered(serve: Callable[..., ExporterHTTPServer]) -> None:
     # Its headers end at the EOF the cut causes, and would parse: no slot, no /metrics render.
     slow: list[SlowMetrics] = []
-    server = serve(header_timeout=0.3, wrap=lambda e: slow.append(SlowMetrics(e)) or slow[0])
+    server = serve(header_timeout=0.3, wrap=SlowMetrics.into(slow))
     slow[0].release.set()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")

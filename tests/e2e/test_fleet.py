@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,12 @@ class Stack:
         return {(r["metric"]["alertname"], r["metric"].get("pod", "")) for r in rows}
 
 
+def listening_port(log: Path) -> int | None:
+    """The port an exporter logged that it listens on, once it has."""
+    match = re.search(r'"port": (\d+)', log.read_text())
+    return int(match.group(1)) if match else None
+
+
 def _start(
     args: list[str], log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -241,13 +248,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             processes.append(process)
             exporters[name] = Exporter(name, track, process, control, log)
         for e in exporters.values():
-            e.port = wait_for(
-                lambda e=e: (
-                    (m := re.search(r'"port": (\d+)', e.log.read_text())) and int(m.group(1))
-                ),
-                timeout=60,
-                what=f"{e.name} listening",
-            )
+            e.port = wait_for(partial(listening_port, e.log), timeout=60,
+                              what=f"{e.name} listening")  # fmt: skip
 
         hook_port, am_port, prom_port = free_port(), free_port(), free_port()
         hook_server, hook = start_webhook(hook_port)

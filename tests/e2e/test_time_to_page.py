@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -23,10 +22,19 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
-from test_fleet import Exporter, Stack, _start, start_alerting, start_webhook, tear_down
+from test_fleet import (
+    Exporter,
+    Stack,
+    _start,
+    listening_port,
+    start_alerting,
+    start_webhook,
+    tear_down,
+)
 
 from conftest import cli_env, free_port, wait_for
 
@@ -69,7 +77,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 processes.append(process)
                 nodes.append(Node(name, "stable", process, control, log, kind=kind))
         for n in nodes:
-            n.port = wait_for(lambda n=n: _port(n.log), timeout=60, what=f"{n.name} listening")
+            n.port = wait_for(partial(listening_port, n.log), timeout=60,
+                              what=f"{n.name} listening")  # fmt: skip
 
         hook_port, am_port, prom_port = free_port(), free_port(), free_port()
         hook_server, hook = start_webhook(hook_port)
@@ -87,11 +96,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack({n.name: n for n in nodes}, prometheus, alertmanager, hook)
     finally:
         tear_down(processes, hook_server, work, "time-to-page")
-
-
-def _port(log: Path) -> int | None:
-    match = re.search(r'"port": (\d+)', log.read_text())
-    return int(match.group(1)) if match else None
 
 
 STALE_FIRING = 'ALERTS{alertname="TrtHeartbeatStale",alertstate="firing"}'

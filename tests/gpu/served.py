@@ -39,7 +39,7 @@ class Served:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
-    processes = []
+    processes: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> Served:
         log = tmp_path / f"serve{len(processes)}.log"

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -17,6 +18,9 @@ from trt_heartbeat.backends import BackendOptions, Target
 from trt_heartbeat.backends.cuda import CudaBackend
 from trt_heartbeat.backends.reference import ReferenceBackend
 from trt_heartbeat.errors import BackendError, Reason
+
+if TYPE_CHECKING:  # imported where it runs: the lean runtime may be missing
+    from trt_heartbeat.backends.tensorrt import TensorRTBackend
 
 pytestmark = pytest.mark.gpu
 MIB = 1 << 20
@@ -63,7 +67,9 @@ def test_cuda_backend_passes_and_agrees_with_reference(bound: Target, precision:
     ref.prepare()
     ref_out = ref.run().output
     tol = canonical.TOLERANCES[precision]
-    np.testing.assert_allclose(results[-1]["output"], ref_out, atol=tol.atol, rtol=tol.rtol)
+    out = results[-1]["output"]
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, ref_out, atol=tol.atol, rtol=tol.rtol)
     for r in results:
         phases = r["phases"]
         assert isinstance(phases, dict) and set(phases) == {"h2d", "compute", "d2h"}
@@ -119,7 +125,7 @@ def _header(major: int, minor: int, patch: int, build: int) -> bytes:
 
 @pytest.mark.skipif(not _lean_available(), reason="TensorRT lean runtime not installed")
 class TestLeanRuntime:
-    def _backend(self, target: Target, cache_dir: Path) -> Iterator[object]:
+    def _backend(self, target: Target, cache_dir: Path) -> TensorRTBackend:
         from trt_heartbeat.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(target, "fp32", BackendOptions(engine_cache_dir=str(cache_dir)))
@@ -140,9 +146,9 @@ class TestLeanRuntime:
         backend = self._backend(target, cache_dir)
         try:
             with pytest.raises(BackendError) as info:
-                backend.prepare()  # type: ignore[attr-defined]
+                backend.prepare()
         finally:
-            backend.close()  # type: ignore[attr-defined]
+            backend.close()
         return info.value
 
     def test_empty_cache_is_a_clear_error(self, bound: Target, cache_dir: Path) -> None:

@@ -139,7 +139,7 @@ def test_memory_without_nvml_agrees_and_turns_health_low(
 
     report = wait_for(low, timeout=30, what="gpu_memory_low")
     elapsed = time.monotonic() - taken
-    target = report["targets"][0]  # type: ignore[index]
+    target = report["targets"][0]
     assert report["status"] == "degraded" and target["gpu_memory"]["source"] == "cuda"
     _record("memory-without-nvml.json", {**agreement, "hog_left_free_mib": left / MIB,
             "health_free_mib": target["gpu_memory"]["free_mib"],

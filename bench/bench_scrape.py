@@ -12,22 +12,11 @@ per second, and the exporter's CPU per scrape. Needs `wrk` (Debian package `wrk`
 from __future__ import annotations
 
 import argparse
-import re
-import resource
 import shutil
-import subprocess
 import time
 import urllib.request
 
-from trt_heartbeat import config
-from trt_heartbeat.app import Exporter
-from trt_heartbeat.backends import Target
-from trt_heartbeat.http_server import ExporterHTTPServer
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from loadgen import start, wrk
 
 
 def main() -> None:
@@ -36,16 +25,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--seconds", type=int, default=30)
     args = parser.parse_args()
-    wrk = shutil.which("wrk")
-    if wrk is None:
+    if shutil.which("wrk") is None:
         raise SystemExit("bench_scrape.py needs wrk (apt-get install wrk)")
-    settings = config.load(None, {"backend": "reference", "interval": args.interval,
-                                  "timeout": min(5.0, args.interval / 2)})  # fmt: skip
-    targets = [Target(str(i), f"GPU-{i}") for i in range(args.targets)]
-    exporter = Exporter(settings, "reference", targets)
-    server = ExporterHTTPServer("127.0.0.1", 0, exporter, max_requests=0)
-    server.start_background()
-    exporter.start()
+    exporter, server = start(args.interval, min(5.0, args.interval / 2), args.targets,
+                             max_requests=0)  # fmt: skip
     url = f"http://127.0.0.1:{server.port}/metrics"
     try:
         while any(s.snapshot().last_success is None for s in exporter.scheduler.states):
@@ -58,19 +41,11 @@ def main() -> None:
         for connections in (8, 32):
             for encoding in ("plain", "gzip"):
                 header = ["-H", "Accept-Encoding: gzip"] if encoding == "gzip" else []
-                c0 = cpu_seconds()
-                out = subprocess.run(
-                    [wrk, "-t2", f"-c{connections}", f"-d{args.seconds}s", "--latency",
-                     *header, url], capture_output=True, text=True, timeout=args.seconds + 60,
-                ).stdout  # fmt: skip
-                cpu = cpu_seconds() - c0
-                pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
-                found = re.search(r"(\d+) requests in", out)
-                requests = int(found.group(1)) if found else 0
-                errors = "Non-2xx" in out or "Socket errors" in out
-                print(f"| {connections} connections, {encoding}{' (errors!)' if errors else ''}"
-                      f" | {pct.get('50')} | {pct.get('99')} | {requests / args.seconds:.0f} | "
-                      f"{cpu / max(requests, 1) * 1e3:.3f} ms |")  # fmt: skip
+                run = wrk(url, connections, args.seconds, header)
+                print(f"| {connections} connections, {encoding}"
+                      f"{' (errors!)' if run.errors else ''} | {run.p50} | {run.p99} | "
+                      f"{run.requests / args.seconds:.0f} | "
+                      f"{run.cpu / max(run.requests, 1) * 1e3:.3f} ms |")  # fmt: skip
     finally:
         server.shutdown()
         exporter.stop()

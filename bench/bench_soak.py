@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import resource
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from trt_heartbeat import config
+from loadgen import cpu_seconds, start, wrk
 from trt_heartbeat.app import Exporter
-from trt_heartbeat.backends import Target
-from trt_heartbeat.http_server import ExporterHTTPServer
 
 
 def rss_mib(pid: int) -> float:
@@ -33,21 +28,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def start(interval: float, timeout: float, targets: int) -> tuple[Exporter, ExporterHTTPServer]:
-    settings = config.load(None, {"backend": "reference", "interval": interval,
-                                  "timeout": timeout, "jitter": 0.1})  # fmt: skip
-    exporter = Exporter(settings, "reference", [Target(str(i), f"GPU-{i}") for i in range(targets)])
-    server = ExporterHTTPServer("127.0.0.1", 0, exporter)
-    server.start_background()
-    exporter.start()
-    return exporter, server
 
 
 def total_probes(exporter: Exporter) -> int:
@@ -146,18 +126,12 @@ def wrk_load(url: str, connections: int, size: int) -> list[tuple[str, str]]:
         script.write(f"function delay()\n  return {PACED_DELAY_MS}\nend\n")
         script.flush()
         for n, paced in ((1, False), (2, False), (connections, False), (connections, True)):
-            c0 = cpu_seconds()
-            args = ["wrk", f"-t{min(n, 2)}", f"-c{n}", "-d15s", "--latency"]
-            out = subprocess.run([*args, *(["-s", script.name] if paced else []), url],
-                                 capture_output=True, text=True, timeout=60).stdout  # fmt: skip
-            cpu = cpu_seconds() - c0
-            pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
-            requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+            run = wrk(url, n, 15, ["-s", script.name] if paced else [])
             how = f"each waiting {PACED_DELAY_MS} ms" if paced else "back to back"
             rows.append(
                 (f"/metrics, 8 targets ({size} B), wrk -c{n} ({how})",
-                 f"p50 {pct['50']}, p99 {pct['99']}, {requests / 15:.0f} scrapes/s, "
-                 f"exporter CPU {cpu / requests * 1e3:.2f} ms per scrape")
+                 f"p50 {run.p50}, p99 {run.p99}, {run.requests / 15:.0f} scrapes/s, "
+                 f"exporter CPU {run.cpu / max(run.requests, 1) * 1e3:.2f} ms per scrape")
             )  # fmt: skip
     return rows
 

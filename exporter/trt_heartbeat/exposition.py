@@ -190,8 +190,7 @@ class Exposition:
               index: int, version: object) -> Fragments:  # fmt: skip
         cached = self._cache.get((content_type, index))
         if cached is None or cached[0] != version:
-            text = encoder(self._stable[index][1]).removesuffix(_EOF)
-            cached = (version, split_families(text))
+            cached = (version, split_families(encoder(self._stable[index][1])))
             self._cache[(content_type, index)] = cached
             self.renders += 1
         return cached[1]

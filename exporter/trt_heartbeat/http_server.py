@@ -158,12 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_request(self) -> bool:
         """Read the request line and headers; False at EOF before they are complete."""
-        raw = self.rfile.readline(_MAX_LINE + 1)
-        if not raw.endswith(b"\n"):
-            if len(raw) > _MAX_LINE:
-                raise _BadRequest(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+        line = self._line(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+        if line is None:
             return False
-        self.requestline = line = raw.decode("iso-8859-1").rstrip("\r\n")
+        self.requestline = line = line.rstrip("\r\n")
         words = line.split()
         http09 = len(words) == 2 and words[0] == "GET"  # answered as HTTP/1.0, then closed
         if http09:
@@ -183,15 +181,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.path = "/" + self.path.lstrip("/")
         fields: dict[str, str] = {}
         for _ in range(_MAX_HEADERS + 1):
-            raw = self.rfile.readline(_MAX_LINE + 1)
-            if not raw.endswith(b"\n"):
-                if len(raw) > _MAX_LINE:
-                    raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                      "header line too long")  # fmt: skip
+            line = self._line(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
+            if line is None:
                 return False
-            if raw in (b"\r\n", b"\n"):
+            if line in ("\r\n", "\n"):
                 break
-            name, colon, value = raw.decode("iso-8859-1").partition(":")
+            name, colon, value = line.partition(":")
             # No name, whitespace in or around it, or a folded continuation line: RFC 9112
             # lets a server reject these, and guessing what the client meant is how requests
             # get smuggled.
@@ -208,6 +203,15 @@ class _Handler(BaseHTTPRequestHandler):
         has_body = fields.get("content-length", "0") != "0" or "transfer-encoding" in fields
         self.close_connection = http09 or not keep_alive or connection == "close" or has_body
         return True
+
+    def _line(self, too_long: HTTPStatus, detail: str) -> str | None:
+        """The next line with its line break; None at EOF before one."""
+        raw = self.rfile.readline(_MAX_LINE + 1)
+        if raw.endswith(b"\n"):
+            return raw.decode("iso-8859-1")
+        if len(raw) > _MAX_LINE:
+            raise _BadRequest(too_long, detail)
+        return None
 
     def _authorized(self) -> bool:
         auth = self.server.basic_auth

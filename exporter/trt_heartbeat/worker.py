@@ -245,16 +245,15 @@ class Worker:
     def _receive(self, deadline: _Deadline, keep_waiting: Callable[[], bool]) -> tuple[Any, ...]:
         assert self._channel is not None
         try:
-            self._wait(self._channel, deadline, keep_waiting)
+            self._wait(deadline, keep_waiting)
             message: tuple[Any, ...] = self._channel.recv()
         except (EOFError, OSError) as exc:
             raise self._crashed(f"worker pipe closed: {exc}") from exc
         return message
 
-    def _wait(
-        self, channel: Channel, deadline: _Deadline, keep_waiting: Callable[[], bool]
-    ) -> None:
-        assert self._process is not None
+    def _wait(self, deadline: _Deadline, keep_waiting: Callable[[], bool]) -> None:
+        channel = self._channel
+        assert channel is not None and self._process is not None
         if channel.spin(_SPIN):
             return
         while True:

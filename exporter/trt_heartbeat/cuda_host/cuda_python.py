@@ -68,8 +68,8 @@ class CudaPythonHost:
             raise BackendError(Reason.NO_GPU, f"no CUDA device {device_index} ({count} visible)")
         self._dev = _check("cuDeviceGet", cu.cuDeviceGet(device_index))
         self._ctx = _check("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self._dev))
-        self._host_buffers: list[int] = []
-        self._pinned: dict[int, tuple[int, int, np.ndarray]] = {}  # id -> (address, size, array)
+        # Pinned host buffers: id(array) -> (address, size, array); freed at close.
+        self._pinned: dict[int, tuple[int, int, np.ndarray]] = {}
         self._device_buffers: list[int] = []
         self._modules: list[Any] = []
         self._stream: Any = None
@@ -120,7 +120,6 @@ class CudaPythonHost:
         dt = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dt.itemsize
         ptr = int(_check("cuMemAllocHost", cu.cuMemAllocHost(nbytes)))
-        self._host_buffers.append(ptr)
         raw = (ctypes.c_char * nbytes).from_address(ptr)
         array = np.frombuffer(raw, dtype=dt).reshape(shape)
         self._pinned[id(array)] = (ptr, nbytes, array)  # kept: its id stays its own
@@ -196,11 +195,10 @@ class CudaPythonHost:
             cu.cuStreamDestroy(self._stream)
         for ptr in self._device_buffers:
             cu.cuMemFree(ptr)
-        for ptr in self._host_buffers:
+        for ptr, _, _ in self._pinned.values():
             cu.cuMemFreeHost(ptr)
         for module in self._modules:
             cu.cuModuleUnload(module)
         cu.cuDevicePrimaryCtxRelease(self._dev)
-        self._events, self._stream, self._device_buffers, self._host_buffers = [], None, [], []
-        self._pinned = {}
+        self._events, self._stream, self._device_buffers, self._pinned = [], None, [], {}
         self._modules = []

@@ -141,24 +141,59 @@ def test_pod_monitor_matches_the_sidecars() -> None:
         assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
 
 
-@pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
-@pytest.mark.parametrize(
-    ("track", "version", "expected"),
-    [("canary", "", "canary"), ("", "v2", "v2"), ("stable", "v1", "stable"), ("", "", None)],
-)
-def test_relabeling_sets_track(kind: str, track: str, version: str, expected: str | None) -> None:
+def _relabel(rule: dict[str, Any], values: list[str]) -> str | None:
+    """Prometheus relabeling: the joined source labels must match the anchored regex."""
+    match = re.fullmatch(rule.get("regex", "(.*)"), rule.get("separator", ";").join(values))
+    if not match:
+        return None
+    return re.sub(r"\$(\d)", lambda m: match.group(int(m.group(1))) or "",
+                  rule.get("replacement", "$1"))  # fmt: skip
+
+
+def _relabeling(kind: str, target: str) -> dict[str, Any]:
     monitor = find(kind)
     endpoints = monitor["spec"].get("endpoints") or monitor["spec"]["podMetricsEndpoints"]
-    rule = next(r for r in endpoints[0]["relabelings"] if r.get("targetLabel") == "track")
-    # Prometheus relabeling: the joined source labels must match the anchored regex.
-    match = re.fullmatch(rule["regex"], rule["separator"].join([track, version]))
-    result = None
-    if match:
-        result = re.sub(r"\$(\d)", lambda m: match.group(int(m.group(1))) or "",
-                        rule["replacement"])  # fmt: skip
-    assert result == expected
-    job = next(r for r in endpoints[0]["relabelings"] if r.get("targetLabel") == "job")
-    assert job["replacement"] == "trt-heartbeat-exporter", "the job the rules select on"
+    rules: list[dict[str, Any]] = endpoints[0]["relabelings"]
+    return next(r for r in rules if r.get("targetLabel") == target)
+
+
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
+@pytest.mark.parametrize(
+    ("track", "role", "expected"),
+    [("canary", "", "canary"), ("", "stable", "stable"), ("stable", "canary", "stable"),
+     ("", "", None)],
+)  # fmt: skip
+def test_relabeling_sets_track_from_the_role_only(
+    kind: str, track: str, role: str, expected: str | None
+) -> None:
+    # `track` is the role (stable/canary); the release (`version`) never lands there.
+    rule = _relabeling(kind, "track")
+    assert rule["sourceLabels"] == [
+        "__meta_kubernetes_pod_label_track",
+        "__meta_kubernetes_pod_label_role",
+    ]
+    assert _relabel(rule, [track, role]) == expected
+    assert _relabeling(kind, "job")["replacement"] == "trt-heartbeat-exporter"
+
+
+@pytest.mark.parametrize(
+    ("version", "app_version", "expected"),
+    [("v2", "", "v2"), ("", "2.14.0", "2.14.0"), ("v1", "2.13.0", "v1"), ("", "", None)],
+)
+def test_pod_monitor_sets_the_release_apart_from_the_exporters_version(
+    version: str, app_version: str, expected: str | None
+) -> None:
+    rule = _relabeling("PodMonitor", "service_version")
+    assert _relabel(rule, [version, app_version]) == expected
+
+
+def test_sidecar_example_pods_carry_role_and_release() -> None:
+    labels = {name: find("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+              for name in ("inference-stable", "inference-canary")}  # fmt: skip
+    assert {n: (lab["track"], lab["version"]) for n, lab in labels.items()} == {
+        "inference-stable": ("stable", "v1"),
+        "inference-canary": ("canary", "v2"),
+    }
 
 
 def test_generated_resources_are_in_sync() -> None:

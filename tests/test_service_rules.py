@@ -55,19 +55,19 @@ tests:
       - eval_time: 20m
         alertname: TrtHeartbeatServiceCanaryErrorRatioHigh
         exp_alerts:
-          - exp_labels: {{severity: critical, role: canary, action: pause-rollout,
-                         source: tf-serving, service: tf-serving, track: v2}}
+          - exp_labels: {{severity: critical, track: canary, action: pause-rollout,
+                         source: tf-serving, service: tf-serving, version: v2}}
             exp_annotations:
               summary: 'Pause the rollout: the canary fails too many requests.'
-              description: 'tf-serving (tf-serving) track v2 failed 2% of its requests over 5m:
+              description: 'tf-serving (tf-serving) version v2 failed 2% of its requests over 5m:
                 pause the rollout and decide whether to roll back.'
               runbook_url: {runbook}trtheartbeatservicecanaryerrorratiohigh
     promql_expr_test:
-      - expr: service_track_route:service_request_duration_seconds:p99_rate10m
+      - expr: service_version_route:service_request_duration_seconds:p99_rate10m
         eval_time: 20m
         exp_samples:
-          - labels: 'service_track_route:service_request_duration_seconds:p99_rate10m{{
-              source="tf-serving",service="tf-serving",track="v2"}}'
+          - labels: 'service_version_route:service_request_duration_seconds:p99_rate10m{{
+              source="tf-serving",service="tf-serving",version="v2"}}'
             value: 0.099
 """
 
@@ -100,7 +100,13 @@ INVALID = {
         "latency: expected either `histogram`, or both `sum` and `count`, got a mapping",
     "invalid-unit.yaml":
         'latency.unit: expected seconds, milliseconds or microseconds, got "ms"',
-    "invalid-no-track.yaml": "labels.track: required, but missing",
+    "invalid-no-version.yaml": "labels.version: required, but missing",
+    "invalid-track-is-a-label.yaml":
+        'labels.track: expected {label, stable, canary}: the role from a label\'s value (the '
+        'release label goes under `version`), got "version"',
+    "invalid-roles-regex.yaml":
+        "labels.track.stable: '.+-primary(' is not a regular expression (missing ), unterminated "
+        "subpattern at position 10)",
     "invalid-matchers.yaml":
         "requests.matchers: 'job=tf-serving' is not a label matcher like name=\"value\"",
     "invalid-not-a-mapping.yaml": "expected a mapping of source keys at the top level, got a list",
@@ -135,3 +141,71 @@ def test_an_invalid_source_file_is_one_line_and_exit_2(name: str, message: str) 
 def test_bad_service_rules_flags(args: list[str], message: str) -> None:
     result = cli("service-rules", *args)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", f"Error: {message}\n")
+
+
+# A rollout at 60%, its canary failing 5% of its requests from minute 10, as each controller's
+# source sees it: the canary carries most of the traffic and is still the one paused.
+CONTROLLER_TEST = """
+rule_files: [{thresholds}, {rules}, {canary_rules}]
+evaluation_interval: 1m
+group_eval_order: [trt-heartbeat-thresholds, trt-heartbeat-service-source-{name},
+                   trt-heartbeat-service-canary.rules, trt-heartbeat-service-canary.alerts]
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'istio_requests_total{{reporter="destination",{label}="{stable}",{ns}="prod",response_code="200"}}'
+        values: '0+4800x20'
+      - series: 'istio_requests_total{{reporter="destination",{label}="{canary}",{ns}="prod",response_code="200"}}'
+        values: '0+7200x9 72000+6840x10'
+      - series: 'istio_requests_total{{reporter="destination",{label}="{canary}",{ns}="prod",response_code="503"}}'
+        values: '0x9 360+360x10'
+    alert_rule_test:
+      - {{eval_time: 9m, alertname: TrtHeartbeatServiceCanaryErrorRatioHigh, exp_alerts: []}}
+      - {{eval_time: 9m, alertname: TrtHeartbeatServiceRolesFromTraffic, exp_alerts: []}}
+      - eval_time: 13m
+        alertname: TrtHeartbeatServiceCanaryErrorRatioHigh
+        exp_alerts:
+          - exp_labels: {{severity: critical, track: canary, action: pause-rollout,
+                         source: {name}, namespace: prod, service: inference, version: {canary}}}
+            exp_annotations:
+              summary: 'Pause the rollout: the canary fails too many requests.'
+              description: 'inference ({name}) version {canary} failed 3.96% of its requests over
+                5m: pause the rollout and decide whether to roll back.'
+              runbook_url: {runbook}trtheartbeatservicecanaryerrorratiohigh
+    promql_expr_test:
+      - expr: service_version:service_track:info
+        eval_time: 9m
+        exp_samples:
+          - labels: 'service_version:service_track:info{{namespace="prod",service="inference",
+              version="{stable}",track="stable",roles_from="declaration"}}'
+            value: 1
+          - labels: 'service_version:service_track:info{{namespace="prod",service="inference",
+              version="{canary}",track="canary",roles_from="declaration"}}'
+            value: 1
+"""
+CONTROLLERS = {
+    "flagger-istio": ("destination_workload", "destination_workload_namespace",
+                      "inference-primary", "inference"),
+    "argo-istio-services": ("destination_service_name", "destination_service_namespace",
+                            "inference-stable", "inference-canary"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CONTROLLERS)
+def test_a_controllers_source_declares_the_roles_past_half_the_traffic(
+    name: str, tmp_path: Path
+) -> None:
+    path = RULES / "rollouts" / "sources" / f"{name}.yaml"
+    result = cli("service-rules", "--source", str(path))
+    assert result.returncode == 0, result.stderr
+    generated = tmp_path / f"{name}.rules.yml"
+    generated.write_text(result.stdout)
+    label, ns, stable, canary = CONTROLLERS[name]
+    test = tmp_path / "controller.test.yml"
+    test.write_text(CONTROLLER_TEST.format(
+        thresholds=RULES / "thresholds.rules.yml", rules=generated, name=name,
+        canary_rules=RULES / "service-canary.rules.yml", label=label, ns=ns, stable=stable,
+        canary=canary, runbook=RUNBOOK_BASE))  # fmt: skip
+    run = subprocess.run([require("promtool"), "test", "rules", str(test)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -2,9 +2,15 @@
 
 Two layers, kubernetes-mixin style:
 - per source, recording rules that turn its metrics into one normalised set of series, labelled
-  `source`, `namespace`, `service`, `track` and the source's `by` labels (model, route);
-- once, source-agnostic rules on those series: which track is the baseline (the one with the most
-  requests) and which are canaries, their ratios, and the alerts.
+  `source`, `namespace`, `service`, `version` (the release) and the source's `by` labels (model,
+  route), plus the roles a source declares (`service_version:service_track:declared`, from pod
+  labels or from the request series' own labels);
+- once, source-agnostic rules on those series: the role (`track`: stable or canary) each version
+  holds, the baseline (the busiest stable version) and canaries, their ratios, and the alerts.
+
+Roles come from what the rollout declares, never from traffic share, so a canary at 60% is still
+the canary; a service that declares nothing falls back to "the busiest version is stable", and
+says so (`roles_from="traffic"`, TrtHeartbeatServiceRolesFromTraffic).
 
 `rules/service-sources.rules.yml` (istio, triton) and `rules/service-canary.rules.yml` are this
 module's output, kept equal by tests; `trt-heartbeat-exporter service-rules --source FILE` writes
@@ -17,27 +23,58 @@ from typing import Any
 
 import yaml
 
-from .source import Labels, Source
+from .source import Counter, Labels, Roles, Source
 
 ERROR_WINDOW, ERROR_WINDOW_S = "5m", 300  # the pause decision: errors / requests over 5m
 COMPARE_WINDOW = "10m"  # latency, drift, traffic guards: enough requests for tails
-SERVICE = "source, namespace, service, track"
-ON_TRACK = f"on ({SERVICE})"
+SERVICE = "source, namespace, service, version"
+ON_VERSION = f"on ({SERVICE})"
 ON_SERVICE = "on (source, namespace, service)"
+VERSION = "namespace, service, version"  # what a role belongs to, whatever the source
 RUNBOOK = (
     "https://github.com/trt-heartbeat-exporter/trt-heartbeat-exporter/blob/main/docs/runbooks.md#"
 )
 LATENCY_STATISTICS = ("p50", "p99", "mean")
+TRACKS = "stable|canary"
+DECLARED = "service_version:service_track:declared"
+ROUTE = "service_version_route"
 
 
 def _relabel(expr: str, labels: Labels) -> str:
-    for target, source_label in labels.renames().items():
-        expr = f'label_replace({expr}, "{target}", "$1", "{source_label}", "(.*)")'
+    for target, origin in labels.renames().items():
+        regex = origin.regex or "(.*)"
+        expr = f'label_replace({expr}, "{target}", "$1", "{origin.label}", "{_escape(regex)}")'
+    return expr
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _roles(expr: str, roles: Roles) -> str:
+    """`track` set from the roles' label: canary where it matches `canary`, then stable."""
+    for track in ("canary", "stable"):
+        regex = _escape(getattr(roles, track))
+        expr = f'label_replace({expr}, "track", "{track}", "{roles.label}", "{regex}")'
     return expr
 
 
 def _sum(expr: str, labels: Labels, *extra: str, op: str = "sum") -> str:
     return f"{op} by ({', '.join([*labels.keys, *extra])}) ({_relabel(expr, labels)})"
+
+
+def _each(counter: Counter, labels: Labels, fn: str = "", window: str = "") -> str:
+    """Every part of a counter (metric names x matcher sets), each under `fn`, as one vector.
+
+    Parts are told apart by a `part` label until they are summed: two names whose other labels
+    are equal would otherwise collide once `rate` drops the name (Triton's success and failure
+    counters where the failure has no `reason` label).
+    """
+    parts = []
+    for i, selector in enumerate(counter.selectors(*labels.present())):
+        part = f"{fn}({selector}[{window}])" if fn else selector
+        parts.append(part if i == 0 else f'label_replace({part}, "part", "{i}", "", "")')
+    return parts[0] if len(parts) == 1 else "(\n  " + "\n  or\n  ".join(parts) + "\n)"
 
 
 def _metric(name: str, *matchers: str) -> str:
@@ -48,21 +85,25 @@ def _scaled(expr: str, scale: float) -> str:
     return expr if scale == 1 else f"{expr} * {scale:g}"
 
 
+def _declared(expr: str, labels: Labels) -> str:
+    keys = ("namespace",) * bool(labels.namespace) + ("service", "version", "track")
+    return f"count by ({', '.join(keys)}) ({_relabel(expr, labels)}) * 0 + 1"
+
+
 def source_rules(src: Source) -> list[dict[str, Any]]:
     """Recording rules that normalise one source's metrics."""
     lab, w, cw = src.labels, ERROR_WINDOW, COMPARE_WINDOW
-    requests = src.requests.selector(*lab.present())
-    errors = src.errors.selector(*lab.present())
-    route = "service_track_route"
+    requests = _each(src.requests, lab, "rate", w)
     rules = [
-        (f"{route}:service_requests:rate{w}", _sum(f"rate({requests}[{w}])", lab)),
-        # Without the fallback a track that never failed would have no error series at all.
-        (f"{route}:service_request_errors:rate{w}",
-         f"{_sum(f'rate({errors}[{w}])', lab)}\nor\n{_sum(f'rate({requests}[{w}])', lab)} * 0"),
-        (f"{route}:service_requests:increase{cw}", _sum(f"increase({requests}[{cw}])", lab)),
+        (f"{ROUTE}:service_requests:rate{w}", _sum(requests, lab)),
+        # Without the fallback a version that never failed would have no error series at all.
+        (f"{ROUTE}:service_request_errors:rate{w}",
+         f"{_sum(_each(src.errors, lab, 'rate', w), lab)}\nor\n{_sum(requests, lab)} * 0"),
+        (f"{ROUTE}:service_requests:increase{cw}",
+         _sum(_each(src.requests, lab, "increase", cw), lab)),
     ]  # fmt: skip
     lat = src.latency
-    prefix = f"{route}:service_request_duration_seconds"
+    prefix = f"{ROUTE}:service_request_duration_seconds"
     if lat.histogram:
         buckets = _metric(lat.histogram + "_bucket", lat.matchers, *lab.present())
         per_le = _sum(f"rate({buckets}[{cw}])", lab, "le")
@@ -76,27 +117,38 @@ def source_rules(src: Source) -> list[dict[str, Any]]:
                               for m in (total, count))  # fmt: skip
     mean = f"{_sum(total_rate, lab)}\n/\n{_sum(count_rate, lab)}"
     rules.append((f"{prefix}:mean_rate{cw}", _scaled(mean, lat.scale)))
+    if isinstance(lab.track, Roles):
+        # The request series name the role themselves (Flagger's -primary workload, Argo's
+        # stable and canary Services).
+        rules.append((DECLARED, _declared(_roles(_each(src.requests, lab), lab.track), lab)))
 
     pods = src.pods
     if pods is not None:
         pl = pods.labels
         if pods.presence:
-            rules.append(("service_track:service_pods:count",
-                          _sum(_metric(pods.presence, *pl.present()), pl, op="count")))  # fmt: skip
+            present = _metric(pods.presence, *pl.present())
+            rules.append(("service_version:service_pods:count", _sum(present, pl, op="count")))
+            if isinstance(pl.track, str):
+                # Pods say which role their version holds: Argo Rollouts' canaryMetadata and
+                # stableMetadata labels, or a label on each Deployment (plain Istio).
+                declared = _metric(pods.presence, *pl.present(), f'{pl.track}=~"{TRACKS}"')
+                if pl.track != "track":
+                    declared = f'label_replace({declared}, "track", "$1", "{pl.track}", "(.*)")'
+                rules.append((DECLARED, _declared(declared, pl)))
         if pods.gpu_memory:
-            rules.append(("service_track:service_gpu_memory_used_bytes:avg",
+            rules.append(("service_version:service_gpu_memory_used_bytes:avg",
                           _sum(_metric(pods.gpu_memory, *pl.present()), pl, op="avg")))  # fmt: skip
     if src.drift is not None and pods is not None:
-        dl = Labels(pods.labels.service, pods.labels.track, pods.labels.namespace, src.drift.by)
+        dl = Labels(pods.labels.service, pods.labels.version, pods.labels.namespace, src.drift.by)
         if src.drift.classes:
             rate = f"rate({_metric(src.drift.classes, *dl.present())}[{cw}])"
-            rules.append((f"{route}:model_prediction_classes:share_rate{cw}",
+            rules.append((f"{ROUTE}:model_prediction_classes:share_rate{cw}",
                           f"{_sum(rate, dl, 'class')}\n/ ignoring (class) group_left ()\n"
                           f"{_sum(rate, dl)}"))  # fmt: skip
         if src.drift.scores:
             buckets = _metric(src.drift.scores + "_bucket", *dl.present())
             everything = _metric(src.drift.scores + "_bucket", *dl.present(), 'le="+Inf"')
-            rules.append((f"{route}:model_prediction_score_bucket:share_rate{cw}",
+            rules.append((f"{ROUTE}:model_prediction_score_bucket:share_rate{cw}",
                           f"{_sum(f'rate({buckets}[{cw}])', dl, 'le')}\n"
                           f"/ ignoring (le) group_left ()\n"
                           f"{_sum(f'rate({everything}[{cw}])', dl)}"))  # fmt: skip
@@ -114,11 +166,11 @@ def _threshold(name: str, by: str = "") -> str:
 
 
 def _role(series: str, role: str) -> str:
-    return f"({series} and {ON_TRACK} service_track:service_{role}:info)"
+    return f"({series} and {ON_VERSION} service_version:service_{role}:info)"
 
 
 def _canary_over_baseline(series: str, op: str = "/") -> str:
-    return (f"{_role(series, 'canary')}\n{op} ignoring (track) group_left ()\n"
+    return (f"{_role(series, 'canary')}\n{op} ignoring (version) group_left ()\n"
             f"{_role(series, 'baseline')}")  # fmt: skip
 
 
@@ -126,12 +178,53 @@ def _sufficient(series: str) -> str:
     least = _threshold(f"service_canary_min_requests_{COMPARE_WINDOW}")
     return (
         f"(\n  {_role(series, 'canary')} >= {least}\n"
-        f"  and ignoring (track)\n  {_role(series, 'baseline')} >= {least}\n) * 0 + 1"
+        f"  and ignoring (version)\n  {_role(series, 'baseline')} >= {least}\n) * 0 + 1"
     )
 
 
+def _as(expr: str, **labels: str) -> str:
+    """`expr` with constant labels set, one label_replace each."""
+    head = "label_replace(" * len(labels)
+    tail = "".join(f', "{name}", "{value}", "", "")' for name, value in labels.items())
+    return f"{head}\n{_indent(expr)},\n{tail.removeprefix(', ')}" if labels else expr
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _tracks() -> str:
+    """service_version:service_track:info: the role (`track`) of every version of a service.
+
+    Declared roles first (a version declared both ways is a canary: never hide one). In a service
+    that declares roles, an undeclared version takes the role nobody declared for it: stable
+    where a canary is declared (plain Istio: the operator names the canary), canary where only
+    stable is. A service that declares nothing falls back to traffic: its busiest version is
+    stable, the others canaries.
+    """
+    or_ = f"\nor on ({VERSION})\n"
+    on_service = "on (namespace, service)"
+    versions = (f"max by ({VERSION}) (\n  service_version:service_requests:increase{COMPARE_WINDOW}"
+                "\n  or service_version:service_pods:count\n)")  # fmt: skip
+    traffic = f"sum by ({VERSION}) (service_version:service_requests:increase{COMPARE_WINDOW})"
+    undeclared = f"(\n{_indent(versions)}\n  unless on ({VERSION}) {DECLARED}\n)"
+    declared = or_.join([
+        f'max by ({VERSION}, track) ({DECLARED}{{track="canary"}})',
+        f'max by ({VERSION}, track) ({DECLARED}{{track="stable"}})',
+        _as(f'{undeclared}\nand {on_service} {DECLARED}{{track="canary"}}', track="stable"),
+        _as(f"{undeclared}\nand {on_service} {DECLARED}", track="canary"),
+    ])  # fmt: skip
+    roles = or_.join([
+        _as(declared, roles_from="declaration"),
+        _as(f"topk by (namespace, service) (1,\n  {traffic}\n  unless {on_service} {DECLARED}\n)",
+            track="stable", roles_from="traffic"),
+        _as(f"{versions}\nunless {on_service} {DECLARED}", track="canary", roles_from="traffic"),
+    ])  # fmt: skip
+    return f"(\n{_indent(roles)}\n) * 0 + 1"
+
+
 def canary_recording_rules() -> list[dict[str, Any]]:
-    w, cw, route = ERROR_WINDOW, COMPARE_WINDOW, "service_track_route"
+    w, cw, route = ERROR_WINDOW, COMPARE_WINDOW, ROUTE
     rules: list[dict[str, Any]] = []
 
     def record(name: str, expr: str, **labels: str) -> None:
@@ -139,52 +232,54 @@ def canary_recording_rules() -> list[dict[str, Any]]:
 
     for name in (f"service_requests:rate{w}", f"service_request_errors:rate{w}",
                  f"service_requests:increase{cw}"):  # fmt: skip
-        record(f"service_track:{name}", f"sum by ({SERVICE}) ({route}:{name})")
+        record(f"service_version:{name}", f"sum by ({SERVICE}) ({route}:{name})")
     record(
-        f"service_track:service_request_error:ratio_rate{w}",
-        f"service_track:service_request_errors:rate{w}\n/\nservice_track:service_requests:rate{w}",
+        f"service_version:service_request_error:ratio_rate{w}",
+        f"service_version:service_request_errors:rate{w}\n/\n"
+        f"service_version:service_requests:rate{w}",
     )
     record(
-        f"service_track:service_requests:increase{w}",
-        f"service_track:service_requests:rate{w} * {ERROR_WINDOW_S}",
+        f"service_version:service_requests:increase{w}",
+        f"service_version:service_requests:rate{w} * {ERROR_WINDOW_S}",
     )
-    # The baseline is the track that carries most of the service's requests; every other track
-    # with requests or pods is a canary.
+    record("service_version:service_track:info", _tracks())
+    # The baseline is the busiest stable version (there is one but while an old one drains);
+    # every canary version with requests or pods is compared with it.
     record(
-        "service_track:service_baseline:info",
-        f"topk by (source, namespace, service) (1, service_track:service_requests:increase{cw})"
-        " * 0 + 1",
+        "service_version:service_baseline:info",
+        f"topk by (source, namespace, service) (1,\n"
+        f"  service_version:service_requests:increase{cw}\n"
+        f'  and on ({VERSION}) service_version:service_track:info{{track="stable"}}\n) * 0 + 1',
     )
     record(
-        "service_track:service_canary:info",
-        f"(\n  (service_track:service_requests:increase{cw}"
-        " or service_track:service_pods:count)\n"
-        f"  unless {ON_TRACK} service_track:service_baseline:info\n"
-        f"  and {ON_SERVICE} service_track:service_baseline:info\n) * 0 + 1",
+        "service_version:service_canary:info",
+        f"(\n  (service_version:service_requests:increase{cw}"
+        " or service_version:service_pods:count)\n"
+        f'  and on ({VERSION}) service_version:service_track:info{{track="canary"}}\n) * 0 + 1',
     )
     record(
         f"{route}:service_canary_comparison:sufficient",
         _sufficient(f"{route}:service_requests:increase{cw}"),
     )
     record(
-        "service_track:service_canary_comparison:sufficient",
-        _sufficient(f"service_track:service_requests:increase{cw}"),
+        "service_version:service_canary_comparison:sufficient",
+        _sufficient(f"service_version:service_requests:increase{cw}"),
     )
     for stat in LATENCY_STATISTICS:
         record(f"{route}:service_request_duration_seconds:canary_over_baseline",
                _canary_over_baseline(f"{route}:service_request_duration_seconds:{stat}_rate{cw}"),
                statistic=stat)  # fmt: skip
     record(
-        "service_track:service_gpu_memory_used_bytes:canary_over_baseline",
-        _canary_over_baseline("service_track:service_gpu_memory_used_bytes:avg"),
+        "service_version:service_gpu_memory_used_bytes:canary_over_baseline",
+        _canary_over_baseline("service_version:service_gpu_memory_used_bytes:avg"),
     )
     # Drift, 0 (same distribution) to 1 (disjoint): total variation distance between the class
-    # shares (a class one track never predicts counts fully), and the largest gap between the
+    # shares (a class one version never predicts counts fully), and the largest gap between the
     # score CDFs (Kolmogorov-Smirnov distance on the buckets).
     classes = f"{route}:model_prediction_classes:share_rate{cw}"
     canary = _role(classes, "canary")
     overlap = (f"sum without (class) (\n  {canary}\n  - clamp_min(\n    {canary}\n"
-               f"    - ignoring (track) group_left ()\n    {_role(classes, 'baseline')},\n"
+               f"    - ignoring (version) group_left ()\n    {_role(classes, 'baseline')},\n"
                f"  0)\n)")  # fmt: skip
     record(
         f"{route}:model_prediction:drift_canary_vs_baseline",
@@ -204,27 +299,30 @@ def _alert(name: str, expr: str, for_: str, severity: str, summary: str, descrip
            **labels: str) -> dict[str, Any]:  # fmt: skip
     return {
         "alert": name, "expr": expr, "for": for_,
-        "labels": {"severity": severity, "role": "canary", **labels},
+        "labels": {k: v for k, v in {"severity": severity, "track": "canary", **labels}.items()
+                   if v},
         "annotations": {"summary": summary, "description": description,
                         "runbook_url": RUNBOOK + name.lower()},
     }  # fmt: skip
 
 
-WHO = "{{ $labels.service }} ({{ $labels.source }}) track {{ $labels.track }}"
+WHO = "{{ $labels.service }} ({{ $labels.source }}) version {{ $labels.version }}"
 
 
 def canary_alerts() -> list[dict[str, Any]]:
-    w, cw, route = ERROR_WINDOW, COMPARE_WINDOW, "service_track_route"
-    canary = f"and {ON_TRACK} service_track:service_canary:info"
+    w, cw, route = ERROR_WINDOW, COMPARE_WINDOW, ROUTE
+    canary = f"and {ON_VERSION} service_version:service_canary:info"
+    baseline = f"and {ON_SERVICE} service_version:service_baseline:info"
+    per_service = "source, namespace, service"
     return [
         # 1% over the last 5 minutes, held for one more minute: the pause. A ratio over 5m
         # rather than `for: 5m` on a short window, so that Poisson noise at canary volumes
         # (10 req/s: 1.5% errors is 9 a minute) cannot reset the clock (docs/rules.md).
         _alert(
             "TrtHeartbeatServiceCanaryErrorRatioHigh",
-            f"service_track:service_request_error:ratio_rate{w}\n"
+            f"service_version:service_request_error:ratio_rate{w}\n"
             f"  > {_threshold('service_canary_error_ratio')}\n{canary}\n"
-            f"and {ON_TRACK}\n  service_track:service_requests:increase{w}\n"
+            f"and {ON_VERSION}\n  service_version:service_requests:increase{w}\n"
             f"    >= {_threshold(f'service_canary_min_requests_{w}')}",
             "1m",
             "critical",
@@ -246,7 +344,7 @@ def canary_alerts() -> list[dict[str, Any]]:
         ),
         _alert(
             "TrtHeartbeatServiceCanaryGpuMemoryHigher",
-            "service_track:service_gpu_memory_used_bytes:canary_over_baseline\n"
+            "service_version:service_gpu_memory_used_bytes:canary_over_baseline\n"
             f"  > {_threshold('service_canary_gpu_memory_ratio')}",
             "10m",
             "warning",
@@ -257,37 +355,57 @@ def canary_alerts() -> list[dict[str, Any]]:
             "TrtHeartbeatServiceCanaryPredictionDrift",
             f"{route}:model_prediction:drift_canary_vs_baseline\n"
             f"  > {_threshold('service_canary_prediction_drift', 'statistic')}\n"
-            f"and {ON_TRACK} service_track:service_canary_comparison:sufficient",
+            f"and {ON_VERSION} service_version:service_canary_comparison:sufficient",
             "10m",
             "warning",
             "The canary's predictions are distributed differently.",
             f"{WHO}, model {{{{ $labels.model }}}}: prediction drift "
             f'({{{{ $labels.statistic }}}}) {{{{ printf "%.2f" $value }}}} over {cw}.',
         ),
-        # Pods of a track, no requests, while the service has traffic: a weight or subset that
+        # A canary's pods, no requests, while the service has traffic: a weight or subset that
         # routes nothing to the canary. Nothing is being tested, whatever the other alerts say.
+        # Stable pods without traffic are normal (after the promotion, before the scale-down).
         _alert(
             "TrtHeartbeatServiceCanaryNoTraffic",
-            f"service_track:service_pods:count\n"
-            f"unless {ON_TRACK} (service_track:service_requests:rate{w} > 0)\n"
-            f"and {ON_SERVICE}\n  (sum by (source, namespace, service) "
-            f"(service_track:service_requests:rate{w}) > 0)",
+            f"service_version:service_pods:count\n{canary}\n"
+            f"unless {ON_VERSION} (service_version:service_requests:rate{w} > 0)\n"
+            f"and {ON_SERVICE}\n  (sum by ({per_service}) "
+            f"(service_version:service_requests:rate{w}) > 0)",
             "10m",
             "warning",
-            "A canary track has pods but receives no requests.",
+            "A canary version has pods but receives no requests.",
             f"{WHO} has {{{{ $value }}}} pods and no requests in {w}, while the service has "
             "traffic: check the traffic split.",
         ),
-        # Said out loud, never a silent pass and never a page.
+        # Said out loud, never a silent pass and never a page. Without a baseline (the stable
+        # version is gone: the rollout is complete) there is nothing to compare.
         _alert(
             "TrtHeartbeatServiceCanaryInsufficientTraffic",
-            f"service_track:service_requests:increase{cw} > 0\n{canary}\n"
-            f"unless {ON_TRACK} service_track:service_canary_comparison:sufficient",
+            f"service_version:service_requests:increase{cw} > 0\n{canary}\n{baseline}\n"
+            f"unless {ON_VERSION} service_version:service_canary_comparison:sufficient",
             "10m",
             "info",
             "Too few requests to compare the canary with the baseline.",
             f"{WHO} served {{{{ $value | humanize }}}} requests in {cw}: too few to compare "
             "latency, drift or GPU memory with the baseline.",
+        ),
+        # Nothing declares the roles and the busiest version carries under 60%: the roles by
+        # traffic may swap with the next weight step (docs/service-canary.md, "Roles").
+        _alert(
+            "TrtHeartbeatServiceRolesFromTraffic",
+            f"max by ({per_service}) (\n  service_version:service_requests:increase{cw}\n"
+            f'  and on ({VERSION}) service_version:service_track:info{{roles_from="traffic", '
+            'track="stable"}\n)\n'
+            f"/ {ON_SERVICE}\n  sum by ({per_service}) "
+            f"(service_version:service_requests:increase{cw})\n"
+            f"  < {_threshold('service_roles_from_traffic_share')}",
+            "5m",
+            "info",
+            "Nothing declares which version is the canary, and the traffic split is near even.",
+            "{{ $labels.service }} ({{ $labels.source }}): the busiest version carries "
+            "{{ $value | humanizePercentage }} of the requests and no rollout declares the "
+            "roles, so stable and canary are guessed from traffic and may swap: declare them.",
+            track="",
         ),
     ]
 

@@ -7,6 +7,8 @@ Everything else (rules, dashboards, the judge) reads a `Source`, never a source'
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -29,37 +31,57 @@ class SourceError(ConfigError):
 @dataclass(frozen=True)
 class Counter:
     metrics: tuple[str, ...]
-    matchers: str = ""
+    matchers: tuple[str, ...] = ("",)  # several sets: each counted once, never overlapping
 
-    def selector(self, *extra: str) -> str:
-        """A series selector for all the counter's names, with the given extra matchers."""
-        parts = [p for p in (self.matchers, *extra) if p]
-        if len(self.metrics) == 1:
-            return self.metrics[0] + "{" + ", ".join(parts) + "}"
-        names = "|".join(self.metrics)
-        return "{" + ", ".join([f'__name__=~"{names}"', *parts]) + "}"
+    def selectors(self, *extra: str) -> list[str]:
+        """One selector per metric name and matcher set, with the given extra matchers."""
+        return [_selector(m, matchers, *extra) for m in self.metrics for matchers in self.matchers]
+
+
+def _selector(metric: str, *matchers: str) -> str:
+    return metric + "{" + ", ".join(m for m in matchers if m) + "}"
+
+
+@dataclass(frozen=True)
+class FromLabel:
+    """A normalised label taken from a source label, whole or through an anchored RE2 regex
+    whose first group is the value (Flagger: `(.+?)(?:-primary)?` strips the primary suffix)."""
+
+    label: str
+    regex: str = ""
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The role a series' version holds, read from one of its labels: values matching `stable`
+    are the stable role, the others matching `canary` the canary."""
+
+    label: str
+    stable: str
+    canary: str
 
 
 @dataclass(frozen=True)
 class Labels:
-    service: str
-    track: str
-    namespace: str = ""
+    service: FromLabel
+    version: FromLabel
+    namespace: FromLabel | None = None
     by: tuple[str, ...] = ()
+    track: Roles | str | None = None  # Roles on request series; a label name on pods
 
-    def renames(self) -> dict[str, str]:
-        """Normalised label -> the source's label, where they differ."""
-        pairs = {"service": self.service, "track": self.track, "namespace": self.namespace}
-        return {k: v for k, v in pairs.items() if v and k != v}
+    def renames(self) -> dict[str, FromLabel]:
+        """Normalised label -> where it comes from, where that is not the label itself."""
+        pairs = {"service": self.service, "version": self.version, "namespace": self.namespace}
+        return {k: v for k, v in pairs.items() if v and (k != v.label or v.regex)}
 
     def present(self) -> tuple[str, ...]:
-        """Matchers that keep only series that say which service and track they belong to."""
-        return (f'{self.service}!=""', f'{self.track}!=""')
+        """Matchers that keep only series that say which service and version they belong to."""
+        return (f'{self.service.label}!=""', f'{self.version.label}!=""')
 
     @property
     def keys(self) -> tuple[str, ...]:
         """The normalised labels series are aggregated to."""
-        return ("namespace",) * bool(self.namespace) + ("service", "track", *self.by)
+        return ("namespace",) * bool(self.namespace) + ("service", "version", *self.by)
 
 
 @dataclass(frozen=True)
@@ -131,22 +153,49 @@ def load(name_or_path: str) -> Source:
     except ConfigError as exc:
         raise SourceError(str(exc)) from None
     for key, node in document.items():
-        bad = bad_matcher(node.get("matchers", "")) if isinstance(node, dict) else None
+        sets = _tuple(node.get("matchers", "")) if isinstance(node, dict) else ()
+        bad = next((b for b in map(bad_matcher, sets) if b is not None), None)
         if bad is not None:
             raise SourceError(f'{path}: {key}.matchers: {bad!r} is not a label matcher like '
                               'name="value"')  # fmt: skip
+    for key, regex in _regexes(document):
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise SourceError(f"{path}: {key}: {regex!r} is not a regular expression ({exc})") from None
     return parse(document, name_or_path)
+
+
+def _regexes(document: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(key path, regex) of every regular expression in a validated source document."""
+    for block in ("labels", "pods"):
+        for name, node in document.get(block, {}).items():
+            if isinstance(node, dict):
+                for field in ("regex", "stable", "canary"):
+                    if field in node:
+                        yield f"{block}.{name}.{field}", node[field]
+
+
+def _tuple(value: str | list[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def parse(doc: dict[str, Any], origin: str = "") -> Source:
     def counter(node: dict[str, Any]) -> Counter:
-        metric = node["metric"]
-        names = (metric,) if isinstance(metric, str) else tuple(metric)
-        return Counter(names, node.get("matchers", ""))
+        return Counter(_tuple(node["metric"]), _tuple(node.get("matchers", "")))
+
+    def label(node: str | dict[str, str]) -> FromLabel:
+        return FromLabel(node) if isinstance(node, str) else FromLabel(**node)
 
     def labels(node: dict[str, Any]) -> Labels:
-        return Labels(node["service"], node["track"], node.get("namespace", ""),
-                      tuple(node.get("by", ())))  # fmt: skip
+        track = node.get("track")
+        return Labels(
+            service=label(node["service"]),
+            version=label(node["version"]),
+            namespace=label(node["namespace"]) if "namespace" in node else None,
+            by=tuple(node.get("by", ())),
+            track=Roles(**track) if isinstance(track, dict) else track,
+        )
 
     pods = doc.get("pods")
     drift = doc.get("drift")

@@ -52,9 +52,9 @@ def variables() -> list[dict[str, Any]]:
 def service_variables() -> list[dict[str, Any]]:
     """Source and service of the rollout guard's rows (normalised series, any source)."""
     return [
-        query_variable("source", "Service source", "service_track:service_requests:rate5m"),
+        query_variable("source", "Service source", "service_version:service_requests:rate5m"),
         query_variable("service", "Service",
-                       'service_track:service_requests:rate5m{source=~"$source"}'),
+                       'service_version:service_requests:rate5m{source=~"$source"}'),
     ]  # fmt: skip
 
 
@@ -303,14 +303,16 @@ def canary() -> dict[str, Any]:
         ("Probe latency p50", "track:trt_heartbeat_probe_duration_seconds:p50_rate5m", "s"),
         ("Probe failure ratio", "track:trt_heartbeat_probe_failure:ratio_rate5m", "percentunit"),
         ("Output deviation from golden (max, 30m)",
-         "track_gpu_model:trt_heartbeat_output_max_abs_error:max30m", "short"),
-        ("Probe worker GPU memory", "track_gpu_model:trt_heartbeat_probe_gpu_memory_bytes:avg",
+         "pool_track:trt_heartbeat_output_max_abs_error:max30m", "short"),
+        ("Probe worker GPU memory", "pool_track:trt_heartbeat_probe_gpu_memory_bytes:avg",
          "bytes"),
-        ("Engine load time", "track_gpu_model:trt_heartbeat_engine_load_duration_seconds:avg",
+        ("Engine load time", "pool_track:trt_heartbeat_engine_load_duration_seconds:avg",
          "s"),
     ]  # fmt: skip
     for title, series, unit in per_track:
-        legend = "{{track}}" + (" {{gpu_model}}" if series.startswith("track_gpu_model") else "")
+        legend = "{{track}}" + (
+            " {{service}} {{backend}} {{gpu_model}}" if series.startswith("pool_track") else ""
+        )
         p.row(title)
         p.add(
             "timeseries",
@@ -328,27 +330,32 @@ def canary() -> dict[str, Any]:
         )
         p.add("timeseries", f"{title}: overlaid", [(f'{series}{{track=~"stable|canary"}}',
                                                      legend)], w=8, unit=unit)  # fmt: skip
-    p.row("Canary against stable, per GPU model (alert thresholds drawn)")
+    p.row("Canary against stable, per pool: service, backend, GPU model (alert thresholds drawn)")
     for title, series, threshold, unit in (
-        ("p99 latency ratio", "gpu_model:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable",
+        ("p99 latency ratio", "pool:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable",
          "canary_latency_ratio", "short"),
-        ("Failure ratio delta", "gpu_model:trt_heartbeat_probe_failure:ratio_canary_minus_stable",
+        ("Failure ratio delta", "pool:trt_heartbeat_probe_failure:ratio_canary_minus_stable",
          "canary_failure_ratio_delta", "percentunit"),
-        ("Output deviation delta", "gpu_model:trt_heartbeat_output_max_abs_error:canary_minus_stable",
+        ("Output deviation delta", "pool:trt_heartbeat_output_max_abs_error:canary_minus_stable",
          "canary_output_deviation_delta", "short"),
-        ("Probe GPU memory ratio", "gpu_model:trt_heartbeat_probe_gpu_memory_bytes:canary_over_stable",
+        ("Probe GPU memory ratio", "pool:trt_heartbeat_probe_gpu_memory_bytes:canary_over_stable",
          "canary_gpu_memory_ratio", "short"),
         ("Engine load time ratio",
-         "gpu_model:trt_heartbeat_engine_load_duration_seconds:canary_over_stable",
+         "pool:trt_heartbeat_engine_load_duration_seconds:canary_over_stable",
          "canary_engine_load_ratio", "short"),
     ):  # fmt: skip
-        p.add("timeseries", title, [(series, "{{gpu_model}}"),
+        p.add("timeseries", title, [(series, "{{service}} {{backend}} {{gpu_model}}"),
                                     (f"trt_heartbeat:threshold:{threshold}", "alert threshold")],
               w=8, unit=unit)  # fmt: skip
     p.add(
         "timeseries",
         "Verdict possible (1 = enough probes on both tracks)",
-        [("gpu_model:trt_heartbeat_canary_comparison:sufficient", "{{gpu_model}}")],
+        [
+            (
+                "pool:trt_heartbeat_canary_comparison:sufficient",
+                "{{service}} {{backend}} {{gpu_model}}",
+            )
+        ],
         w=8,
     )
     p.row("Samples and versions")
@@ -356,7 +363,10 @@ def canary() -> dict[str, Any]:
         "timeseries",
         "Probes per track in 30m (verdicts need the threshold on both)",
         [
-            ("track_gpu_model:trt_heartbeat_probes:increase30m", "{{track}} {{gpu_model}}"),
+            (
+                "pool_track:trt_heartbeat_probes:increase30m",
+                "{{track}} {{service}} {{backend}} {{gpu_model}}",
+            ),
             ("trt_heartbeat:threshold:canary_min_probes", "minimum"),
         ],
         w=12,
@@ -381,6 +391,7 @@ def canary() -> dict[str, Any]:
 
 
 SVC = 'source=~"$source",service=~"$service"'
+ROLES = 'service=~"$service"'  # roles belong to a version, whatever the source
 
 
 def service_rows(p: Panels) -> None:
@@ -391,8 +402,8 @@ def service_rows(p: Panels) -> None:
         "Traffic split per version",
         [
             (
-                f"sum by (service, track) (service_track:service_requests:rate5m{{{SVC}}})",
-                "{{service}} {{track}}",
+                f"sum by (service, version) (service_version:service_requests:rate5m{{{SVC}}})",
+                "{{service}} {{version}}",
             )
         ],
         w=8,
@@ -403,7 +414,10 @@ def service_rows(p: Panels) -> None:
         "timeseries",
         "Error ratio per version (5m) and the pause threshold",
         [
-            (f"service_track:service_request_error:ratio_rate5m{{{SVC}}}", "{{service}} {{track}}"),
+            (
+                f"service_version:service_request_error:ratio_rate5m{{{SVC}}}",
+                "{{service}} {{version}}",
+            ),
             ("trt_heartbeat:threshold:service_canary_error_ratio", "pause above"),
         ],
         w=8,
@@ -414,10 +428,10 @@ def service_rows(p: Panels) -> None:
     )
     p.add(
         "table",
-        "Versions: baseline and canaries",
+        "Versions: role (track), where it comes from, and the baseline",
         [
-            (f"service_track:service_baseline:info{{{SVC}}}", "baseline"),
-            (f"service_track:service_canary:info{{{SVC}}}", "canary"),
+            (f"service_version:service_track:info{{{ROLES}}}", "role"),
+            (f"service_version:service_baseline:info{{{SVC}}}", "baseline"),
         ],
         w=8,
         instant=True,
@@ -428,12 +442,12 @@ def service_rows(p: Panels) -> None:
         "Request latency p50 and p99 per version (10m)",
         [
             (
-                f"service_track_route:service_request_duration_seconds:p99_rate10m{{{SVC}}}",
-                "p99 {{service}} {{track}}",
+                f"service_version_route:service_request_duration_seconds:p99_rate10m{{{SVC}}}",
+                "p99 {{service}} {{version}}",
             ),
             (
-                f"service_track_route:service_request_duration_seconds:p50_rate10m{{{SVC}}}",
-                "p50 {{service}} {{track}}",
+                f"service_version_route:service_request_duration_seconds:p50_rate10m{{{SVC}}}",
+                "p50 {{service}} {{version}}",
             ),
         ],
         w=8,
@@ -444,8 +458,8 @@ def service_rows(p: Panels) -> None:
         "Canary / baseline latency, with the alert thresholds",
         [
             (
-                f"service_track_route:service_request_duration_seconds:canary_over_baseline{{{SVC}}}",
-                "{{service}} {{track}} {{statistic}}",
+                f"service_version_route:service_request_duration_seconds:canary_over_baseline{{{SVC}}}",
+                "{{service}} {{version}} {{statistic}}",
             ),
             ("trt_heartbeat:threshold:service_canary_latency_ratio", "threshold {{statistic}}"),
         ],
@@ -454,20 +468,30 @@ def service_rows(p: Panels) -> None:
     p.add(
         "timeseries",
         "Comparison possible (1 = enough requests on both versions)",
-        [(f"service_track:service_canary_comparison:sufficient{{{SVC}}}", "{{service}} {{track}}")],
+        [
+            (
+                f"service_version:service_canary_comparison:sufficient{{{SVC}}}",
+                "{{service}} {{version}}",
+            )
+        ],
         w=8,
         description="No line: too few requests for latency, drift or memory verdicts.",
     )
     p.add(
         "timeseries",
         "GPU memory in use per version",
-        [(f"service_track:service_gpu_memory_used_bytes:avg{{{SVC}}}", "{{service}} {{track}}")],
+        [
+            (
+                f"service_version:service_gpu_memory_used_bytes:avg{{{SVC}}}",
+                "{{service}} {{version}}",
+            )
+        ],
         w=12,
         unit="bytes",
     )
     p.add("timeseries", "Prediction drift, canary against baseline (0 same, 1 disjoint)",
-          [(f"service_track_route:model_prediction:drift_canary_vs_baseline{{{SVC}}}",
-            "{{service}} {{track}} {{model}} {{statistic}}"),
+          [(f"service_version_route:model_prediction:drift_canary_vs_baseline{{{SVC}}}",
+            "{{service}} {{version}} {{model}} {{statistic}}"),
            ("trt_heartbeat:threshold:service_canary_prediction_drift", "threshold {{statistic}}")],
           w=12)  # fmt: skip
 

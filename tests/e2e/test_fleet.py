@@ -302,8 +302,8 @@ def test_fleet_end_to_end(stack: Stack) -> None:
     wait_for(lambda: len(stack.query("trt_heartbeat_up == 1")) == 4, timeout=60)
     ratio = wait_for(
         lambda: stack.query(
-            "gpu_model:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable"
-            " and on (gpu_model) gpu_model:trt_heartbeat_canary_comparison:sufficient"
+            "pool:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable"
+            " and on (namespace, service, backend, gpu_model) pool:trt_heartbeat_canary_comparison:sufficient"
         ),
         timeout=90,
         what="canary comparison",

@@ -162,7 +162,9 @@ def load(name_or_path: str) -> Source:
         try:
             re.compile(regex)
         except re.error as exc:
-            raise SourceError(f"{path}: {key}: {regex!r} is not a regular expression ({exc})") from None
+            raise SourceError(
+                f"{path}: {key}: {regex!r} is not a regular expression ({exc})"
+            ) from None
     return parse(document, name_or_path)
 
 

@@ -111,7 +111,7 @@ def test_an_equal_canary_passes(prometheus: str) -> None:
 
 def test_a_slowed_canary_fails_on_latency(prometheus: str) -> None:
     code, report = judge(prometheus, "slowed")
-    assert (code, report["verdict"]) == (2, "fail")
+    assert (code, report["verdict"]) == (5, "fail")
     latency = checks(report)["latency"]
     assert latency["verdict"] == "fail"
     # Half the canary still shares the baseline's bucket (1-2.5 ms): a large effect, not A=1.
@@ -137,7 +137,7 @@ def test_a_canary_that_only_got_noisier_is_caught(prometheus: str) -> None:
     c = checks(report)
     assert c["latency"]["verdict"] == "pass"  # the median did not move...
     assert c["latency_dispersion"]["verdict"] == "fail"  # ...but the spread did
-    assert (code, report["verdict"]) == (2, "fail")
+    assert (code, report["verdict"]) == (5, "fail")
 
 
 def test_a_canary_with_the_same_median_and_a_doubled_spread_is_not_passed(
@@ -174,7 +174,7 @@ def test_a_canary_failing_more_often_fails(prometheus: str) -> None:
     failures = checks(report)["failures"]
     assert failures["verdict"] == "fail" and failures["canary"]["events"] >= 40
     assert failures["baseline"]["events"] == 0
-    assert (code, report["verdict"]) == (2, "fail")
+    assert (code, report["verdict"]) == (5, "fail")
 
 
 def test_a_single_wrong_answer_is_marginal(prometheus: str) -> None:
@@ -188,7 +188,7 @@ def test_a_canary_holding_twice_the_gpu_memory_fails(prometheus: str) -> None:
     code, report = judge(prometheus, "memory")
     memory = checks(report)["gpu_memory"]
     assert memory["verdict"] == "fail" and memory["statistic"]["ratio"] > 1.9
-    assert code == 2
+    assert code == 5
 
 
 def test_a_gpu_model_without_baseline_is_inconclusive(prometheus: str) -> None:
@@ -208,7 +208,7 @@ def test_table_output_and_plot(prometheus: str, tmp_path: Path) -> None:
     plot = tmp_path / "verdict.png"
     result = cli("canary-judge", "--prometheus", prometheus, "--window", WINDOW, "--at",
                  str(END), "--selector", 'scenario="slowed"', "--plot", str(plot))  # fmt: skip
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 5, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "canary-judge: FAIL (roll back)"
     row = next(line for line in lines if line.startswith("H100") and " latency " in line)
@@ -310,7 +310,7 @@ def test_argo_job_is_a_valid_kubernetes_job() -> None:
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
 
 
-@pytest.mark.parametrize(("scenario", "code"), [("equal", 0), ("slowed", 2), ("few", 3)])
+@pytest.mark.parametrize(("scenario", "code"), [("equal", 0), ("slowed", 5), ("few", 3)])
 def test_argo_job_command_judges(prometheus: str, scenario: str, code: int) -> None:
     argo = _argo_job()
     args = {**argo["defaults"], "prometheus-address": prometheus,
@@ -334,7 +334,10 @@ def _flagger_hooks() -> dict[str, str]:
     ("hook", "scenario", "passes"),
     [("rollout", "slowed", False), ("rollout", "few", True), ("rollout", "equal", True),
      ("confirm-promotion", "equal", True), ("confirm-promotion", "few", False),
-     ("confirm-promotion", "wrong", False)],
+     ("confirm-promotion", "wrong", False),
+     # A typo in the hook is bad input (exit 2): it never counts as a failed check (that would
+     # roll the canary back), and it holds the promotion until someone fixes the hook.
+     ("rollout", "typo", True), ("confirm-promotion", "typo", False)],
 )  # fmt: skip
 def test_flagger_hooks_gate_as_documented(
     prometheus: str, hook: str, scenario: str, passes: bool
@@ -343,9 +346,13 @@ def test_flagger_hooks_gate_as_documented(
            .replace("http://prometheus-operated.monitoring.svc:9090", prometheus)
            .replace('{namespace="inference"}', f'{{scenario="{scenario}"}}')
            .replace("--window 30m", f"--window 30m --at {END}"))  # fmt: skip
+    if scenario == "typo":
+        cmd = cmd.replace("--window 30m", "--window 30mins")
     env = cli_env()
     # The console script, as `pip install` puts it on PATH in the load tester image.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
     result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env,
                             timeout=60)  # fmt: skip
     assert (result.returncode == 0) is passes, result.stdout + result.stderr
+    if scenario == "typo":
+        assert "Error: --window" in result.stderr, result.stderr

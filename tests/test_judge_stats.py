@@ -189,3 +189,33 @@ def test_thresholds_defaults_equal_the_rule_pack() -> None:
         value = float(rule["expr"].removeprefix("vector(").removesuffix(")"))
         recorded[(name, rule.get("labels", {}).get("statistic", ""))] = value
     assert {k: recorded[k] for k in DEFAULTS} == DEFAULTS
+
+
+def _binned(samples: list[float]) -> list[float]:
+    counts = [0.0] * len(BOUNDS)
+    for x in samples:
+        counts[next(i for i, bound in enumerate(BOUNDS) if x <= bound)] += 1
+    return counts
+
+
+def test_the_tail_check_promotes_an_identical_canary_and_holds_a_slower_tail() -> None:
+    # Backfilled ground truth: both tracks drawn from one distribution, 540 probes each (30 min
+    # of three GPUs at 10 s): the old rule held it as marginal on a wide interval. Now a pass,
+    # and a canary whose every probe is 1.7x slower (p99 ratio over 1.5) is not.
+    rng = random.Random(7)
+    draw = [rng.lognormvariate(math.log(0.004), 0.35) for _ in range(1080)]
+    baseline, canary = _binned(draw[:540]), _binned(draw[540:])
+    same = tail_check(BOUNDS, canary, baseline, LIMIT, 0.01, True, "", "q")
+    assert same.verdict == "pass", same.reason
+    slower = tail_check(BOUNDS, _binned([x * 1.7 for x in draw[540:]]), baseline, LIMIT, 0.01,
+                        True, "", "q")  # fmt: skip
+    assert slower.statistic["p99_ratio"] > LIMIT
+    assert slower.verdict in ("fail", "marginal"), slower.reason
+
+
+def test_the_tail_check_says_when_the_sample_cannot_show_a_tail() -> None:
+    base = [0.0, 5.0, 40.0, 5.0, 0.0, 0.0, 0.0, 0.0]  # 50 probes: 0.5 expected beyond p99
+    check = tail_check(BOUNDS, base, base, LIMIT, 0.01, True, "", "q")
+    assert check.verdict == "pass"
+    assert "too few probes to see a p99 tail: 50, need 500" in check.reason
+    assert "p90 tail" not in check.reason

@@ -153,11 +153,14 @@ group_eval_order: [trt-heartbeat-thresholds, trt-heartbeat-service-source-{name}
 tests:
   - interval: 1m
     input_series:
-      - series: 'istio_requests_total{{reporter="destination",{label}="{stable}",{ns}="prod",response_code="200"}}'
+      - series: 'istio_requests_total{{reporter="destination",{label}="{stable}",{ns}="prod",
+          response_code="200"}}'
         values: '0+4800x20'
-      - series: 'istio_requests_total{{reporter="destination",{label}="{canary}",{ns}="prod",response_code="200"}}'
+      - series: 'istio_requests_total{{reporter="destination",{label}="{canary}",{ns}="prod",
+          response_code="200"}}'
         values: '0+7200x9 72000+6840x10'
-      - series: 'istio_requests_total{{reporter="destination",{label}="{canary}",{ns}="prod",response_code="503"}}'
+      - series: 'istio_requests_total{{reporter="destination",{label}="{canary}",{ns}="prod",
+          response_code="503"}}'
         values: '0x9 360+360x10'
     alert_rule_test:
       - {{eval_time: 9m, alertname: TrtHeartbeatServiceCanaryErrorRatioHigh, exp_alerts: []}}

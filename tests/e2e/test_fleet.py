@@ -303,7 +303,8 @@ def test_fleet_end_to_end(stack: Stack) -> None:
     ratio = wait_for(
         lambda: stack.query(
             "pool:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable"
-            " and on (namespace, service, backend, gpu_model) pool:trt_heartbeat_canary_comparison:sufficient"
+            " and on (namespace, service, backend, gpu_model)"
+            " pool:trt_heartbeat_canary_comparison:sufficient"
         ),
         timeout=90,
         what="canary comparison",

@@ -233,7 +233,7 @@ def test_canary_judge_on_the_service_traffic(guard: Guard) -> None:
     assert checks["latency"]["verdict"] == "fail", checks["latency"]
     assert checks["errors"]["verdict"] == "pass"
     assert checks["prediction_drift"]["verdict"] == "pass"
-    assert (code, report["verdict"]) == (2, "fail")
+    assert (code, report["verdict"]) == (5, "fail")
 
     code, report = judge(guard, "quiet")
     assert (code, report["verdict"]) == (3, "inconclusive")

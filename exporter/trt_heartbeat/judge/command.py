@@ -164,9 +164,10 @@ def canary_judge(
     and wrong outputs, and comparisons of output deviation, probe GPU memory and engine load time.
     With --service, the service's own traffic per route: the error ratio against the rule pack's
     bound and the baseline, request latency (rank test and tail ratios), prediction drift and
-    GPU memory per version. Exit code: 0 pass, 1 marginal, 2 fail, 3 inconclusive (too few probes
-    or requests, no baseline); 2 also for bad flags or a --service that matches nothing (with one
-    error line, no report), 4 when Prometheus cannot be asked or the plot cannot be written.
+    GPU memory per version. Exit code: 0 pass, 1 marginal, 3 inconclusive (too few probes or
+    requests, no baseline), 5 fail; 2 bad input only (bad flags, a source file that is not valid,
+    a --service that matches nothing: one error line, no report), never a verdict; 4 when
+    Prometheus cannot be asked or the plot cannot be written.
     """
     from . import prometheus, queries, report, thresholds
     from . import service as traffic
@@ -198,7 +199,7 @@ def canary_judge(
     if canary == baseline:
         raise BadInput("--canary and --baseline must name different tracks")
     ctx = click.get_current_context()
-    # The service's versions are found by traffic unless the tracks were named.
+    # The service's roles come from the rule pack unless the versions were named.
     named = {p: ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
              for p in ("canary", "baseline")}  # fmt: skip
     try:
@@ -216,7 +217,8 @@ def canary_judge(
             sobs = traffic.observe(client, sscope)
             strata, why = traffic.judge(sobs, sscope, limits, alpha)
             details = {"source": source.origin, "service": service, "canary": sobs.canary,
-                       "baseline": sobs.baseline, "requests": sobs.traffic}  # fmt: skip
+                       "baseline": sobs.baseline, "roles_from": sobs.roles_from,
+                       "requests": sobs.traffic}  # fmt: skip
             parts.append(Part("service", strata, why, [], details))
     except traffic.NoServiceSeries as exc:
         raise BadInput(str(exc)) from exc

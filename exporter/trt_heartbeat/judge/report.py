@@ -103,7 +103,8 @@ def _part_scope(part: Part, j: Judgement) -> str:
                 f"selector {{{s.selector}}}")  # fmt: skip
     d = part.details
     return (f"service {d.get('service')!r} ({d.get('source')}): version "
-            f"{d.get('canary') or '-'!r} against {d.get('baseline')!r}")  # fmt: skip
+            f"{d.get('canary') or '-'!r} against {d.get('baseline')!r} (roles from "
+            f"{d.get('roles_from')})")  # fmt: skip
 
 
 def _strata(part: Part, key: str) -> list[dict[str, Any]]:

@@ -2,8 +2,11 @@
 memory per version, read through a source (service/source.py), compared per route (the
 source's `by` labels, e.g. Triton's model).
 
-The baseline is the version that served the most requests in the window unless --baseline names
-it; the canary is the busiest other version unless --canary names it.
+Roles come from the rule pack, as the alerts see them: `service_version:service_track:info` says
+which version is the canary and which are stable (declared by the rollout, or by traffic where
+nothing declares them); the baseline is the busiest stable version. Without those series (the
+pack is not loaded) the busiest version is the baseline and the report says so. --canary and
+--baseline name the versions outright.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from ..errors import HeartbeatError
 from ..promql import quote
-from ..service.source import Source
+from ..service.source import Counter, Source
 from . import stats
 from .prometheus import PrometheusClient
 from .queries import bins, duration
@@ -43,7 +46,7 @@ class ServiceScope:
 
     def requests(self, selector: str, *extra: str) -> str:
         """`selector` narrowed to this service, the user's matchers and `extra`."""
-        parts = [selector.rstrip("}"), f"{self.source.labels.service}={quote(self.service)}",
+        parts = [selector.rstrip("}"), f"{self.source.labels.service.label}={quote(self.service)}",
                  self.selector, *extra]  # fmt: skip
         head, _, first = parts[0].partition("{")
         body = ", ".join(p for p in [first, *parts[1:]] if p)
@@ -61,7 +64,8 @@ Route = str  # "model=resnet" or ALL
 class ServiceObservations:
     canary: str = ""
     baseline: str = ""
-    traffic: dict[str, float] = field(default_factory=dict)  # track -> requests
+    roles_from: str = ""  # declaration, traffic, the command line, or traffic without the pack
+    traffic: dict[str, float] = field(default_factory=dict)  # version -> requests
     requests: dict[tuple[Route, str], float] = field(default_factory=dict)
     errors: dict[tuple[Route, str], float] = field(default_factory=dict)
     bounds: list[float] = field(default_factory=list)
@@ -85,30 +89,61 @@ def _increase(client: PrometheusClient, scope: ServiceScope, selector: str, by: 
     return client.query(f"sum by ({by}) (increase({selector}{scope.range}))", at)
 
 
+def _counter(client: PrometheusClient, scope: ServiceScope, counter: Counter, by: str,
+             version: str) -> tuple[dict[tuple[Route, str], float], str]:  # fmt: skip
+    """A counter's increase per (route, version), its parts (names x matcher sets) added up."""
+    by_route = scope.source.labels.by
+    totals: dict[tuple[Route, str], float] = defaultdict(float)
+    selectors = [scope.requests(sel, f'{version}!=""') for sel in counter.selectors()]
+    for selector in selectors:
+        for s in _increase(client, scope, selector, by, scope.at):
+            totals[(_route(s.labels, by_route), s.labels[version])] += s.values[0][1]
+    promql = " + ".join(f"sum by ({by}) (increase({sel}{scope.range}))" for sel in selectors)
+    return dict(totals), promql
+
+
+def _roles(client: PrometheusClient, scope: ServiceScope) -> dict[str, tuple[str, str]]:
+    """version -> (track, where the role comes from), as the rule pack records them."""
+    expr = f"service_version:service_track:info{{service={quote(scope.service)}}}"
+    return {s.labels["version"]: (s.labels.get("track", ""), s.labels.get("roles_from", ""))
+            for s in client.query(expr, scope.at)}  # fmt: skip
+
+
 def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservations:
     src, lab, obs = scope.source, scope.source.labels, ServiceObservations()
-    by = ", ".join([lab.track, *lab.by])
-    requests = scope.requests(src.requests.selector(), f'{lab.track}!=""')
-    obs.promql["requests"] = f"sum by ({by}) (increase({requests}{scope.range}))"
-    for s in _increase(client, scope, requests, by, scope.at):
-        track = s.labels[lab.track]
-        obs.requests[(_route(s.labels, lab.by), track)] = s.values[0][1]
-        obs.traffic[track] = obs.traffic.get(track, 0.0) + s.values[0][1]
+    if lab.service.regex or lab.version.regex:
+        raise NoServiceSeries(
+            f"--source: {src.origin} derives its service or version label with a regex, which "
+            "canary-judge does not read; judge it from the rule pack's recorded series "
+            "(docs/service-canary.md)"
+        )
+    version = lab.version.label
+    by = ", ".join([version, *lab.by])
+    obs.requests, obs.promql["requests"] = _counter(client, scope, src.requests, by, version)
+    for (_, v), n in obs.requests.items():
+        obs.traffic[v] = obs.traffic.get(v, 0.0) + n
     if not obs.traffic:
         raise NoServiceSeries(
             f"--service: no {' or '.join(src.requests.metrics)} series of service "
-            f"{scope.service!r} ({lab.service}) with a {lab.track} label in the "
+            f"{scope.service!r} ({lab.service.label}) with a {version} label in the "
             f"{duration(scope.window)} before the window's end (source {src.origin})"
         )
-    busiest = sorted(obs.traffic, key=lambda t: -obs.traffic[t])
-    obs.baseline = scope.baseline or busiest[0]
-    others = [t for t in busiest if t != obs.baseline]
+    busiest = sorted(obs.traffic, key=lambda v: -obs.traffic[v])
+    roles = _roles(client, scope)
+    stable = [v for v in busiest if roles.get(v, ("",))[0] == "stable"]
+    canaries = [v for v in busiest if roles.get(v, ("",))[0] == "canary"]
+    if scope.canary or scope.baseline:
+        obs.roles_from = "the command line"
+    elif stable and canaries:
+        obs.roles_from = roles[canaries[0]][1]
+    else:
+        obs.roles_from = "traffic (no service_version:service_track:info series: rule pack?)"
+        stable, canaries = busiest[:1], busiest[1:]
+    obs.baseline = scope.baseline or (stable or busiest)[0]
+    others = [v for v in canaries or busiest if v != obs.baseline]
     obs.canary = scope.canary or (others[0] if others else "")
 
-    errors = scope.requests(src.errors.selector(), f'{lab.track}!=""')
-    obs.promql["errors"] = f"sum by ({by}) (increase({errors}{scope.range}))"
-    for s in _increase(client, scope, errors, by, scope.at):
-        obs.errors[(_route(s.labels, lab.by), s.labels[lab.track])] = s.values[0][1]
+    obs.errors, obs.promql["errors"] = _counter(client, scope, src.errors, by, version)
 
     lat = src.latency
     if lat.histogram:
@@ -116,7 +151,7 @@ def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservation
         obs.promql["latency"] = f"sum by ({by}, le) (increase({buckets}{scope.range}))"
         cumulative: dict[tuple[Route, str], dict[float, float]] = defaultdict(dict)
         for s in _increase(client, scope, buckets, f"{by}, le", scope.at):
-            key = (_route(s.labels, lab.by), s.labels[lab.track])
+            key = (_route(s.labels, lab.by), s.labels[version])
             cumulative[key][float(s.labels["le"]) * lat.scale] = s.values[0][1]
         obs.bounds, obs.buckets = bins(cumulative)
     else:
@@ -124,7 +159,7 @@ def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservation
         for name, metric in (("sum", lat.sum), ("count", lat.count)):
             selector = scope.requests(f"{metric}{{{lat.matchers}}}")
             obs.promql[f"latency_{name}"] = f"sum by ({by}) (increase({selector}{scope.range}))"
-            per[name] = {(_route(s.labels, lab.by), s.labels[lab.track]): s.values[0][1]
+            per[name] = {(_route(s.labels, lab.by), s.labels[version]): s.values[0][1]
                          for s in _increase(client, scope, selector, by, scope.at)}  # fmt: skip
         obs.mean = {k: v * lat.scale / per["count"][k] for k, v in per["sum"].items()
                     if per["count"].get(k, 0) > 0}  # fmt: skip
@@ -137,10 +172,11 @@ def _observe_pods(client: PrometheusClient, scope: ServiceScope, obs: ServiceObs
     if pods is None:
         return
     pl = pods.labels
-    in_service = f'{pl.service}={quote(scope.service)}, {pl.track}!=""'
+    version = pl.version.label
+    in_service = f'{pl.service.label}={quote(scope.service)}, {version}!=""'
     drift = src.drift
     if drift is not None:
-        by = ", ".join([pl.track, *drift.by])
+        by = ", ".join([version, *drift.by])
         if drift.classes:
             obs.drift_kind, selector, label = "classes", f"{drift.classes}{{{in_service}}}", "class"
         else:
@@ -148,13 +184,13 @@ def _observe_pods(client: PrometheusClient, scope: ServiceScope, obs: ServiceObs
             obs.drift_kind = "scores"
         obs.promql["drift"] = f"sum by ({by}, {label}) (increase({selector}{scope.range}))"
         for s in _increase(client, scope, selector, f"{by}, {label}", scope.at):
-            key = (_route(s.labels, drift.by), s.labels[pl.track])
+            key = (_route(s.labels, drift.by), s.labels[version])
             obs.drift.setdefault(key, {})[s.labels.get(label, "")] = s.values[0][1]
     if pods.gpu_memory:
         expr = f"max_over_time({pods.gpu_memory}{{{in_service}}}{scope.range})"
         obs.promql["gpu_memory"] = expr
         for s in client.query(expr, scope.at):
-            obs.memory.setdefault((ALL, s.labels[pl.track]), []).append(s.values[0][1])
+            obs.memory.setdefault((ALL, s.labels[version]), []).append(s.values[0][1])
 
 
 # --- checks -----------------------------------------------------------------------------------

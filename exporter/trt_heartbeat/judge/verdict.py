@@ -17,9 +17,12 @@ from .thresholds import Key
 
 PASS, MARGINAL, FAIL, INCONCLUSIVE, SKIPPED = "pass", "marginal", "fail", "inconclusive", "skipped"
 SEVERITY = {SKIPPED: -1, PASS: 0, INCONCLUSIVE: 1, MARGINAL: 2, FAIL: 3}
-EXIT_CODES = {PASS: 0, MARGINAL: 1, FAIL: 2, INCONCLUSIVE: 3}
+# 2 is bad input in every command (click's usage errors too); a verdict never exits 2, so a typo
+# in a rollout hook is never taken for a failed canary. 4: Prometheus could not be asked.
+EXIT_CODES = {PASS: 0, MARGINAL: 1, INCONCLUSIVE: 3, FAIL: 5}
 
 FAILURE_RESULTS = ("error", "timeout")
+TAIL_SEEN = 5  # observations expected beyond a quantile before the sample shows that tail
 MiB = 1 << 20
 
 
@@ -330,25 +333,40 @@ def tail_check(bounds: list[float], canary: list[float], baseline: list[float], 
                alpha: float, enough: bool, too_few: str, promql: str) -> Check:  # fmt: skip
     """p90 and p99 ratios with intervals against the rule pack's ratio limit.
 
-    Fail when the whole interval of either ratio lies above the limit, marginal when an interval
-    reaches above it, pass when both lie below. The point estimates are what the rule pack's
-    alert compares, so a window on which the alert would fire is never a pass.
+    Decided on evidence: fail when the whole interval of a ratio lies above the limit; hold
+    (marginal) when a point estimate is above it, the comparison the rule pack's alert makes, so
+    a window the alert would fire on is never a pass; pass when every point estimate is at or
+    under it. A quantile with fewer than TAIL_SEEN observations expected beyond it is a tail the
+    sample cannot show: the reason says so, and it never fails on its own.
     """
     ratios = [stats.quantile_ratio(q, bounds, canary, baseline, alpha) for q in (0.9, 0.99)]
     side = {f"p{r.q * 100:g}_seconds": r.canary for r in ratios}
     base = {f"p{r.q * 100:g}_seconds": r.baseline for r in ratios}
     statistic: dict[str, Any] = {f"p{r.q * 100:g}_ratio": r.ratio for r in ratios}
     statistic |= {f"p{r.q * 100:g}_ratio_interval": [r.low, r.high] for r in ratios}
-    rule = (f"fail if a p90/p99 ratio's interval lies above {limit:g}; marginal if it reaches "
-            f"above {limit:g}")  # fmt: skip
+    n = min(sum(canary), sum(baseline))
+    need = {r.q: math.ceil(round(TAIL_SEEN / (1 - r.q), 6)) for r in ratios}
+    seen = {r.q: n >= need[r.q] for r in ratios}
+    rule = (f"fail if a p90/p99 ratio's interval lies above {limit:g}; marginal if a ratio is "
+            f"above {limit:g}; a quantile needs {TAIL_SEEN} observations beyond it to be judged "
+            "alone")  # fmt: skip
     if not enough:
         verdict, reason = INCONCLUSIVE, too_few
     elif any(math.isnan(r.ratio) for r in ratios):
         verdict, reason = INCONCLUSIVE, "no latency observed on one of the tracks"
     else:
-        worst = max(ratios, key=lambda r: (r.low > limit, r.high > limit, r.ratio))
-        verdict = FAIL if worst.low > limit else MARGINAL if worst.high > limit else PASS
-        reason = "; ".join(f"p{r.q * 100:g} ratio {r.ratio:.2f} [{r.low:.2f}, {r.high:.2f}]"
-                           for r in ratios)  # fmt: skip
+        if any(seen[r.q] and r.low > limit for r in ratios):
+            verdict = FAIL
+        elif any(r.ratio > limit for r in ratios):
+            verdict = MARGINAL
+        else:
+            verdict = PASS
+        reason = "; ".join(
+            f"p{r.q * 100:g} ratio {r.ratio:.2f} [{r.low:.2f}, {r.high:.2f}]"
+            + ("" if seen[r.q] else
+               f" (too few probes to see a p{r.q * 100:g} tail: {int(n)}, need "
+               f"{need[r.q]})")
+            for r in ratios
+        )  # fmt: skip
     return Check("latency_tail", "p90/p99 ratio with order-statistic intervals on the buckets",
                  verdict, reason, side, base, statistic, rule, promql)  # fmt: skip

@@ -1,9 +1,12 @@
 """A stand-in inference service for the end-to-end tests: pods that serve no real requests but
 export what Istio's sidecar and the service itself would, with prometheus_client.
 
-Each pod simulates Poisson request arrivals at `rps`, fails each with probability `errors`
-(`errors_after` replaces it `step_after` seconds after start; the step's Unix time is written to
-`<pod>.step`), draws latencies from a log-normal and predicts classes with fixed shares. Usage:
+Each pod simulates Poisson request arrivals at `rps` (or by `schedule`: [[seconds after start,
+rps], ...], a rollout's weight steps), fails each with probability `errors` (`errors_after`
+replaces it `step_after` seconds after start; the step's Unix time is written to `<pod>.step`),
+draws latencies from a log-normal and predicts classes with fixed shares. `kind: triton` pods
+export what Triton does instead of Istio's metrics (success and failure counters without a
+`reason` label, latency as a sum). Usage:
     python fake_service.py CONFIG.json    # {"pods": [{...}, ...], "dir": "..."}
 """
 
@@ -30,18 +33,34 @@ class Pod:
         self.spec, self.dir = spec, directory
         self.rng = random.Random(spec.get("seed", spec["port"]))
         registry = CollectorRegistry(auto_describe=False)
-        dest = {
-            "reporter": "destination",
-            "destination_canonical_service": spec["service"],
-            "destination_canonical_revision": spec["version"],
-            "destination_service_namespace": spec.get("namespace", "prod"),
-            "destination_workload": f"{spec['service']}-{spec['version']}",
-        }
-        self.labels = dest
-        self.requests = Counter("istio_requests_total", "Requests.", [*dest, "response_code"],
-                                registry=registry)  # fmt: skip
-        self.latency = Histogram("istio_request_duration_milliseconds", "Latency.", list(dest),
-                                 buckets=MS_BUCKETS, registry=registry)  # fmt: skip
+        self.triton = spec.get("kind") == "triton"
+        if self.triton:
+            # Triton's own labels only: service, version and role come from the pod (relabeling).
+            self.labels = {"model": "resnet", "version": "1"}
+            names = list(self.labels)
+            self.success = Counter("nv_inference_request_success", "OK.", names, registry=registry)
+            self.failure = Counter("nv_inference_request_failure", "Failed.", names,
+                                   registry=registry)  # fmt: skip
+            self.count = Counter("nv_inference_count", "Inferences.", names, registry=registry)
+            self.duration = Counter("nv_inference_request_duration_us", "Latency sum.", names,
+                                    registry=registry)  # fmt: skip
+            for counter in (self.success, self.failure, self.count, self.duration):
+                counter.labels(*self.labels.values())
+        else:
+            dest = {
+                "reporter": "destination",
+                "destination_canonical_service": spec["service"],
+                "destination_canonical_revision": spec["version"],
+                "destination_service_namespace": spec.get("namespace", "prod"),
+                "destination_workload": f"{spec['service']}-{spec['version']}",
+            }
+            self.labels = dest
+            self.requests = Counter("istio_requests_total", "Requests.", [*dest, "response_code"],
+                                    registry=registry)  # fmt: skip
+            self.latency = Histogram("istio_request_duration_milliseconds", "Latency.",
+                                     list(dest), buckets=MS_BUCKETS, registry=registry)  # fmt: skip
+            for code in ("200", "503"):
+                self.requests.labels(*dest.values(), code)
         # The drift contract (docs/service-canary.md), as the service itself would export it.
         self.classes = Counter("model_predictions", "Predictions per class.", ["model", "class"],
                                registry=registry)  # fmt: skip
@@ -49,31 +68,43 @@ class Pod:
                                 buckets=SCORE_BUCKETS, registry=registry)  # fmt: skip
         for name in spec.get("classes", {}):
             self.classes.labels("resnet", name)
-        for code in ("200", "503"):
-            self.requests.labels(*dest.values(), code)
         start_http_server(spec["port"], "127.0.0.1", registry=registry)
+
+    def rps(self, elapsed: float) -> float:
+        steps = self.spec.get("schedule") or [[0, self.spec["rps"]]]
+        return float([rps for after, rps in steps if elapsed >= after][-1])
 
     def run(self, started: float) -> None:
         spec, stepped = self.spec, False
         while True:
+            elapsed = time.monotonic() - started
             errors = spec.get("errors", 0.0)
-            if "step_after" in spec and time.monotonic() - started >= spec["step_after"]:
+            if "step_after" in spec and elapsed >= spec["step_after"]:
                 errors = spec["errors_after"]
                 if not stepped:
                     (self.dir / f"{spec['name']}.step").write_text(f"{time.time():.3f}")
                     stepped = True
-            for _ in range(_poisson(self.rng, spec["rps"] * TICK)):
+            for _ in range(_poisson(self.rng, self.rps(elapsed) * TICK)):
                 failed = self.rng.random() < errors
-                self.requests.labels(*self.labels.values(), "503" if failed else "200").inc()
                 median, sigma = spec.get("latency_ms", 20.0), spec.get("sigma", 0.3)
-                self.latency.labels(*self.labels.values()).observe(
-                    median * math.exp(self.rng.gauss(0, sigma))
-                )
+                latency_ms = median * math.exp(self.rng.gauss(0, sigma))
+                self.serve(failed, latency_ms)
                 if not failed and spec.get("classes"):
                     names, weights = zip(*spec["classes"].items(), strict=True)
                     self.classes.labels("resnet", self.rng.choices(names, weights)[0]).inc()
                     self.scores.labels("resnet").observe(self.rng.betavariate(2, 5))
             time.sleep(TICK)
+
+    def serve(self, failed: bool, latency_ms: float) -> None:
+        labels = self.labels.values()
+        if self.triton:
+            (self.failure if failed else self.success).labels(*labels).inc()
+            if not failed:
+                self.count.labels(*labels).inc()
+                self.duration.labels(*labels).inc(latency_ms * 1e3)
+            return
+        self.requests.labels(*labels, "503" if failed else "200").inc()
+        self.latency.labels(*labels).observe(latency_ms)
 
 
 def _poisson(rng: random.Random, mean: float) -> int:

@@ -3,12 +3,19 @@ Istio-shaped and drift metrics (tests/e2e/fake_service.py) with two heartbeat si
 a real Prometheus with the rule pack unchanged, a real Alertmanager with the example
 configuration, and the pause webhook (rules/rollouts/pause_webhook.py) calling a stand-in kubectl.
 
-Four services, 200 req/s each with 5% on the canary (v2), except the quiet one:
+Services, 200 req/s each with 5% on the canary (v2), except where said:
   pausing - the canary's error ratio steps from 0.2% to 1.5% after 60 s: the rollout is paused;
   steady  - the canary fails 0.5%: nothing pauses;
   slower  - the canary is 1.5x slower: canary-judge fails it on latency;
-  quiet   - 2 req/s in all, 0.1 req/s on the canary: canary-judge says inconclusive.
-Prints the time from the error ratio crossing 1% to the pause (docs/performance.md).
+  quiet   - 2 req/s in all, 0.1 req/s on the canary: canary-judge says inconclusive;
+  rollout - a stepwise rollout, 10% -> 30% -> 60%, whose new version starts failing 5% at 60%:
+            the roles come from the pods (heartbeat sidecars labelled track=stable/canary, as
+            Argo's canaryMetadata/stableMetadata do), so the canary is still the canary past 50%
+            and is paused; nothing fires before the fault;
+  ranker  - Triton-shaped (success and failure counters without a reason label), its canary
+            failing 3%: paused through the triton source.
+Every pod is relabeled as deploy/kubernetes/sidecar-example/podmonitor.yaml does. Prints the
+times from the error ratio crossing 1% to the pause (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -44,14 +51,23 @@ SCRAPE = EVAL = 5.0
 STEP_AFTER = 60.0
 BASE, CANARY = 190.0, 10.0  # req/s: 5% of 200 on the canary
 CLASSES = {"cat": 0.7, "dog": 0.3}
+# The rollout's weight steps (seconds after start: v1 and v2 req/s) and its fault at 60%.
+ROLLOUT_STEPS = ((0.0, 180.0, 20.0), (40.0, 140.0, 60.0), (80.0, 80.0, 120.0))
+ROLLOUT_FAULT_AFTER = 140.0
 SERVICES = {
     "pausing": ({"errors": 0.002}, {"errors": 0.002, "errors_after": 0.015,
                                     "step_after": STEP_AFTER}),
     "steady": ({"errors": 0.002}, {"errors": 0.005}),
     "slower": ({"latency_ms": 20.0}, {"latency_ms": 30.0}),
     "quiet": ({"rps": 1.9}, {"rps": 0.1}),
+    "rollout": ({"schedule": [[t, v1] for t, v1, _ in ROLLOUT_STEPS], "errors": 0.002},
+                {"schedule": [[t, v2] for t, _, v2 in ROLLOUT_STEPS], "errors": 0.002,
+                 "errors_after": 0.05, "step_after": ROLLOUT_FAULT_AFTER}),
+    "ranker": ({"kind": "triton"}, {"kind": "triton", "errors": 0.03}),
 }  # fmt: skip
-SIDECARS = ("pausing",)  # services whose pods also run the heartbeat exporter
+SIDECARS = ("pausing", "rollout")  # services whose pods also run the heartbeat exporter
+TRACKS = {"v1": "stable", "v2": "canary"}  # the pods' role labels, where the rollout sets them
+PAUSED = {f"argo rollouts pause {s} -n prod" for s in ("pausing", "rollout", "ranker")}
 # As deploy/kubernetes/sidecar-example runs them. A sidecar's heartbeat pages on its own after
 # max_age (three intervals): at 2 s intervals it paged whenever the 2-core CI machine was starved.
 SIDECAR_ARGS = ("--interval", "15s")
@@ -76,6 +92,19 @@ class Guard:
             return []
         lines = self.kubectl_log.read_text().splitlines()
         return [(float(t), rest) for t, _, rest in (line.partition(" ") for line in lines)]
+
+
+def pod_monitor_relabelings() -> list[dict[str, Any]]:
+    """The shipped PodMonitor's relabelings in Prometheus' own spelling, less its job."""
+    import yaml
+
+    monitor = yaml.safe_load(
+        (ROOT / "deploy/kubernetes/sidecar-example/podmonitor.yaml").read_text()
+    )
+    spelling = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [{spelling.get(k, k): v for k, v in rule.items()}
+            for rule in monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+            if rule.get("targetLabel") != "job"]  # fmt: skip
 
 
 def free_ports(n: int) -> Iterator[int]:
@@ -115,6 +144,7 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
                                  str(work / "service.json")], work / "service.log"))  # fmt: skip
         targets = [(f"127.0.0.1:{p['port']}", p["service"], p["version"], p["name"])
                    for p in pods]  # fmt: skip
+        roles = {t[3] for t in targets if t[1] in (*SIDECARS, "ranker")}
         for pod in (p for p in pods if p["service"] in SIDECARS):
             env = cli_env()
             env["PYTHONPATH"] = os.pathsep.join([str(FAKE_PYNVML), env["PYTHONPATH"]])
@@ -140,21 +170,20 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
             work / "pause-webhook.log"))  # fmt: skip
         scrape_configs = [{
                 "job_name": "inference",
-                # What Kubernetes discovery gives each pod, relabeled as the sidecar example's
-                # PodMonitor does: app -> service, version -> track, namespace.
+                # What Kubernetes discovery gives each pod, relabeled by the shipped PodMonitor's
+                # own relabelings (deploy/kubernetes/sidecar-example/podmonitor.yaml), but for
+                # its job: app -> service, version -> service_version, track -> track.
                 "static_configs": [
-                    {"targets": [t], "labels": {"__meta_kubernetes_pod_label_app": app,
-                                                "__meta_kubernetes_pod_label_version": version,
-                                                "__meta_kubernetes_namespace": "prod",
-                                                "__meta_kubernetes_pod_name": name}}
+                    {"targets": [t], "labels": {
+                        "__meta_kubernetes_pod_label_app_kubernetes_io_name": app,
+                        "__meta_kubernetes_pod_label_version": version,
+                        "__meta_kubernetes_pod_label_track":
+                            TRACKS[version] if name in roles else "",
+                        "__meta_kubernetes_namespace": "prod",
+                        "__meta_kubernetes_pod_name": name}}
                     for t, app, version, name in targets
                 ],
-                "relabel_configs": [
-                    {"source_labels": ["__meta_kubernetes_pod_label_app"],
-                     "target_label": "service"},
-                    {"source_labels": ["__meta_kubernetes_pod_label_version"],
-                     "target_label": "track"},
-                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                "relabel_configs": [*pod_monitor_relabelings(),
                     {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
                 ],
             }]  # fmt: skip
@@ -170,43 +199,63 @@ def guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
 
 
 def test_a_canary_over_1_percent_errors_pauses_the_rollout(guard: Guard) -> None:
-    wait_for(lambda: len(guard.query('up{job="inference"} == 1')) == 2 * len(SERVICES) + 2,
+    wait_for(lambda: len(guard.query('up{job="inference"} == 1')) == 2 * len(SERVICES) + 4,
              timeout=60, what="every pod scraped")  # fmt: skip
-    ratio = 'service_track:service_request_error:ratio_rate5m{service="pausing",track="v2"}'
-    times: dict[str, float] = {}
+    firing = 'ALERTS{alertname="TrtHeartbeatServiceCanaryErrorRatioHigh",alertstate="firing"}'
+    times: dict[str, dict[str, float]] = {s: {} for s in ("pausing", "rollout", "ranker")}
+    before_fault: list[str] = []
 
     def progress() -> bool:
         now = time.time()
-        if "crossed" not in times and guard.query(f"{ratio} > 0.01"):
-            times["crossed"] = now
-        firing = 'ALERTS{alertname="TrtHeartbeatServiceCanaryErrorRatioHigh",alertstate="firing"}'
-        if "firing" not in times and guard.query(firing):
-            times["firing"] = now
-        paused = [t for t, command in guard.pauses()
-                  if command == "argo rollouts pause pausing -n prod"]  # fmt: skip
-        if paused:
-            times["paused"] = paused[0]
-        return "paused" in times
+        for service, seen in times.items():
+            ratio = (f'service_version:service_request_error:ratio_rate5m{{service="{service}",'
+                     'version="v2"}')  # fmt: skip
+            if "crossed" not in seen and guard.query(f"{ratio} > 0.01"):
+                seen["crossed"] = now
+            if "firing" not in seen and guard.query(f'{firing[:-1]},service="{service}"}}'):
+                seen["firing"] = now
+            paused = [t for t, command in guard.pauses()
+                      if command == f"argo rollouts pause {service} -n prod"]  # fmt: skip
+            if paused:
+                seen["paused"] = paused[0]
+        step = guard.work / "rollout-v2.step"
+        if not step.exists():
+            # Before the fault: through 10%, 30% and the 50% crossing to 60%, the new version
+            # stays the declared canary and nothing about the rollout fires.
+            before_fault.extend(f"{a['metric']['alertname']} {a['metric'].get('alertstate')}"
+                                for a in guard.query('ALERTS{service="rollout"}'))  # fmt: skip
+            roles = {r["metric"]["version"]: (r["metric"]["track"], r["metric"]["roles_from"])
+                     for r in guard.query('service_version:service_track:info'
+                                          '{service="rollout"}')}  # fmt: skip
+            if roles and roles != {"v1": ("stable", "declaration"),
+                                   "v2": ("canary", "declaration")}:  # fmt: skip
+                before_fault.append(f"roles {roles}")
+        return all("paused" in seen for seen in times.values())
 
-    wait_for(progress, timeout=480, what="the rollout paused")
-    step = float((guard.work / "pausing-v2.step").read_text())
-    # Only the failing canary was paused, once per notification, and on-call heard of it.
-    assert {command for _, command in guard.pauses()} == {"argo rollouts pause pausing -n prod"}
+    wait_for(progress, timeout=480, what="the rollouts paused")
+    assert before_fault == [], "before the fault, at 10% -> 30% -> 60%"
+    # Only the failing canaries were paused, and on-call heard of it.
+    assert {command for _, command in guard.pauses()} == PAUSED
     wait_for(lambda: "TrtHeartbeatServiceCanaryErrorRatioHigh" in
              {a for _, a, _ in guard.webhook.alerts("/pager")}, timeout=60)  # fmt: skip
     pages = {a for _, a, _ in guard.webhook.alerts("/pager")}
     steady = guard.query('ALERTS{alertname="TrtHeartbeatServiceCanaryErrorRatioHigh",'
-                         'service!="pausing"}')  # fmt: skip
+                         'service!~"pausing|rollout|ranker"}')  # fmt: skip
     assert steady == [], "a canary at 0.5% errors is not paused"
     assert pages <= {"TrtHeartbeatServiceCanaryErrorRatioHigh"}, guard.webhook.alerts("/pager")
 
     # Timings are printed for docs/performance.md, not asserted (promtool proves the rule's
     # timing deterministically). Expected: from the recorded ratio crossing 1%, `for: 1m`, up to
     # one evaluation interval and the pause route's group_wait of 10 s.
-    stages = {"step to 5m ratio over 1% in Prometheus": times["crossed"] - step,
-              "step to alert firing": times.get("firing", times["paused"]) - step,
-              "step to rollout paused (webhook -> kubectl)": times["paused"] - step,
-              "ratio over 1% to rollout paused": times["paused"] - times["crossed"]}  # fmt: skip
+    stages: dict[str, float] = {}
+    for service in ("pausing", "rollout"):
+        seen = times[service]
+        step = float((guard.work / f"{service}-v2.step").read_text())
+        stages |= {f"{service}: step to 5m ratio over 1% in Prometheus": seen["crossed"] - step,
+                   f"{service}: step to alert firing": seen.get("firing", seen["paused"]) - step,
+                   f"{service}: step to rollout paused (webhook -> kubectl)": seen["paused"] - step,
+                   f"{service}: ratio over 1% to rollout paused":
+                       seen["paused"] - seen["crossed"]}  # fmt: skip
     for name, seconds in stages.items():
         print(f"time to pause, {name}: {seconds:.1f} s")
     if os.environ.get("OUT"):

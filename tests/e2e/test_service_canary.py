@@ -54,7 +54,7 @@ CLASSES = {"cat": 0.7, "dog": 0.3}
 # The rollout's weight steps (seconds after start: v1 and v2 req/s) and its fault at 60%.
 ROLLOUT_STEPS = ((0.0, 180.0, 20.0), (40.0, 140.0, 60.0), (80.0, 80.0, 120.0))
 ROLLOUT_FAULT_AFTER = 140.0
-SERVICES = {
+SERVICES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pausing": ({"errors": 0.002}, {"errors": 0.002, "errors_after": 0.015,
                                     "step_after": STEP_AFTER}),
     "steady": ({"errors": 0.002}, {"errors": 0.005}),

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from .source import Counter, Labels, Roles, Source
+from ..promql import quote
+from .source import Counter, Labels, Roles, Source, selector
 
 ERROR_WINDOW, ERROR_WINDOW_S = "5m", 300  # the pause decision: errors / requests over 5m
 COMPARE_WINDOW = "10m"  # latency, drift, traffic guards: enough requests for tails
@@ -42,20 +43,16 @@ ROUTE = "service_version_route"
 
 def _relabel(expr: str, labels: Labels) -> str:
     for target, origin in labels.renames().items():
-        regex = origin.regex or "(.*)"
-        expr = f'label_replace({expr}, "{target}", "$1", "{origin.label}", "{_escape(regex)}")'
+        regex = quote(origin.regex or "(.*)")
+        expr = f'label_replace({expr}, "{target}", "$1", "{origin.label}", {regex})'
     return expr
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _roles(expr: str, roles: Roles) -> str:
     """`track` set from the roles' label: canary where it matches `canary`, then stable."""
     for track in ("canary", "stable"):
-        regex = _escape(getattr(roles, track))
-        expr = f'label_replace({expr}, "track", "{track}", "{roles.label}", "{regex}")'
+        regex = quote(getattr(roles, track))
+        expr = f'label_replace({expr}, "track", "{track}", "{roles.label}", {regex})'
     return expr
 
 
@@ -71,14 +68,10 @@ def _each(counter: Counter, labels: Labels, fn: str = "", window: str = "") -> s
     counters where the failure has no `reason` label).
     """
     parts = []
-    for i, selector in enumerate(counter.selectors(*labels.present())):
-        part = f"{fn}({selector}[{window}])" if fn else selector
+    for i, series in enumerate(counter.selectors(*labels.present())):
+        part = f"{fn}({series}[{window}])" if fn else series
         parts.append(part if i == 0 else f'label_replace({part}, "part", "{i}", "", "")')
     return parts[0] if len(parts) == 1 else "(\n  " + "\n  or\n  ".join(parts) + "\n)"
-
-
-def _metric(name: str, *matchers: str) -> str:
-    return name + "{" + ", ".join(m for m in matchers if m) + "}"
 
 
 def _scaled(expr: str, scale: float) -> str:
@@ -105,7 +98,7 @@ def source_rules(src: Source) -> list[dict[str, Any]]:
     lat = src.latency
     prefix = f"{ROUTE}:service_request_duration_seconds"
     if lat.histogram:
-        buckets = _metric(lat.histogram + "_bucket", lat.matchers, *lab.present())
+        buckets = selector(lat.histogram + "_bucket", lat.matchers, *lab.present())
         per_le = _sum(f"rate({buckets}[{cw}])", lab, "le")
         for name, q in (("p50", 0.5), ("p99", 0.99)):
             rules.append((f"{prefix}:{name}_rate{cw}",
@@ -113,7 +106,7 @@ def source_rules(src: Source) -> list[dict[str, Any]]:
         total, count = lat.histogram + "_sum", lat.histogram + "_count"
     else:
         total, count = lat.sum, lat.count
-    total_rate, count_rate = (f"rate({_metric(m, lat.matchers, *lab.present())}[{cw}])"
+    total_rate, count_rate = (f"rate({selector(m, lat.matchers, *lab.present())}[{cw}])"
                               for m in (total, count))  # fmt: skip
     mean = f"{_sum(total_rate, lab)}\n/\n{_sum(count_rate, lab)}"
     rules.append((f"{prefix}:mean_rate{cw}", _scaled(mean, lat.scale)))
@@ -126,28 +119,27 @@ def source_rules(src: Source) -> list[dict[str, Any]]:
     if pods is not None:
         pl = pods.labels
         if pods.presence:
-            present = _metric(pods.presence, *pl.present())
+            present = selector(pods.presence, *pl.present())
             rules.append(("service_version:service_pods:count", _sum(present, pl, op="count")))
             if isinstance(pl.track, str):
                 # Pods say which role their version holds: Argo Rollouts' canaryMetadata and
                 # stableMetadata labels, or a label on each Deployment (plain Istio).
-                declared = _metric(pods.presence, *pl.present(), f'{pl.track}=~"{TRACKS}"')
-                if pl.track != "track":
-                    declared = f'label_replace({declared}, "track", "$1", "{pl.track}", "(.*)")'
+                declared = selector(pods.presence, *pl.present(), f'{pl.track}=~"{TRACKS}"')
                 rules.append((DECLARED, _declared(declared, pl)))
         if pods.gpu_memory:
+            memory = selector(pods.gpu_memory, *pl.present())
             rules.append(("service_version:service_gpu_memory_used_bytes:avg",
-                          _sum(_metric(pods.gpu_memory, *pl.present()), pl, op="avg")))  # fmt: skip
+                          _sum(memory, pl, op="avg")))  # fmt: skip
     if src.drift is not None and pods is not None:
         dl = Labels(pods.labels.service, pods.labels.version, pods.labels.namespace, src.drift.by)
         if src.drift.classes:
-            rate = f"rate({_metric(src.drift.classes, *dl.present())}[{cw}])"
+            rate = f"rate({selector(src.drift.classes, *dl.present())}[{cw}])"
             rules.append((f"{ROUTE}:model_prediction_classes:share_rate{cw}",
                           f"{_sum(rate, dl, 'class')}\n/ ignoring (class) group_left ()\n"
                           f"{_sum(rate, dl)}"))  # fmt: skip
         if src.drift.scores:
-            buckets = _metric(src.drift.scores + "_bucket", *dl.present())
-            everything = _metric(src.drift.scores + "_bucket", *dl.present(), 'le="+Inf"')
+            buckets = selector(src.drift.scores + "_bucket", *dl.present())
+            everything = selector(src.drift.scores + "_bucket", *dl.present(), 'le="+Inf"')
             rules.append((f"{ROUTE}:model_prediction_score_bucket:share_rate{cw}",
                           f"{_sum(f'rate({buckets}[{cw}])', dl, 'le')}\n"
                           f"/ ignoring (le) group_left ()\n"

@@ -35,10 +35,11 @@ class Counter:
 
     def selectors(self, *extra: str) -> list[str]:
         """One selector per metric name and matcher set, with the given extra matchers."""
-        return [_selector(m, matchers, *extra) for m in self.metrics for matchers in self.matchers]
+        return [selector(m, matchers, *extra) for m in self.metrics for matchers in self.matchers]
 
 
-def _selector(metric: str, *matchers: str) -> str:
+def selector(metric: str, *matchers: str) -> str:
+    """`metric{matchers...}`, empty matcher sets left out."""
     return metric + "{" + ", ".join(m for m in matchers if m) + "}"
 
 
@@ -71,7 +72,12 @@ class Labels:
 
     def renames(self) -> dict[str, FromLabel]:
         """Normalised label -> where it comes from, where that is not the label itself."""
-        pairs = {"service": self.service, "version": self.version, "namespace": self.namespace}
+        pairs = {
+            "service": self.service,
+            "version": self.version,
+            "namespace": self.namespace,
+            "track": FromLabel(self.track) if isinstance(self.track, str) else None,
+        }
         return {k: v for k, v in pairs.items() if v and (k != v.label or v.regex)}
 
     def present(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 TICK = 0.1
 MS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)
@@ -38,14 +38,17 @@ class Pod:
             # Triton's own labels only: service, version and role come from the pod (relabeling).
             self.labels = {"model": "resnet", "version": "1"}
             names = list(self.labels)
-            self.success = Counter("nv_inference_request_success", "OK.", names, registry=registry)
-            self.failure = Counter("nv_inference_request_failure", "Failed.", names,
-                                   registry=registry)  # fmt: skip
-            self.count = Counter("nv_inference_count", "Inferences.", names, registry=registry)
-            self.duration = Counter("nv_inference_request_duration_us", "Latency sum.", names,
-                                    registry=registry)  # fmt: skip
-            for counter in (self.success, self.failure, self.count, self.duration):
-                counter.labels(*self.labels.values())
+            # Triton's counters carry no `_total` suffix, which prometheus_client adds to every
+            # Counter: exported as gauges, the names and values are Triton's own.
+            self.success, self.failure, self.count, self.duration = (
+                Gauge(name, help_, names, registry=registry)
+                for name, help_ in (("nv_inference_request_success", "OK."),
+                                    ("nv_inference_request_failure", "Failed."),
+                                    ("nv_inference_count", "Inferences."),
+                                    ("nv_inference_request_duration_us", "Latency sum."))
+            )  # fmt: skip
+            for gauge in (self.success, self.failure, self.count, self.duration):
+                gauge.labels(*self.labels.values())
         else:
             dest = {
                 "reporter": "destination",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from test_fleet import (
     FAKE_PYNVML,
     Webhook,
@@ -96,8 +97,6 @@ class Guard:
 
 def pod_monitor_relabelings() -> list[dict[str, Any]]:
     """The shipped PodMonitor's relabelings in Prometheus' own spelling, less its job."""
-    import yaml
-
     monitor = yaml.safe_load(
         (ROOT / "deploy/kubernetes/sidecar-example/podmonitor.yaml").read_text()
     )

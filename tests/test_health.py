@@ -91,6 +91,10 @@ def test_heartbeat_age() -> None:
     state, clock = make()
     clock.now += 7
     assert heartbeat_age(state.snapshot(), clock.now) == 7  # since probing began
+    state.engine_loaded(ENGINE, 7.0)
+    clock.now += 3
+    # A long cold start is not a lost heartbeat: without a passing probe, age counts from the load.
+    assert heartbeat_age(state.snapshot(), clock.now) == 3
     state.record(ok(clock.now, total=0.5))
     clock.now += 2
     assert heartbeat_age(state.snapshot(), clock.now) == 1.5  # since the probe completed

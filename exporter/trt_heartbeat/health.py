@@ -35,8 +35,11 @@ class Health:
 
 
 def heartbeat_age(snap: TargetSnapshot, now: float) -> float:
-    """Seconds since the last passing probe, or since probing began while none has passed."""
-    return max(0.0, now - (snap.last_success if snap.last_success is not None else snap.started_at))
+    """Seconds since the last passing probe; while none has passed, since the model first loaded
+    (a cold start is not a lost heartbeat), and before that since probing began."""
+    since = next(t for t in (snap.last_success, snap.first_loaded_at, snap.started_at)
+                 if t is not None)  # fmt: skip
+    return max(0.0, now - since)
 
 
 def probe_free_memory(snap: TargetSnapshot, gpu: GpuReading, read_at: float | None) -> int:

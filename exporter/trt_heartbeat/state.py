@@ -77,6 +77,7 @@ class ProbeRecord:
 class TargetSnapshot:
     target: Target
     started_at: float  # when the exporter began probing this target
+    first_loaded_at: float | None  # when a worker first held the model; None until then
     engine: EngineInfo | None  # the last model a worker loaded, kept while it is replaced
     loaded: bool  # a worker holds the model now
     engine_load_seconds: float | None
@@ -113,6 +114,7 @@ class TargetState:
         self._histogram_phases = frozenset(histogram_phases)
         self._lock = threading.Lock()
         self._started_at = clock()
+        self._first_loaded_at: float | None = None
         self._engine: EngineInfo | None = None
         self._loaded = False
         self._engine_load_seconds: float | None = None
@@ -143,6 +145,8 @@ class TargetState:
             self._engine, self._engine_load_seconds, self._load_failure = info, seconds, None
             self._loaded = True
             self._worker_since = self._clock()
+            if self._first_loaded_at is None:
+                self._first_loaded_at = self._worker_since
             self._version += 1
 
     def engine_failed(self, reason: Reason, message: str) -> None:
@@ -190,6 +194,7 @@ class TargetState:
             snap = TargetSnapshot(
                 target=self.target,
                 started_at=self._started_at,
+                first_loaded_at=self._first_loaded_at,
                 engine=self._engine,
                 loaded=self._loaded,
                 engine_load_seconds=self._engine_load_seconds,

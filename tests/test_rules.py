@@ -98,6 +98,21 @@ def test_every_rule_file_is_tested() -> None:
     assert pack <= tested and tested - pack == examples
 
 
+def test_the_threshold_guard_covers_every_threshold_the_pack_uses() -> None:
+    # TrtHeartbeatThresholdMissing lists each threshold series (with its statistic) by hand;
+    # it must name exactly those thresholds.rules.yml defines, and those must be all the rules use.
+    defined = {(r["record"], (r.get("labels") or {}).get("statistic", ""))
+               for r in RECORDS if r["record"].startswith("trt_heartbeat:threshold:")}  # fmt: skip
+    guard = next(r for r in ALERTS if r["alert"] == "TrtHeartbeatThresholdMissing")["expr"]
+    listed = {(name, statistic) for name, statistic in re.findall(
+        r'absent\((trt_heartbeat:threshold:\w+)(?:\{statistic="(\w+)"\})?\)', guard)}
+    assert listed == defined
+    prefixes = ("trt_heartbeat:threshold:", "TrtHeartbeatThreshold")
+    consumers = [r for r in rules() if not r.get("record", r.get("alert")).startswith(prefixes)]
+    used = {m for r in consumers for m in re.findall(r"trt_heartbeat:threshold:\w+", r["expr"])}
+    assert used == {name for name, _ in defined}
+
+
 def test_amtool_check_config() -> None:
     result = subprocess.run([require("amtool"), "check-config", str(AM_CONFIG)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -127,6 +142,11 @@ def test_amtool_check_config() -> None:
         ({"alertname": "TrtHeartbeatServiceCanaryInsufficientTraffic", "severity": "info",
           "track": "canary"}, "null"),
         ({"alertname": "TrtHeartbeatServiceRolesFromTraffic", "severity": "info"}, "null"),
+        ({"alertname": "TrtHeartbeatModelNotLoaded", "severity": "critical"}, "pager"),
+        ({"alertname": "TrtHeartbeatNodeMaintenance", "severity": "info", "node": "gpu-7"},
+         "null"),
+        ({"alertname": "TrtHeartbeatGpuMissing", "severity": "warning"}, "tickets"),
+        ({"alertname": "TrtHeartbeatThresholdMissing", "severity": "warning"}, "tickets"),
     ],
 )  # fmt: skip
 def test_routes(labels: dict[str, str], receivers: str) -> None:
@@ -187,23 +207,49 @@ INSTANCE = {"job": "trt-heartbeat-exporter", "instance": "node1:9470"}
          ], {"TrtHeartbeatExporterDown/-": "active", "TrtHeartbeatStale/0": "suppressed",
              "TrtHeartbeatGpuMemoryLow/0": "suppressed"}),
         ("stale-covers-latency", [
-            {"alertname": "TrtHeartbeatStale", "severity": "critical", "gpu": "0", **INSTANCE},
+            {"alertname": "TrtHeartbeatStale", "severity": "critical", "gpu": "0",
+             "uuid": "GPU-a", **INSTANCE},
             {"alertname": "TrtHeartbeatLatencyHigh", "severity": "warning", "gpu": "0",
-             **INSTANCE},
+             "uuid": "GPU-a", **INSTANCE},
             {"alertname": "TrtHeartbeatLatencyHigh", "severity": "warning", "gpu": "1",
-             **INSTANCE},
+             "uuid": "GPU-b", **INSTANCE},
          ], {"TrtHeartbeatStale/0": "active", "TrtHeartbeatLatencyHigh/0": "suppressed",
              "TrtHeartbeatLatencyHigh/1": "active"}),
         ("critical-covers-warning-of-its-gpu", [
             {"alertname": "TrtHeartbeatOutputMismatch", "severity": "critical", "gpu": "0",
-             **INSTANCE},
+             "uuid": "GPU-a", **INSTANCE},
             {"alertname": "TrtHeartbeatWorkerRestarting", "severity": "warning", "gpu": "0",
-             **INSTANCE},
+             "uuid": "GPU-a", **INSTANCE},
             {"alertname": "TrtHeartbeatWorkerRestarting", "severity": "warning", "gpu": "1",
-             **INSTANCE},
+             "uuid": "GPU-b", **INSTANCE},
          ], {"TrtHeartbeatOutputMismatch/0": "active",
              "TrtHeartbeatWorkerRestarting/0": "suppressed",
              "TrtHeartbeatWorkerRestarting/1": "active"}),
+        # The device is the uuid: after a reboot renumbered the GPUs, index 0 is another GPU,
+        # and a critical alert of the old GPU-a (gpu 0, still pending resolution) must not
+        # silence the warning of GPU-c, the new gpu 0; GPU-a's own warning (now gpu 2) it covers.
+        ("inhibition-follows-the-device", [
+            {"alertname": "TrtHeartbeatStale", "severity": "critical", "gpu": "0",
+             "uuid": "GPU-a", **INSTANCE},
+            {"alertname": "TrtHeartbeatGpuMemoryLow", "severity": "warning", "gpu": "0",
+             "uuid": "GPU-c", **INSTANCE},
+            {"alertname": "TrtHeartbeatWorkerRestarting", "severity": "warning", "gpu": "2",
+             "uuid": "GPU-a", **INSTANCE},
+         ], {"TrtHeartbeatStale/0": "active", "TrtHeartbeatGpuMemoryLow/0": "active",
+             "TrtHeartbeatWorkerRestarting/2": "suppressed"}),
+        # Node gpu-7 is cordoned for maintenance: its exporter down and its GPUs stale wait;
+        # gpu-8, serving, pages.
+        ("node-maintenance", [
+            {"alertname": "TrtHeartbeatNodeMaintenance", "severity": "info", "node": "gpu-7"},
+            {"alertname": "TrtHeartbeatExporterDown", "severity": "critical", "node": "gpu-7",
+             **INSTANCE},
+            {"alertname": "TrtHeartbeatModelNotLoaded", "severity": "critical", "node": "gpu-7",
+             "gpu": "1", "uuid": "GPU-71", **INSTANCE},
+            {"alertname": "TrtHeartbeatStale", "severity": "critical", "node": "gpu-8",
+             "gpu": "0", "uuid": "GPU-80", "job": "trt-heartbeat-exporter",
+             "instance": "node8:9470"},
+         ], {"TrtHeartbeatNodeMaintenance/-": "active", "TrtHeartbeatExporterDown/-": "suppressed",
+             "TrtHeartbeatModelNotLoaded/1": "suppressed", "TrtHeartbeatStale/0": "active"}),
         # The pitfall: labels missing on both sides count as equal. A critical alert without a
         # gpu label must not silence warnings that have none either.
         ("missing-labels-do-not-inhibit", [
@@ -239,6 +285,32 @@ def test_inhibitions_in_a_real_alertmanager(
     states = _states(alertmanager, case)
     for key, value in expected.items():
         assert states[key] == value, (key, states)
+
+
+def test_pages_group_per_node_not_per_gpu(alertmanager: str) -> None:
+    # A node whose eight GPUs all go stale is one cause: one page listing eight alerts. Another
+    # node's page is its own.
+    node = {"job": "trt-heartbeat-exporter", "instance": "10.1.0.1:9470", "node": "gpu-21"}
+    stale = [{"alertname": "TrtHeartbeatStale", "severity": "critical", "case": "grouping",
+              "gpu": str(g), "uuid": f"GPU-21{g}", **node} for g in range(8)]  # fmt: skip
+    other = {"alertname": "TrtHeartbeatModelNotLoaded", "severity": "critical",
+             "case": "grouping", "gpu": "0", "uuid": "GPU-220", "job": "trt-heartbeat-exporter",
+             "instance": "10.1.0.2:9470", "node": "gpu-22"}  # fmt: skip
+    _post(alertmanager, [*stale, other])
+
+    def pager_groups() -> list[list[str]] | None:
+        with urllib.request.urlopen(alertmanager + "/api/v2/alerts/groups", timeout=5) as r:
+            groups = json.load(r)
+        found = [sorted(a["labels"]["uuid"] for a in g["alerts"]
+                        if a["labels"].get("case") == "grouping")
+                 for g in groups if g["receiver"]["name"] == "pager"]  # fmt: skip
+        found = sorted(f for f in found if f)
+        return found if sum(map(len, found)) == 9 else None
+
+    assert wait_for(pager_groups, timeout=20) == [
+        ["GPU-210", "GPU-211", "GPU-212", "GPU-213", "GPU-214", "GPU-215", "GPU-216", "GPU-217"],
+        ["GPU-220"],
+    ]
 
 
 def _rollout_queries() -> list[str]:

@@ -97,6 +97,8 @@ class NodeCollector(Collector):
             ("interval_seconds", s.interval, "Configured time between two probes of a target."),
             ("timeout_seconds", s.timeout, "Configured time a probe may take before it counts "
              "as a timeout and its worker is replaced."),
+            ("startup_timeout_seconds", s.startup_timeout, "Configured time a worker may take "
+             "to load its model before it counts as a timeout and is replaced."),
             ("max_age_seconds", s.max_age, "Configured heartbeat age beyond which a target is "
              "unhealthy."),
             ("latency_objective_seconds", s.latency_objective, "Configured probe latency "
@@ -139,6 +141,13 @@ class NodeCollector(Collector):
                      "(per-GPU telemetry is then not exported).")  # fmt: skip
         up.add_metric(f.label_values(), 1 if telemetry.up else 0)
         yield up
+        # Where NVML is off or absent (Jetson, `auto` on a host where it never answered), a 0
+        # above is the contract, not a fault: this says whether to expect a 1.
+        enabled = f.gauge("nvml_enabled", "1 where NVML is expected to answer: nvml.enabled "
+                          "true, or auto once a read has succeeded; else 0.")  # fmt: skip
+        expected = self._settings.nvml_enabled is True or telemetry.last_success is not None
+        enabled.add_metric(f.label_values(), 1 if expected else 0)
+        yield enabled
         last = f.gauge("nvml_last_success_timestamp_seconds",
                        "Unix time of the last successful NVML read.")  # fmt: skip
         if telemetry.last_success is not None:

@@ -104,8 +104,8 @@ def test_the_threshold_guard_covers_every_threshold_the_pack_uses() -> None:
     defined = {(r["record"], (r.get("labels") or {}).get("statistic", ""))
                for r in RECORDS if r["record"].startswith("trt_heartbeat:threshold:")}  # fmt: skip
     guard = next(r for r in ALERTS if r["alert"] == "TrtHeartbeatThresholdMissing")["expr"]
-    listed = {(name, statistic) for name, statistic in re.findall(
-        r'absent\((trt_heartbeat:threshold:\w+)(?:\{statistic="(\w+)"\})?\)', guard)}
+    absent = r'absent\((trt_heartbeat:threshold:\w+)(?:\{statistic="(\w+)"\})?\)'
+    listed = set(re.findall(absent, guard))
     assert listed == defined
     prefixes = ("trt_heartbeat:threshold:", "TrtHeartbeatThreshold")
     consumers = [r for r in rules() if not r.get("record", r.get("alert")).startswith(prefixes)]

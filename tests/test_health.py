@@ -179,6 +179,58 @@ def test_a_reading_taken_before_the_worker_was_lost_counts_as_it_is() -> None:
     )
 
 
+def test_a_reading_between_the_death_and_its_notice_counts_without_the_worker() -> None:
+    # The sequence measured on an H200 (docs/gpu-validation.md): the worker, last seen alive at
+    # its probe, is SIGKILLed; the driver frees its memory 70 ms later and NVML reads 663 MiB free
+    # 0.43 s after the kill; the loss is recorded afterwards, counted from the last sign of life.
+    state, clock = make()
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
+                             gpu_memory_bytes=263 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    alive, before = clock.now + 0.001, reading(400)  # read with the worker, before its death
+    clock.now += 0.25
+    assert target_health(state.snapshot(), clock.now, S, before, alive) == Health(
+        "degraded", "gpu_memory_low"
+    )
+    freed, read_at = reading(663), clock.now + 0.43  # killed at clock.now, read after it
+    clock.now += 0.45
+    state.record(fail(clock.now, "error", Reason.WORKER_CRASH), worker_lost="crash",
+                 gone_since=alive)  # fmt: skip
+    assert target_health(state.snapshot(), clock.now, S, freed, read_at).status == "unhealthy"
+    clock.now += 1.7
+    state.engine_loaded(ENGINE, 0.35)
+    state.record(ok(clock.now))
+    assert target_health(state.snapshot(), clock.now, S, freed, read_at) == Health(
+        "degraded", "gpu_memory_low"
+    )
+    # A reading from before the last sign of life was taken with the worker: as it is.
+    assert target_health(state.snapshot(), clock.now, S, reading(600), alive - 0.5) == Health(
+        "healthy", "ok"
+    )
+
+
+def test_a_failed_reload_keeps_the_start_of_the_gap() -> None:
+    # Lost at 1001, the first replacement fails to load at 1003: a reading at 1002 was still
+    # taken with no worker, also once a later replacement has loaded.
+    state, clock = make()
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
+                             gpu_memory_bytes=258 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    clock.now += 1
+    state.record(fail(clock.now, "error", Reason.WORKER_CRASH), worker_lost="crash")
+    read_at = clock.now + 1
+    clock.now += 2
+    state.engine_failed(Reason.ENGINE_LOAD_FAILED, "no memory")
+    state.record(fail(clock.now, "error", Reason.ENGINE_LOAD_FAILED), worker_lost="error")
+    assert state.snapshot().worker_gone_since == 1001
+    clock.now += 2
+    state.engine_loaded(ENGINE, 0.5)
+    state.record(ok(clock.now))
+    assert target_health(state.snapshot(), clock.now, S, reading(658), read_at) == Health(
+        "degraded", "gpu_memory_low"
+    )
+
+
 def test_the_log_and_health_endpoint_agree_after_a_timeout(
     run_exporter: Callable[..., Running], faults: Faults, caplog: pytest.LogCaptureFixture
 ) -> None:

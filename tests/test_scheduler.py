@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+
+import pytest
 
 from conftest import Faults, Running, wait_for
 from trt_heartbeat.backends import Target
 from trt_heartbeat.errors import Reason
+from trt_heartbeat.nvml_reader import GpuReading, NvmlSnapshot
+from trt_heartbeat.telemetry import NvmlTelemetry, TelemetryState
 
 Start = Callable[..., Running]
 
@@ -145,3 +151,101 @@ def test_targets_probe_concurrently_and_independently(run_exporter: Start, fault
     assert after.restarts_total["timeout"] == 0 and after.consecutive_failures == 0
     pids = {loop.worker_pid for loop in r.exporter.scheduler.loops}
     assert len(pids) == 2, "one worker process per target"
+
+
+# --- low GPU memory across a worker killed from outside (issue #24: the H200 sequence) -------
+
+MiB = 1 << 20
+
+
+class StubTelemetry(NvmlTelemetry):
+    """NVML readings published by the test, each with the time it was taken."""
+
+    def __init__(self) -> None:
+        super().__init__(5.0, 2.0)
+        self._published = TelemetryState(False, None, None)
+
+    def publish(self, free_mib: int, at: float) -> None:
+        total, free = 80_000 * MiB, free_mib * MiB
+        gpu = GpuReading(0, "GPU-fake-0", "H200", "0000:3B:00.0", "9.0", total, total - free,
+                         free, None, None, None, None, None)  # fmt: skip
+        self._published = TelemetryState(True, at, NvmlSnapshot("580", "13.0", (gpu,)))
+
+    def state(self) -> TelemetryState:
+        return self._published
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        pass
+
+
+def test_a_worker_killed_between_probes_never_leaves_low_memory_healthy(
+    run_exporter: Start, faults: Faults
+) -> None:
+    # As on the H200 (docs/gpu-validation.md): another process leaves 400 MiB free next to the
+    # worker's 263 MiB. The worker is SIGKILLed just after a probe; the driver frees its memory
+    # and NVML's next read, 0.3 s after the kill, sees 663 MiB free, long before the next probe
+    # (2 s) would have found the worker gone. That reading must count as taken without the
+    # worker: before the loss is noticed, and after the new worker's first probe passes.
+    telemetry = StubTelemetry()
+    r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=telemetry, interval=2.0,
+                     timeout=1.0)  # fmt: skip
+    loop = r.exporter.scheduler.loops[0]
+
+    def health() -> tuple[str, str]:
+        report = r.exporter.health_report()[0]
+        return report["status"], report["reason"]
+
+    telemetry.publish(400, time.time())
+    wait_for(lambda: health() == ("degraded", "gpu_memory_low"), what="low memory")
+    # Kill right after a probe, so that the next one is 2 s away.
+    first = r.snapshot().probes_total["success"]
+    wait_for(lambda: r.snapshot().probes_total["success"] > first, what="a fresh probe")
+    pid = loop.worker_pid
+    assert pid is not None
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    seen: list[tuple[float, str, str]] = []
+    published, back = False, None
+    while back is None or time.time() < back + 0.5:
+        now = time.time()
+        assert now < killed + 15, seen
+        if not published and now >= killed + 0.3:
+            telemetry.publish(663, now)  # the worker's memory freed, NVML reads it
+            published = True
+        seen.append((round(now - killed, 3), *health()))
+        snap = r.snapshot()
+        if back is None and loop.worker_pid not in (None, pid) and snap.last_success is not None \
+                and snap.last_success > killed:  # fmt: skip
+            back = now
+        time.sleep(0.02)
+    assert not [s for s in seen if s[1] == "healthy"], seen
+    assert seen[-1][1:] == ("degraded", "gpu_memory_low"), seen
+    assert r.snapshot().last_failure.message == "worker killed by SIGKILL"
+
+
+def test_the_log_follows_a_new_nvml_reading_between_probes(
+    run_exporter: Start, faults: Faults, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On the H200, /health turned degraded when NVML read 400 MiB free, and the log said so only
+    # at the next probe, 2 s later. The log now follows /health within a fraction of a second.
+    caplog.set_level(logging.INFO, logger="trt_heartbeat")
+    telemetry = StubTelemetry()
+    telemetry.publish(2000, time.time())
+    r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=telemetry, interval=10.0,
+                     timeout=1.0)  # fmt: skip
+    wait_for(lambda: r.snapshot().probes_total["success"] >= 1, what="first probe")
+
+    def logged() -> list[str]:
+        return [f"{fields['status']}/{fields['reason']}" for rec in caplog.records
+                if rec.getMessage() == "target health changed"
+                for fields in [rec.__dict__["fields"]]]  # fmt: skip
+
+    wait_for(lambda: logged()[-1:] == ["healthy/ok"], what="healthy in the log")
+    telemetry.publish(400, time.time())
+    published = time.monotonic()
+    wait_for(lambda: logged()[-1:] == ["degraded/gpu_memory_low"], timeout=5, what="the log")
+    assert time.monotonic() - published < 1.0
+    assert r.snapshot().probes_total["success"] == 1  # no probe ran in between

@@ -45,15 +45,17 @@ def heartbeat_age(snap: TargetSnapshot, now: float) -> float:
 def probe_free_memory(snap: TargetSnapshot, gpu: GpuReading, read_at: float | None) -> int:
     """Free memory on the target's GPU as it is while the probe worker holds its context.
 
-    A reading taken while no worker ran — between one worker's loss and the next one's load —
-    counts the probe's own footprint as free; it is taken off again, so that a worker restart
-    cannot hide a low-memory reading that is still current.
+    A reading taken while no worker ran — from the last moment the lost worker was known alive
+    (the driver frees its memory at its death, before the exporter notices) until the next one
+    has loaded — counts the probe's own footprint as free; it is taken off again, so that a
+    worker restart cannot hide a low-memory reading that is still current.
     """
     footprint = snap.gpu_memory[0] if snap.gpu_memory else 0
     gone, since = snap.worker_gone_since, snap.worker_since
-    if read_at is None or not footprint or gone is None:
+    if read_at is None or not footprint or gone is None or read_at < gone:
         return gpu.memory_free
-    without_worker = read_at >= gone if since is None or since < gone else gone <= read_at < since
+    # From `gone` on, no worker ran until a new one loaded (at `since`, after `gone`).
+    without_worker = not snap.loaded or since is None or read_at < since
     return gpu.memory_free - footprint if without_worker else gpu.memory_free
 
 

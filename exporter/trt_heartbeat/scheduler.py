@@ -30,6 +30,12 @@ BACKOFF_MAX = 60.0
 LOOP_STALL_SECONDS = 30.0
 # Sleeps are cut into slices only to keep ticking for /ping; stop() wakes a sleep at once.
 _SLICE = 5.0
+# Between probes the worker's process is watched, so that its death is noticed at once (the
+# driver frees its GPU memory then, and NVML may read that before the next probe). Each slice of
+# the watch that ends with the process alive proves it was alive then: its loss counts from the
+# last such proof. The health log is brought up to date at each slice as well (an NVML reading
+# changes /health between probes).
+_WATCH = 0.25
 
 WorkerFactory = Callable[[WorkerSpec], Worker]
 
@@ -57,6 +63,7 @@ class TargetLoop:
         self._last_tick = time.monotonic()
         self._worker: Worker | None = None
         self._backoff = 0.0
+        self._alive_at: float | None = None  # wall clock: the worker last known alive
         self._last_result: tuple[str, str] | None = None
         self._last_health = ""
         self._thread = threading.Thread(
@@ -90,11 +97,20 @@ class TargetLoop:
         return not self._stop.is_set()
 
     def _sleep_until(self, deadline: float) -> bool:
+        """Sleep until `deadline` (monotonic); False once stopped. A worker that dies meanwhile
+        ends the sleep at once: the probe that then follows records how it was lost."""
         while self._keep_waiting():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return True
-            self._stop.wait(min(_SLICE, remaining))
+            worker = self._worker
+            if worker is None:
+                self._stop.wait(min(_SLICE, remaining))
+                continue
+            if worker.exited(min(_WATCH, remaining)):
+                return True
+            self._alive_at = self._wall_clock()
+            self._log_health()
         return False
 
     def _fields(self, **extra: object) -> dict[str, object]:
@@ -146,6 +162,7 @@ class TargetLoop:
             return False
         self._worker = worker
         self.state.engine_loaded(info, seconds)
+        self._alive_at = self._wall_clock()
         log.info(
             "probe model loaded",
             extra=self._fields(
@@ -168,13 +185,17 @@ class TargetLoop:
         if outcome.restart_reason is not None:
             self._worker.kill()
             self._worker = None
-        elif outcome.record.result == "success":
-            self._backoff = 0.0
+        else:
+            self._alive_at = self._wall_clock()  # it answered
+            if outcome.record.result == "success":
+                self._backoff = 0.0
         self._record(outcome.record, lost=outcome.restart_reason)
 
     def _record(self, record: ProbeRecord, lost: str | None = None) -> None:
-        """Record a probe (and the loss of its worker, in the same change), log what changed."""
-        self.state.record(record, worker_lost=lost)
+        """Record a probe (and the loss of its worker, in the same change), log what changed.
+        A lost worker is counted gone from the last moment it was known alive."""
+        gone_since, self._alive_at = (self._alive_at, None) if lost else (None, self._alive_at)
+        self.state.record(record, worker_lost=lost, gone_since=gone_since)
         key = (record.result, str(record.reason or ""))
         if key != self._last_result:
             if record.result == "success":

@@ -91,7 +91,9 @@ class TargetSnapshot:
     # holds the GPU (a reading of a lost worker's context would be stale).
     device_memory: tuple[int, int] | None
     # When the current worker finished loading, and when the last one was lost (clock time):
-    # between the two no probe worker holds GPU memory.
+    # between the two no probe worker holds GPU memory. The loss counts from the last moment
+    # the worker was known alive, not from when it was noticed: its memory is freed at its death.
+    # While no worker is loaded, the gap runs on from worker_gone_since.
     worker_since: float | None
     worker_gone_since: float | None
     probes_total: dict[str, int]
@@ -151,19 +153,19 @@ class TargetState:
 
     def engine_failed(self, reason: Reason, message: str) -> None:
         with self._lock:
-            self._loaded, self._load_failure = False, (reason, message)
-            self._device_memory = None
-            self._worker_gone_since = self._clock()
+            self._load_failure = reason, message
+            self._lose_worker(None)
             self._version += 1
 
-    def record(self, probe: ProbeRecord, worker_lost: str | None = None) -> None:
+    def record(
+        self, probe: ProbeRecord, worker_lost: str | None = None, gone_since: float | None = None
+    ) -> None:
         """A probe's outcome; with `worker_lost`, also that its worker is being replaced: one
-        change, so that nobody sees the failure with the worker still counted as loaded."""
+        change, so that nobody sees the failure with the worker still counted as loaded.
+        `gone_since` is the last moment the lost worker was known alive (default: now)."""
         with self._lock:
             if worker_lost is not None:
-                self._loaded = False
-                self._device_memory = None
-                self._worker_gone_since = self._clock()
+                self._lose_worker(gone_since)
                 self._restarts[worker_lost] += 1
             self._version += 1
             self._probes[probe.result] += 1
@@ -185,6 +187,16 @@ class TargetState:
                         histogram = self._durations.get(phase) or _Histogram(self.buckets)
                         self._durations[phase] = histogram
                         histogram.observe(seconds)
+
+    def _lose_worker(self, since: float | None) -> None:
+        """No worker holds the GPU from `since` on (caller holds the lock). A gap already open
+        (a replacement that failed to load) keeps its start: no worker ran in it either."""
+        if self._loaded or self._worker_gone_since is None:
+            since = self._clock() if since is None else since
+            # Not before the worker was there: the gap is the one after it.
+            self._worker_gone_since = max(since, self._worker_since or since)
+        self._loaded = False
+        self._device_memory = None
 
     def snapshot(self) -> TargetSnapshot:
         with self._lock:

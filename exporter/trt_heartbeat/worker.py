@@ -182,6 +182,14 @@ class Worker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    def exited(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the worker process to end; True once it has (or
+        where none runs). Wakes as soon as the process exits, so a killed worker is noticed at
+        once rather than at the next probe."""
+        if self._process is None:
+            return True
+        return bool(multiprocessing.connection.wait([self._process.sentinel], max(0.0, timeout)))
+
     def start(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(

@@ -2,8 +2,9 @@
 
 It reads a JSON control file (path in $TRT_HEARTBEAT_FAULT_FILE) before loading and before every
 probe, so a test can change its behaviour while the exporter runs:
-  {"load": "ok|fail|hang|crash", "probe": "ok|raise|fatal|cuda|crash|hang|wrong|nan|slow",
-   "delay": seconds for "slow", "device_memory": [free, total] as cuMemGetInfo would say,
+  {"load": "ok|fail|hang|crash|slow", "load_delay": seconds for a slow load,
+   "probe": "ok|raise|fatal|cuda|crash|hang|wrong|nan|slow", "delay": seconds for "slow",
+   "device_memory": [free, total] as cuMemGetInfo would say,
    "gpu_phases": true to report h2d/compute/d2h as the GPU backends do,
    "memory": "ok|raise|hang" for the memory reading after a probe}
 A key "gpu:<index>" holds a control for that target alone. Without a control file it behaves
@@ -54,6 +55,8 @@ class FaultBackend:
             time.sleep(3600)
         if mode == "crash":
             segfault()
+        if mode == "slow":  # an engine build that takes its time, then succeeds
+            time.sleep(float(control(self._target).get("load_delay", 90)))
         info = self._inner.prepare()
         versions = {"tensorrt_version": "0.0"}
         return EngineInfo("fault", info.precision, info.model, "ab" * 32, versions)

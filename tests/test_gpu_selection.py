@@ -16,9 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml as fake_nvml_module
-from conftest import Faults, Running, cli, cli_env, free_port, wait_for
+from conftest import Faults, Running, cli, cli_env, free_port, settings, wait_for
 from trt_heartbeat import gpus
-from trt_heartbeat.app import gpu_visible, select_backend
+from trt_heartbeat.app import gpu_visible, probes_gpus, select_backend, targets_for
 from trt_heartbeat.backends import MigInstance, Target
 from trt_heartbeat.cuda_host import cuda_failure
 from trt_heartbeat.errors import ConfigError, Reason, UnknownBackendError
@@ -116,6 +116,29 @@ def test_gpu_visible_on_a_jetson(tmp_path: Path, node: str) -> None:
     (tmp_path / "dev" / node).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "dev" / node).touch()
     assert gpu_visible(tmp_path / "proc", tmp_path / "dev")
+
+
+@pytest.mark.parametrize(
+    ("backend", "gpus_setting", "has_gpu", "expected"),
+    [
+        ("cuda", "all", False, True),  # a GPU backend probes GPUs, visible or not (no_gpu)
+        ("tensorrt", "all", True, True),
+        ("reference", "all", True, False),  # the CPU reference never does
+        ("reference", [0], False, False),
+        # A backend of your own is imported only by its workers, so it cannot say: it probes
+        # the GPUs where one is visible or `gpus` names some, the host elsewhere.
+        ("fault_backend:FaultBackend", "all", True, True),
+        ("fault_backend:FaultBackend", [0], False, True),
+        ("fault_backend:FaultBackend", "all", False, False),
+    ],
+)  # fmt: skip
+def test_which_backends_probe_gpus(
+    backend: str, gpus_setting: Any, has_gpu: bool, expected: bool
+) -> None:
+    chosen = settings(backend=backend, gpus=gpus_setting)
+    assert probes_gpus(backend, chosen, has_gpu) is expected
+    targets = targets_for(backend, chosen, has_gpu)
+    assert all(t.gpu != "cpu" for t in targets) if expected else targets == [Target("cpu")]
 
 
 def test_auto_backend() -> None:

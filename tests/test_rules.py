@@ -108,7 +108,7 @@ def test_the_threshold_guard_covers_every_threshold_the_pack_uses() -> None:
     listed = set(re.findall(absent, guard))
     assert listed == defined
     prefixes = ("trt_heartbeat:threshold:", "TrtHeartbeatThreshold")
-    consumers = [r for r in rules() if not r.get("record", r.get("alert")).startswith(prefixes)]
+    consumers = [r for r in rules() if not str(r.get("record") or r["alert"]).startswith(prefixes)]
     used = {m for r in consumers for m in re.findall(r"trt_heartbeat:threshold:\w+", r["expr"])}
     assert used == {name for name, _ in defined}
 

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import ProcessCollector
 
 from . import __version__, gpus
-from .backends import GPU_BACKENDS, BackendOptions, Target, resolve_spec
+from .backends import GPU_BACKENDS, REGISTRY, BackendOptions, Target, resolve_spec
 from .collector import ClockCollector, NodeCollector, TargetCollector
 from .config import Settings
 from .exposition import Exposition
@@ -59,8 +59,20 @@ def select_backend(name: str, has_gpu: bool) -> str:
     return "tensorrt" if has_gpu else "reference"
 
 
-def targets_for(backend: str, settings: Settings) -> list[Target]:
-    if backend not in GPU_BACKENDS:
+def probes_gpus(backend: str, settings: Settings, has_gpu: bool) -> bool:
+    """Whether a backend's targets are the GPUs (one worker each, bound to its GPU) or the host.
+
+    The built-in GPU backends always, `reference` never; a backend of your own
+    (`package.module:Class`, imported only by workers, so it cannot say) wherever a GPU is
+    visible or `gpus` names some.
+    """
+    if backend in GPU_BACKENDS or backend in REGISTRY:
+        return backend in GPU_BACKENDS
+    return has_gpu or settings.gpus != "all"
+
+
+def targets_for(backend: str, settings: Settings, has_gpu: bool = False) -> list[Target]:
+    if not probes_gpus(backend, settings, has_gpu):
         return [Target(gpu="cpu")]
     try:
         found = gpus.discover()
@@ -98,6 +110,7 @@ class Exporter:
         worker_factory: WorkerFactory = Worker,
         wall_clock: Callable[[], float] = time.time,
         telemetry: NvmlTelemetry | None = None,
+        has_gpu: bool = False,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -106,12 +119,11 @@ class Exporter:
         spec = resolve_spec(backend)
         options = BackendOptions(settings.cuda_api, settings.engine_cache_dir)
         loops = []
-        for target in targets if targets is not None else targets_for(backend, settings):
+        bind_gpu = probes_gpus(backend, settings, has_gpu)
+        for target in targets if targets is not None else targets_for(backend, settings, has_gpu):
             state = TargetState(target, wall_clock, settings.history, settings.buckets,
                                 settings.histogram_phases)  # fmt: skip
-            worker_spec = WorkerSpec(
-                spec, target, settings.precision, options, bind_gpu=backend in GPU_BACKENDS
-            )
+            worker_spec = WorkerSpec(spec, target, settings.precision, options, bind_gpu=bind_gpu)
             loops.append(
                 TargetLoop(
                     worker_spec, state, settings,

@@ -23,8 +23,15 @@ import jsonschema
 import yaml
 
 from . import __version__, config, logs, web_config
-from .app import Exporter, gpu_visible, make_telemetry, select_backend, targets_for
-from .backends import GPU_BACKENDS, BackendOptions, resolve_spec
+from .app import (
+    Exporter,
+    gpu_visible,
+    make_telemetry,
+    probes_gpus,
+    select_backend,
+    targets_for,
+)
+from .backends import BackendOptions, resolve_spec
 from .clicommon import BadInput, env_name
 from .config import Settings
 from .errors import HeartbeatError
@@ -217,7 +224,8 @@ def serve(**params: Any) -> None:
             web = web_config.load(Path(settings.web_config_file))
         except HeartbeatError as exc:
             raise BadInput(str(exc)) from exc
-    exporter = Exporter(settings, backend, telemetry=make_telemetry(settings, has_gpu))
+    exporter = Exporter(settings, backend, telemetry=make_telemetry(settings, has_gpu),
+                        has_gpu=has_gpu)  # fmt: skip
     try:
         server = ExporterHTTPServer(
             settings.listen_host, settings.listen_port, exporter, web, settings.max_requests
@@ -290,14 +298,14 @@ def probe(count: int, summary: bool, **params: Any) -> None:
     """
     settings = load_settings(params)
     logs.configure("error", settings.log_format)
-    backend, _ = _select(settings)
+    backend, has_gpu = _select(settings)
     spec = resolve_spec(backend)
     report: dict[str, Any] = {"backend": backend, "precision": settings.precision, "targets": []}
     all_passed = True
     options = BackendOptions(settings.cuda_api, settings.engine_cache_dir)
-    for target in targets_for(backend, settings):
-        worker = Worker(WorkerSpec(spec, target, settings.precision, options,
-                                   bind_gpu=backend in GPU_BACKENDS))  # fmt: skip
+    bind_gpu = probes_gpus(backend, settings, has_gpu)
+    for target in targets_for(backend, settings, has_gpu):
+        worker = Worker(WorkerSpec(spec, target, settings.precision, options, bind_gpu=bind_gpu))
         entry: dict[str, Any] = {"gpu": target.gpu, "uuid": target.uuid, "probes": []}
         report["targets"].append(entry)
         worker.start()

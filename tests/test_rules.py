@@ -237,6 +237,13 @@ INSTANCE = {"job": "trt-heartbeat-exporter", "instance": "node1:9470"}
              "uuid": "GPU-a", **INSTANCE},
          ], {"TrtHeartbeatStale/0": "active", "TrtHeartbeatGpuMemoryLow/0": "active",
              "TrtHeartbeatWorkerRestarting/2": "suppressed"}),
+        # The host target of a CPU backend has no uuid: its gpu ("cpu") names it.
+        ("cpu-target", [
+            {"alertname": "TrtHeartbeatStale", "severity": "critical", "gpu": "cpu",
+             **INSTANCE},
+            {"alertname": "TrtHeartbeatWorkerRestarting", "severity": "warning", "gpu": "cpu",
+             **INSTANCE},
+         ], {"TrtHeartbeatStale/cpu": "active", "TrtHeartbeatWorkerRestarting/cpu": "suppressed"}),
         # Node gpu-7 is cordoned for maintenance: its exporter down and its GPUs stale wait;
         # gpu-8, serving, pages.
         ("node-maintenance", [

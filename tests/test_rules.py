@@ -244,19 +244,26 @@ INSTANCE = {"job": "trt-heartbeat-exporter", "instance": "node1:9470"}
             {"alertname": "TrtHeartbeatWorkerRestarting", "severity": "warning", "gpu": "cpu",
              **INSTANCE},
          ], {"TrtHeartbeatStale/cpu": "active", "TrtHeartbeatWorkerRestarting/cpu": "suppressed"}),
-        # Node gpu-7 is cordoned for maintenance: its exporter down and its GPUs stale wait;
-        # gpu-8, serving, pages.
+        # Node gpu-7 is cordoned for maintenance: its exporter down and its GPUs stale wait, a
+        # wrong answer of a GPU still serving there does not; gpu-8, serving, pages, and so does
+        # node gpu-7 of another cluster.
         ("node-maintenance", [
             {"alertname": "TrtHeartbeatNodeMaintenance", "severity": "info", "node": "gpu-7"},
             {"alertname": "TrtHeartbeatExporterDown", "severity": "critical", "node": "gpu-7",
              **INSTANCE},
             {"alertname": "TrtHeartbeatModelNotLoaded", "severity": "critical", "node": "gpu-7",
              "gpu": "1", "uuid": "GPU-71", **INSTANCE},
+            {"alertname": "TrtHeartbeatOutputMismatch", "severity": "critical", "node": "gpu-7",
+             "gpu": "2", "uuid": "GPU-72", **INSTANCE},
             {"alertname": "TrtHeartbeatStale", "severity": "critical", "node": "gpu-8",
              "gpu": "0", "uuid": "GPU-80", "job": "trt-heartbeat-exporter",
              "instance": "node8:9470"},
+            {"alertname": "TrtHeartbeatStale", "severity": "critical", "node": "gpu-7",
+             "cluster": "b", "gpu": "3", "uuid": "GPU-b73", "job": "trt-heartbeat-exporter",
+             "instance": "b-node7:9470"},
          ], {"TrtHeartbeatNodeMaintenance/-": "active", "TrtHeartbeatExporterDown/-": "suppressed",
-             "TrtHeartbeatModelNotLoaded/1": "suppressed", "TrtHeartbeatStale/0": "active"}),
+             "TrtHeartbeatModelNotLoaded/1": "suppressed", "TrtHeartbeatOutputMismatch/2": "active",
+             "TrtHeartbeatStale/0": "active", "TrtHeartbeatStale/3": "active"}),
         # The pitfall: labels missing on both sides count as equal. A critical alert without a
         # gpu label must not silence warnings that have none either.
         ("missing-labels-do-not-inhibit", [
@@ -303,7 +310,15 @@ def test_pages_group_per_node_not_per_gpu(alertmanager: str) -> None:
     other = {"alertname": "TrtHeartbeatModelNotLoaded", "severity": "critical",
              "case": "grouping", "gpu": "0", "uuid": "GPU-220", "job": "trt-heartbeat-exporter",
              "instance": "10.1.0.2:9470", "node": "gpu-22"}  # fmt: skip
-    _post(alertmanager, [*stale, other])
+    # Without Kubernetes (no node): per exporter instance.
+    bare = [{"alertname": "TrtHeartbeatStale", "severity": "critical", "case": "grouping",
+             "gpu": str(g), "uuid": f"GPU-23{g}", "job": "trt-heartbeat-exporter",
+             "instance": "host23:9470"} for g in range(2)]  # fmt: skip
+    # Sidecars: one exporter per pod, several pods on node gpu-24; the node is the cause.
+    sidecars = [{"alertname": "TrtHeartbeatStale", "severity": "critical", "case": "grouping",
+                 "gpu": "0", "uuid": f"GPU-24{p}", "job": "trt-heartbeat-exporter",
+                 "instance": f"10.1.4.{p}:9471", "node": "gpu-24"} for p in range(3)]  # fmt: skip
+    _post(alertmanager, [*stale, other, *bare, *sidecars])
 
     def pager_groups() -> list[list[str]] | None:
         with urllib.request.urlopen(alertmanager + "/api/v2/alerts/groups", timeout=5) as r:
@@ -312,11 +327,13 @@ def test_pages_group_per_node_not_per_gpu(alertmanager: str) -> None:
                         if a["labels"].get("case") == "grouping")
                  for g in groups if g["receiver"]["name"] == "pager"]  # fmt: skip
         found = sorted(f for f in found if f)
-        return found if sum(map(len, found)) == 9 else None
+        return found if sum(map(len, found)) == 14 else None
 
     assert wait_for(pager_groups, timeout=20) == [
         ["GPU-210", "GPU-211", "GPU-212", "GPU-213", "GPU-214", "GPU-215", "GPU-216", "GPU-217"],
         ["GPU-220"],
+        ["GPU-230", "GPU-231"],
+        ["GPU-240", "GPU-241", "GPU-242"],
     ]
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -206,6 +206,57 @@ def start_alerting(work: Path, processes: list[subprocess.Popen[bytes]],
     return prometheus, alertmanager
 
 
+def alerting_stack(work: Path, processes: list[subprocess.Popen[bytes]],
+                   exporters: dict[str, Exporter],
+                   scrape_configs: Callable[[list[Exporter]], list[dict[str, Any]]],
+                   interval: float) -> tuple[Stack, ThreadingHTTPServer]:  # fmt: skip
+    """Once every exporter listens: a webhook receiver, and Prometheus and Alertmanager
+    (start_alerting) with every receiver of the example configuration sent to it."""
+    for e in exporters.values():
+        e.port = wait_for(partial(listening_port, e.log), timeout=60,
+                          what=f"{e.name} listening")  # fmt: skip
+    hook_port, am_port, prom_port = free_port(), free_port(), free_port()
+    hook_server, hook = start_webhook(hook_port)
+    try:
+        prometheus, alertmanager = start_alerting(
+            work, processes,
+            {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
+            scrape_configs(list(exporters.values())), interval, (am_port, prom_port),
+        )  # fmt: skip
+    except BaseException:
+        hook_server.shutdown()
+        raise
+    return Stack(exporters, prometheus, alertmanager, hook), hook_server
+
+
+def fleet_scrape_configs(exporters: list[Exporter]) -> list[dict[str, Any]]:
+    return [
+        {
+            "job_name": "trt-heartbeat-exporter",
+            # What Kubernetes service discovery would attach to each pod; relabeled as the
+            # manifests do: the pod's track label becomes `track`.
+            "static_configs": [
+                {
+                    "targets": [e.instance],
+                    "labels": {
+                        "__meta_kubernetes_pod_label_track": e.track,
+                        "__meta_kubernetes_pod_name": e.name,
+                        "cluster": CLUSTER,
+                    },
+                }
+                for e in exporters
+            ],
+            "relabel_configs": [
+                {
+                    "source_labels": ["__meta_kubernetes_pod_label_track"],
+                    "target_label": "track",
+                },
+                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            ],
+        }
+    ]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e")
@@ -247,43 +298,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )
             processes.append(process)
             exporters[name] = Exporter(name, track, process, control, log)
-        for e in exporters.values():
-            e.port = wait_for(partial(listening_port, e.log), timeout=60,
-                              what=f"{e.name} listening")  # fmt: skip
-
-        hook_port, am_port, prom_port = free_port(), free_port(), free_port()
-        hook_server, hook = start_webhook(hook_port)
-        scrape_configs = [
-            {
-                "job_name": "trt-heartbeat-exporter",
-                # What Kubernetes service discovery would attach to each pod; relabeled as the
-                # manifests do: the pod's track label becomes `track`.
-                "static_configs": [
-                    {
-                        "targets": [e.instance],
-                        "labels": {
-                            "__meta_kubernetes_pod_label_track": e.track,
-                            "__meta_kubernetes_pod_name": e.name,
-                            "cluster": CLUSTER,
-                        },
-                    }
-                    for e in exporters.values()
-                ],
-                "relabel_configs": [
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_label_track"],
-                        "target_label": "track",
-                    },
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
-            }
-        ]
-        prometheus, alertmanager = start_alerting(
-            work, processes,
-            {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
-            scrape_configs, SCRAPE, (am_port, prom_port),
-        )  # fmt: skip
-        stack = Stack(exporters, prometheus, alertmanager, hook)
+        stack, hook_server = alerting_stack(
+            work, processes, exporters, fleet_scrape_configs, SCRAPE
+        )
         yield stack
     finally:
         tear_down(processes, hook_server, work, "e2e")

@@ -25,20 +25,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from functools import partial
+from typing import Any
 
 import pytest
 from test_fleet import (
     Exporter,
     Stack,
     _start,
-    listening_port,
-    start_alerting,
-    start_webhook,
-    tear_down,  # fmt: skip
+    alerting_stack,
+    tear_down,
 )
 
-from conftest import cli_env, free_port, wait_for
+from conftest import cli_env, wait_for
 
 INTERVAL = "10s"  # the exporter's default, so max age is its default 30s
 STARTUP_TIMEOUT, LOAD_SECONDS = 100.0, 90.0
@@ -49,6 +47,14 @@ EXPORTERS = {  # name: (fault control, config file)
     "edge": ({}, "nvml: {enabled: false}\n"),
     "nvml-broken": ({}, "nvml: {enabled: true, interval: 1s, timeout: 500ms}\n"),
 }
+
+
+def scrape_configs(exporters: list[Exporter]) -> list[dict[str, Any]]:
+    return [{
+        "job_name": "trt-heartbeat-exporter",
+        "static_configs": [{"targets": [e.instance], "labels": {"pod": e.name}}
+                           for e in exporters],
+    }]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +77,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             )  # fmt: skip
             processes.append(process)
             exporters[name] = Exporter(name, "stable", process, control, log)
-        for e in exporters.values():
-            e.port = wait_for(partial(listening_port, e.log), timeout=60,
-                              what=f"{e.name} listening")  # fmt: skip
-
-        hook_port, am_port, prom_port = free_port(), free_port(), free_port()
-        hook_server, hook = start_webhook(hook_port)
-        scrape_configs = [{
-            "job_name": "trt-heartbeat-exporter",
-            "static_configs": [{"targets": [e.instance], "labels": {"pod": e.name}}
-                               for e in exporters.values()],
-        }]  # fmt: skip
-        prometheus, alertmanager = start_alerting(
-            work, processes,
-            {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
-            scrape_configs, SCRAPE, (am_port, prom_port),
-        )  # fmt: skip
-        yield Stack(exporters, prometheus, alertmanager, hook)
+        stack, hook_server = alerting_stack(work, processes, exporters, scrape_configs, SCRAPE)
+        yield stack
     finally:
         tear_down(processes, hook_server, work, "operations")
 

@@ -22,21 +22,19 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_fleet import (
     Exporter,
     Stack,
     _start,
-    listening_port,
-    start_alerting,
-    start_webhook,
+    alerting_stack,
     tear_down,
 )
 
-from conftest import cli_env, free_port, wait_for
+from conftest import cli_env, wait_for
 
 INTERVAL, TIMEOUT = 10.0, 5.0  # the exporter's defaults
 SCRAPE = EVAL = 15.0
@@ -53,6 +51,14 @@ class Node(Exporter):
     kind: str = ""
     injected: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+
+
+def scrape_configs(nodes: list[Exporter]) -> list[dict[str, Any]]:
+    return [{
+        "job_name": "trt-heartbeat-exporter",
+        "static_configs": [{"targets": [n.instance], "labels": {"pod": n.name, "track": n.track}}
+                           for n in nodes],
+    }]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +82,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 )  # fmt: skip
                 processes.append(process)
                 nodes.append(Node(name, "stable", process, control, log, kind=kind))
-        for n in nodes:
-            n.port = wait_for(partial(listening_port, n.log), timeout=60,
-                              what=f"{n.name} listening")  # fmt: skip
-
-        hook_port, am_port, prom_port = free_port(), free_port(), free_port()
-        hook_server, hook = start_webhook(hook_port)
-        scrape_configs = [{
-            "job_name": "trt-heartbeat-exporter",
-            "static_configs": [{"targets": [n.instance], "labels": {"pod": n.name,
-                                                                    "track": n.track}}
-                               for n in nodes],
-        }]  # fmt: skip
-        prometheus, alertmanager = start_alerting(
-            work, processes,
-            {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
-            scrape_configs, SCRAPE, (am_port, prom_port),
-        )  # fmt: skip
-        yield Stack({n.name: n for n in nodes}, prometheus, alertmanager, hook)
+        stack, hook_server = alerting_stack(
+            work, processes, {n.name: n for n in nodes}, scrape_configs, SCRAPE
+        )
+        yield stack
     finally:
         tear_down(processes, hook_server, work, "time-to-page")
 

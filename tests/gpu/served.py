@@ -65,3 +65,27 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+# Run as `python -c HOG <bytes>` on a GPU: holds all of GPU 0's memory but <bytes> (another
+# tenant of the GPU), prints what is left free, and sleeps until killed.
+HOG = r"""
+import sys, time
+from cuda.bindings import driver as cu
+leave = int(sys.argv[1])
+cu.cuInit(0); _, dev = cu.cuDeviceGet(0); _, ctx = cu.cuDevicePrimaryCtxRetain(dev)
+cu.cuCtxSetCurrent(ctx)
+held = []
+while True:
+    _, free, total = cu.cuMemGetInfo()
+    want = free - leave
+    if want < (1 << 20):
+        break
+    err, ptr = cu.cuMemAlloc(min(want, 1 << 30))
+    if err != cu.CUresult.CUDA_SUCCESS:
+        break
+    held.append(ptr)
+_, free, _ = cu.cuMemGetInfo()
+print(free, flush=True)
+time.sleep(3600)
+"""

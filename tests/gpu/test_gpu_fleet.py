@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from served import Served, serve  # noqa: F401 (a fixture)
+from served import HOG, Served, serve  # noqa: F401 (a fixture)
 
 from conftest import wait_for
 
@@ -57,28 +57,6 @@ def test_discovery_with_mig_off_reports_each_whole_gpu() -> None:
         pynvml.nvmlShutdown()
     assert [(g.gpu, g.uuid, g.mig) for g in snapshot.gpus] == [(i, u, None) for i, u, _ in rows]
     _record("mig-off-discovery.json", {"nvidia_smi": rows, "found": [str(g) for g in found]})
-
-
-HOG = r"""
-import sys, time
-from cuda.bindings import driver as cu
-leave = int(sys.argv[1])
-cu.cuInit(0); _, dev = cu.cuDeviceGet(0); _, ctx = cu.cuDevicePrimaryCtxRetain(dev)
-cu.cuCtxSetCurrent(ctx)
-held = []
-while True:
-    _, free, total = cu.cuMemGetInfo()
-    want = free - leave
-    if want < (1 << 20):
-        break
-    err, ptr = cu.cuMemAlloc(min(want, 1 << 30))
-    if err != cu.CUresult.CUDA_SUCCESS:
-        break
-    held.append(ptr)
-_, free, _ = cu.cuMemGetInfo()
-print(free, flush=True)
-time.sleep(3600)
-"""
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from served import Served, serve  # noqa: F401 (a fixture)
+from served import HOG, Served, serve  # noqa: F401 (a fixture)
 
 from conftest import wait_for
 
@@ -35,27 +35,6 @@ INTERVAL = 2.0
 AFTER_BACK = 15.0
 LOGGED = ("target health changed", "worker replaced", "probe failing", "probe model loaded",
           "probe passing", "first probe passed", "NVML read failed")  # fmt: skip
-
-HOG = r"""
-import sys, time
-from cuda.bindings import driver as cu
-leave = int(sys.argv[1])
-cu.cuInit(0); _, dev = cu.cuDeviceGet(0); _, ctx = cu.cuDevicePrimaryCtxRetain(dev)
-cu.cuCtxSetCurrent(ctx)
-held = []
-while True:
-    _, free, total = cu.cuMemGetInfo()
-    want = free - leave
-    if want < (1 << 20):
-        break
-    err, ptr = cu.cuMemAlloc(min(want, 1 << 30))
-    if err != cu.CUresult.CUDA_SUCCESS:
-        break
-    held.append(ptr)
-_, free, _ = cu.cuMemGetInfo()
-print(free, flush=True)
-time.sleep(3600)
-"""
 
 
 def _smi(query: str) -> list[list[str]]:

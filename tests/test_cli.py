@@ -76,6 +76,40 @@ def test_probe_exits_1_when_a_probe_fails(
     assert report["targets"][0]["probes"][0]["result"] == result_kind
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_probe_report_is_strict_json_for_a_nan_output(tmp_path: Path) -> None:
+    # #25 (15): a NaN output printed "max_abs_error": Infinity, which no JSON parser reads.
+    faults = tmp_path / "f.json"
+    faults.write_text(json.dumps({"probe": "nan"}))
+    result = cli("probe", "--backend", FAULT_SPEC, "--count", "2", "--timeout", "1s",
+                 TRT_HEARTBEAT_FAULT_FILE=str(faults))  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout, parse_constant=_no_constant)
+    probes = report["targets"][0]["probes"]
+    assert probes and all(p["result"] == "mismatch" for p in probes)
+    assert all(p["max_abs_error"] is None and p["message"] for p in probes)
+
+
+def test_probe_and_probes_endpoint_share_one_record_format() -> None:
+    import math
+
+    from trt_heartbeat.app import probe_record_json
+    from trt_heartbeat.state import ProbeRecord
+
+    record = ProbeRecord(1_700_000_000.0, "mismatch", {"total": 0.001, "compute": math.inf},
+                         message="output has NaN", max_abs_error=math.nan)  # fmt: skip
+    out = probe_record_json(record)
+    assert json.loads(json.dumps(out, allow_nan=False)) == {
+        "time": "2023-11-14T22:13:20+00:00", "result": "mismatch", "reason": None,
+        "phases_seconds": {"total": 0.001, "compute": None}, "max_abs_error": None,
+        "message": "output has NaN",
+    }  # fmt: skip
+    assert "message" not in probe_record_json(record, hide_message=True)
+
+
 def test_probe_reports_a_load_failure(tmp_path: Path) -> None:
     faults = tmp_path / "f.json"
     faults.write_text(json.dumps({"load": "fail"}))

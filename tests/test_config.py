@@ -19,6 +19,9 @@ from trt_heartbeat.errors import ConfigError
 DATA = Path(__file__).parent / "testdata"
 DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds"
 
+LISTEN = "host:port such as :9470, 127.0.0.1:9470 or [::1]:9470 (an ASCII host name or IP address)"
+PATH = ("a URL path starting with / (ASCII letters, digits and -._~!$&'()*+,;=:@; no empty, . or "
+        ".. segments)")  # fmt: skip
 GPUS = (
     "all, or a list of GPU indexes (0, 1, ...), GPU UUIDs (GPU-...) or MIG instance UUIDs (MIG-...)"
 )
@@ -39,14 +42,25 @@ INVALID = {
     "timeout-not-shorter": "timeout: must be shorter than interval (10s >= 5s)",
     "max-age-below-interval": "max_age: must be at least one interval (1s < 10s)",
     "precision": 'precision: expected one of fp64, fp32, fp16, got "int8"',
-    "listen-address": "web.listen_address: expected host:port such as :9470, 127.0.0.1:9470 or "
-    '[::1]:9470, got "localhost"',
+    "listen-address": f'web.listen_address: expected {LISTEN}, got "localhost"',
+    "listen-host-non-ascii": f'web.listen_address: expected {LISTEN}, got "\\u00fcn\\u00ef:9470"',
     "listen-port": "web.listen_address: port 99999 is out of range (0-65535)",
-    "telemetry-path": 'web.telemetry_path: expected a URL path starting with /, got "metrics"',
+    "telemetry-path": f'web.telemetry_path: expected {PATH}, got "metrics"',
+    "telemetry-path-double-slash": f'web.telemetry_path: expected {PATH}, got "//metrics"',
+    "telemetry-path-non-ascii": f'web.telemetry_path: expected {PATH}, got "/m\\u00e9trics"',
+    "telemetry-path-space": f'web.telemetry_path: expected {PATH}, got "/my metrics"',
+    "telemetry-path-dot-segment": f'web.telemetry_path: expected {PATH}, got "/x/../metrics"',
     "telemetry-path-taken": "web.telemetry_path: /health is used by another endpoint",
     "label-name": "constant_labels.bad-name: expected a Prometheus label name "
     "([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)",
     "label-reserved": "constant_labels.gpu: label is set by the exporter itself",
+    "label-reserved-type": "constant_labels.type: label is set by the exporter itself",
+    "label-control-character": "constant_labels.track: control character U+000D in the value "
+    "(expected one line of text)",
+    "label-too-many": "constant_labels: at most 32 labels, got 33",
+    "label-value-too-long": "constant_labels.track: value longer than 1024 characters (1025)",
+    "timeout-under-1ms": 'timeout: must be at least 1ms, got "0.5ms"',
+    "nvml-timeout-under-1ms": 'nvml.timeout: must be at least 1ms, got "0.9ms"',
     "label-value": "constant_labels.track: expected a string label value, got 3",
     "yaml-syntax": "line 3: invalid YAML: while scanning a quoted scalar found unexpected end "
     "of stream",
@@ -133,8 +147,7 @@ def test_missing_config_file() -> None:
         (["--timeout", "-1"], "Invalid value for '--timeout' (env var: 'TRT_HEARTBEAT_TIMEOUT'): "
          f"expected {DURATION}, got '-1'"),
         (["--web.listen-address", "9470"], "Invalid value for '--web.listen-address' (env var: "
-         "'TRT_HEARTBEAT_WEB_LISTEN_ADDRESS'): expected host:port such as :9470, 127.0.0.1:9470 "
-         "or [::1]:9470, got '9470'"),
+         f"'TRT_HEARTBEAT_WEB_LISTEN_ADDRESS'): expected {LISTEN}, got '9470'"),
         (["--precision", "int4"], "Invalid value for '--precision' (env var: "
          "'TRT_HEARTBEAT_PRECISION'): 'int4' is not one of 'fp64', 'fp32', 'fp16'."),
         (["--backend", "nope"], "unknown backend 'nope': expected auto, cuda, reference, "
@@ -308,3 +321,92 @@ def test_a_metrics_list_means_the_same_in_file_flag_and_environment(
     result = CliRunner().invoke(cli_group, args, env=env)
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.output)["metrics"][key] == effective
+
+
+# #25 (14): each refused alike as a file key, a flag and an environment variable: one line, exit 2.
+SAME_REFUSAL = [
+    ("web.listen_address", "--web.listen-address", "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS",
+     "ünï:9470", LISTEN),
+    ("web.listen_address", "--web.listen-address", "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS",
+     "ü" * 70 + ":9470", LISTEN),
+    ("web.telemetry_path", "--web.telemetry-path", "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
+     "//metrics", PATH),
+    ("web.telemetry_path", "--web.telemetry-path", "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
+     "/métrics", PATH),
+    ("web.telemetry_path", "--web.telemetry-path", "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
+     "/my metrics", PATH),
+    ("timeout", "--timeout", "TRT_HEARTBEAT_TIMEOUT", "0.5ms", "must be at least 1ms"),
+    ("timeout", "--timeout", "TRT_HEARTBEAT_TIMEOUT", "0.0001", "must be at least 1ms"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "flag", "env", "value", "message"), SAME_REFUSAL)
+@pytest.mark.parametrize("where", ["file", "flag", "environment"])
+def test_a_bad_value_is_refused_alike_everywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    where: str, key: str, flag: str, env: str, value: str, message: str,
+) -> None:  # fmt: skip
+    path = tmp_path / "c.yaml"
+    section, _, leaf = key.rpartition(".")
+    document: dict[str, Any] = {leaf: value}
+    if section:
+        document = {section: document}
+    path.write_text(yaml.safe_dump(document, allow_unicode=True) if where == "file" else "")
+    if where == "environment":
+        monkeypatch.setenv(env, value)
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", str(path), *([flag, value] if where == "flag" else [])])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_a_non_ascii_listen_host_exits_2_with_one_line() -> None:
+    # It ended in a traceback from socket.bind, exit 1.
+    result = cli("serve", "--web.listen-address", "ü" * 70 + ":9470", "--backend", "reference")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(config.RESERVED_LABELS))
+def test_every_label_the_exporter_sets_is_refused_as_a_constant_label(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"constant_labels.{name}: label is set by the exporter"):
+        config.load(None, {"constant_labels": {name: "x"}})
+
+
+def test_every_label_name_in_the_exposition_is_reserved() -> None:
+    # The label names the exporter's own series carry (the body of a scrape with constant
+    # labels) are all refused as constant labels.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conftest import settings as make_settings
+    from trt_heartbeat.app import Exporter
+    from trt_heartbeat.backends import Target
+
+    s = make_settings(backend="reference", constant_labels={"track": "canary"})
+    ex = Exporter(s, "reference", [Target("0", "GPU-0")])
+    body, _ = ex.render_metrics(None)
+    names = {label for family in text_string_to_metric_families(body.decode())
+             for sample in family.samples for label in sample.labels}  # fmt: skip
+    assert names - {"track"} <= config.RESERVED_LABELS
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\tb", "a\x00b", "a\x7fb", "a\u2028b", "a\x85b"])
+def test_a_control_character_in_a_label_value_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"constant_labels\.track: control character"):
+        config.load(None, {"constant_labels": {"track": value}})
+
+
+def test_label_bounds_are_inclusive() -> None:
+    labels = {f"l{i}": "v" * 1024 for i in range(32)}
+    assert config.load(None, {"constant_labels": labels}).constant_labels == labels
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/metrics/", "/a/b-c_d.e~", "/x:y@z", "/probe;v=1"])
+def test_reachable_telemetry_paths_are_accepted(path: str) -> None:
+    assert config.load(None, {"web": {"telemetry_path": path}}).telemetry_path == path
+
+
+def test_a_1ms_timeout_is_accepted() -> None:
+    assert config.load(None, {"timeout": "1ms", "nvml": {"timeout": "1ms"}}).timeout == 0.001

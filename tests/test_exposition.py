@@ -7,6 +7,7 @@ import gzip
 import subprocess
 import zlib
 
+import pytest
 from hypothesis import given
 from hypothesis import settings as settings_
 from hypothesis import strategies as st
@@ -229,3 +230,62 @@ def test_a_gzip_member_holds_any_tail_after_the_compressed_stable_part(
     assert stream.decompress(packed) == stable + tail
     assert stream.eof and stream.unused_data == b"", "one gzip member, nothing after it"
     assert gzip.decompress(packed) == stable + tail  # CRC and size checked
+
+
+def test_distinct_accept_versions_keep_the_caches_bounded() -> None:
+    # #25 (1): the caches were keyed by the content type echoing the client's version=, so a
+    # new version per request grew them (and the process) without bound.
+    ex, clock = exporter()
+    for i in range(3):
+        probe(ex, i, clock.now - 1)
+    for i in range(200):
+        for accept in (f"application/openmetrics-text; version=2.{i}",
+                       f"text/plain; version=1.{i}; escaping=dots"):  # fmt: skip
+            ex.render_metrics(accept)
+    exp = ex.exposition
+    formats = {"text/plain; version=0.0.4; charset=utf-8",
+               "application/openmetrics-text; version=1.0.0; charset=utf-8"}  # fmt: skip
+    assert {key for key, _ in exp._cache} <= formats
+    assert set(exp._bodies) <= formats and set(exp._templates) <= formats
+    assert set(exp._slow_cache) <= formats
+    assert len(exp._cache) <= 2 * len(exp._stable)
+
+
+@pytest.mark.parametrize(
+    "accept",
+    ["text/plain; version=foo", "text/plain; version=1.x",
+     "application/openmetrics-text; version=foo",
+     "application/openmetrics-text; version=1.x", "application/openmetrics-text; version=1.0.0\r",
+     "application/openmetrics-text; version=2.0\rX-Evil: 1", "text/plain; version=1.0.0\r\n",
+     "application/openmetrics-text; version=", "application/openmetrics-text;;version=;=;",
+     ";;,,", "\x00\xff", "application/openmetrics-text; version=99999999999999999999"],
+)  # fmt: skip
+def test_any_accept_header_gets_a_served_format(accept: str) -> None:
+    # #25 (5, 12): a version prometheus_client cannot parse raised (500 and a traceback), and the
+    # client's version= text, bare CR included, was copied into the Content-Type.
+    ex, clock = exporter(1)
+    probe(ex, 0, clock.now - 1)
+    body, content_type = ex.render_metrics(accept)
+    assert content_type in (
+        "text/plain; version=0.0.4; charset=utf-8",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )
+    assert samples(body, openmetrics="openmetrics" in content_type)
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [(None, False), ("", False), ("*/*", False), ("text/plain", False),
+     ("text/plain; version=1.0.0; escaping=allow-utf-8", False),
+     ("application/openmetrics-text", True), ("application/openmetrics-text; version=1.0.0", True),
+     ("application/openmetrics-text; version=2.0.0", True),
+     ("application/openmetrics-text; version=0.0.1, text/plain", False),
+     ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+      "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+      "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2", True)],
+)  # fmt: skip
+def test_accept_negotiation_picks_a_served_format(accept: str | None, openmetrics: bool) -> None:
+    from trt_heartbeat.exposition import OPENMETRICS as OM
+    from trt_heartbeat.exposition import TEXT, negotiate
+
+    assert negotiate(accept) == (OM if openmetrics else TEXT)

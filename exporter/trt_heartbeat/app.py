@@ -100,6 +100,25 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def probe_record_json(r: ProbeRecord, hide_message: bool = False) -> dict[str, Any]:
+    """One probe as JSON, the same in /probes and the `probe` command: strict JSON, with no
+    NaN or Infinity (a NaN/Inf output reads null here and is said in the message)."""
+    out: dict[str, Any] = {
+        "time": _iso(r.timestamp),
+        "result": r.result,
+        "reason": str(r.reason) if r.reason else None,
+        "phases_seconds": {k: _finite(round(v, 9)) for k, v in r.phases.items()},
+        "max_abs_error": _finite(r.max_abs_error),
+    }
+    if not hide_message:
+        out["message"] = r.message
+    return out
+
+
 class Exporter:
     def __init__(
         self,
@@ -227,21 +246,6 @@ class Exporter:
         """The /probes body: the last few probes of each target, newest first."""
         hide = self.settings.hide_hardware_details
 
-        def record(r: ProbeRecord) -> dict[str, Any]:
-            out: dict[str, Any] = {
-                "time": _iso(r.timestamp),
-                "result": r.result,
-                "reason": str(r.reason) if r.reason else None,
-                "phases_seconds": {k: round(v, 9) for k, v in r.phases.items()},
-                # JSON has no Infinity: a NaN/Inf output is said in the message instead.
-                "max_abs_error": r.max_abs_error
-                if r.max_abs_error is not None and math.isfinite(r.max_abs_error)
-                else None,
-            }
-            if not hide:
-                out["message"] = r.message
-            return out
-
         return {
             "backend": self.backend,
             "pid": os.getpid(),
@@ -250,7 +254,10 @@ class Exporter:
                     "gpu": loop.target.gpu,
                     **({} if hide else {"uuid": loop.target.uuid}),
                     "worker_pid": loop.worker_pid,
-                    "probes": [record(r) for r in reversed(loop.state.snapshot().history)],
+                    "probes": [
+                        probe_record_json(r, hide_message=hide)
+                        for r in reversed(loop.state.snapshot().history)
+                    ],
                 }
                 for loop in self.scheduler.loops
             ],

@@ -27,6 +27,7 @@ from .app import (
     Exporter,
     gpu_visible,
     make_telemetry,
+    probe_record_json,
     probes_gpus,
     select_backend,
     targets_for,
@@ -321,13 +322,7 @@ def probe(count: int, summary: bool, **params: Any) -> None:
             for _ in range(count):
                 outcome = run_probe(worker, settings.precision, settings.timeout, lambda: True)
                 record = outcome.record
-                entry["probes"].append({
-                    "result": record.result,
-                    "reason": str(record.reason) if record.reason else None,
-                    "message": record.message or None,
-                    "phases_seconds": record.phases,
-                    "max_abs_error": record.max_abs_error,
-                })  # fmt: skip
+                entry["probes"].append(probe_record_json(record))
                 if record.result == "success":
                     totals.append(record.phases["total"])
                 if outcome.restart_reason is not None:
@@ -344,7 +339,9 @@ def probe(count: int, summary: bool, **params: Any) -> None:
             }  # fmt: skip
         all_passed = all_passed and passed == count
     report["passed"] = all_passed
-    click.echo(_summary_line(report) if summary else json.dumps(report, indent=2, default=str))
+    # Strict JSON (no NaN/Infinity): every float in the report is finite by construction.
+    click.echo(_summary_line(report) if summary
+               else json.dumps(report, indent=2, default=str, allow_nan=False))  # fmt: skip
     sys.exit(0 if all_passed else 1)
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -24,13 +27,20 @@ from .engine_cache import default_cache_dir
 from .errors import ConfigError, UnknownBackendError
 from .state import BUCKET_SETS
 
-# Labels the exporter sets itself; a constant label of the same name would clash.
+# Labels the exporter sets itself (every label name in collector.py, and the histogram's and
+# summary's own); a constant label of the same name would overwrite them.
 RESERVED_LABELS = frozenset(
     {"gpu", "uuid", "result", "phase", "reason", "status", "backend", "model", "precision",
      "engine_sha256", "version", "python_version", "tensorrt_version", "cuda_driver_version",
      "driver_version", "le", "quantile", "source", "parent_gpu", "parent_uuid", "profile",
-     "gpu_instance_id", "compute_instance_id"}
+     "gpu_instance_id", "compute_instance_id", "type", "name", "pci_bus_id",
+     "compute_capability"}
 )  # fmt: skip
+# Constant labels go on every series of every scrape: bounded, so a config cannot blow up
+# /metrics (a 1 MiB label made a 69 MB scrape).
+MAX_CONSTANT_LABELS = 32
+MAX_LABEL_VALUE = 1024  # characters
+MIN_TIMEOUT = 0.001  # seconds: the probe and NVML timers do not resolve less
 RESERVED_PATHS = frozenset({"/", "/health", "/ping", "/probes"})
 
 DEFAULTS: dict[str, Any] = {
@@ -264,11 +274,39 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)
 
 
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, a device, a socket or a directory: reading it could block for good."""
+
+
+def read_regular(path: Path | str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """At most `limit + 1` bytes of a regular file (one byte over says it is too large).
+
+    Opened without blocking and checked on the open descriptor, so a FIFO (or a path swapped
+    for one after a check) is refused instead of hanging the reader: NotRegularFileError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"not a regular file: {path}")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_file(path: Path, what: str = "config file", keys: str = "configuration") -> dict[str, Any]:
     """Parse a YAML or JSON file into a mapping; errors call it `what`, its keys `keys`."""
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_FILE_BYTES + 1)
+        raw = read_regular(path)
+    except NotRegularFileError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: not a regular file") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
     if len(raw) > MAX_FILE_BYTES:
@@ -423,6 +461,35 @@ def _metrics(
     return phases, bounds, ""
 
 
+def _at_least_1ms(seconds: dict[str, float], section: dict[str, Any], key: str,
+                  prefix: str) -> None:  # fmt: skip
+    if seconds[key] < MIN_TIMEOUT:
+        raise ConfigError(f"{prefix}{key}: must be at least 1ms, got {_shown(section[key])}")
+
+
+def _check_labels(labels: dict[str, str], prefix: str) -> None:
+    """Constant labels: none the exporter sets, bounded in number and size, and values that
+    are one line of text (the exposition would carry a raw CR as it is)."""
+    clashes = sorted(RESERVED_LABELS & set(labels))
+    if clashes:
+        raise ConfigError(
+            f"{prefix}constant_labels.{clashes[0]}: label is set by the exporter itself"
+        )
+    if len(labels) > MAX_CONSTANT_LABELS:
+        raise ConfigError(f"{prefix}constant_labels: at most {MAX_CONSTANT_LABELS} labels, "
+                          f"got {len(labels)}")  # fmt: skip
+    for name, value in labels.items():
+        if len(value) > MAX_LABEL_VALUE:
+            raise ConfigError(f"{prefix}constant_labels.{name}: value longer than "
+                              f"{MAX_LABEL_VALUE} characters ({len(value)})")  # fmt: skip
+        bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{prefix}constant_labels.{name}: control character U+{ord(bad):04X} in the "
+                "value (expected one line of text)"
+            )
+
+
 def _listen(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -449,6 +516,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
             raise ConfigError(f"{prefix}{key}: expected {expected}, got {_kind(merged[key])}")
         seconds[key] = value
     seconds.setdefault("max_age", 3 * seconds["interval"])
+    _at_least_1ms(seconds, merged, "timeout", prefix)
 
     if seconds["timeout"] >= seconds["interval"]:
         raise ConfigError(
@@ -472,17 +540,14 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         if value <= 0:
             expected = schema()["$defs"]["duration"]["x-expected"]
             raise ConfigError(f"{prefix}nvml.{key}: expected {expected}, got {_kind(nvml[key])}")
+    _at_least_1ms(nvml_seconds, nvml, "timeout", f"{prefix}nvml.")
     if nvml_seconds["timeout"] >= nvml_seconds["interval"]:
         raise ConfigError(
             f"{prefix}nvml.timeout: must be shorter than nvml.interval "
             f"({format_duration(nvml_seconds['timeout'])} >= "
             f"{format_duration(nvml_seconds['interval'])})"
         )
-    clashes = sorted(RESERVED_LABELS & set(merged["constant_labels"]))
-    if clashes:
-        raise ConfigError(
-            f"{prefix}constant_labels.{clashes[0]}: label is set by the exporter itself"
-        )
+    _check_labels(merged["constant_labels"], prefix)
     web = merged["web"]
     host, port = _listen(web["listen_address"])
     if port > 65535:

@@ -11,6 +11,7 @@ process metrics, read at most once per second.
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 import time
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.exposition import generate_latest as _generate_text
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE_OPENMETRICS
+from prometheus_client.openmetrics.exposition import generate_latest as _generate_openmetrics
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -28,6 +32,51 @@ _go_float = cast(Callable[[float], str], floatToGoString)  # untyped in client_p
 
 _EOF = b"# EOF\n"  # OpenMetrics: once, at the very end
 _HELP = b"# HELP "
+
+Encoder = Callable[[CollectorRegistry], bytes]
+
+
+def _openmetrics_1_0_0(registry: CollectorRegistry) -> bytes:
+    return cast(bytes, _generate_openmetrics(registry, version="1.0.0"))  # type: ignore[no-untyped-call]
+
+
+# The only formats served, and so the only cache keys: the Prometheus text format 0.0.4 and
+# OpenMetrics 1.0.0. Every metric and label name here is a legacy one, so escaping schemes and
+# the text format 1.0.0 would render the same bytes; no part of the request is ever copied into
+# the content type.
+TEXT = CONTENT_TYPE_PLAIN_0_0_4
+OPENMETRICS = CONTENT_TYPE_OPENMETRICS
+_ENCODERS: dict[str, Encoder] = {
+    TEXT: cast(Encoder, _generate_text),
+    OPENMETRICS: _openmetrics_1_0_0,
+}
+_VERSION = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9}){0,2}")
+
+
+def negotiate(accept: str | None) -> str:
+    """The served content type for an Accept header: OpenMetrics 1.0.0 where the first entry
+    naming a served format asks for OpenMetrics (no version, or a version of 1 or later), the
+    text format otherwise. Any header, however malformed, gets an answer."""
+    for entry in (accept or "")[:4096].split(","):
+        media, *params = entry.split(";")
+        kind = media.strip().lower()
+        if kind == "text/plain":
+            return TEXT
+        if kind != "application/openmetrics-text":
+            continue
+        version = ""
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "version":
+                version = value.strip()
+                break
+        if not version:
+            return OPENMETRICS
+        if _VERSION.fullmatch(version) and int(version.split(".")[0]) >= 1:
+            return OPENMETRICS
+        # OpenMetrics 0.0.1 or a version that is not one: the next entry decides.
+    return TEXT
+
 
 # A rendered part: (family name, its # HELP/# TYPE/# UNIT lines, its sample lines), in order.
 Fragments = list[tuple[bytes, bytes, bytes]]
@@ -148,6 +197,7 @@ class Exposition:
             self._slow.register(collector)
         self._monotonic, self._slow_ttl = monotonic, slow_ttl
         self._lock = threading.Lock()
+        # Keyed by the served content type (TEXT or OPENMETRICS): bounded whatever clients send.
         # (content type, part index) -> (version, fragments)
         self._cache: dict[tuple[str, int], tuple[object, Fragments]] = {}
         self._bodies: dict[str, _Body] = {}
@@ -158,7 +208,8 @@ class Exposition:
     def render(self, accept: str | None, gzip: bool = False) -> tuple[bytes, str]:
         """The body for a scrape with this Accept header, and its content type; gzip-compressed
         (one gzip member) when asked."""
-        encoder, content_type = choose_encoder(accept or "")
+        content_type = negotiate(accept)
+        encoder = _ENCODERS[content_type]
         # One render at a time: concurrent scrapers would only contend for the GIL, and
         # waiting on a lock costs them less than a GIL convoy does.
         with self._lock:

@@ -12,12 +12,15 @@ import hmac
 import logging
 import os
 import ssl
+import stat
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import read_file
+from .config import MAX_FILE_BYTES, read_file, read_regular
 from .errors import ConfigError
 
 log = logging.getLogger("trt_heartbeat")
@@ -123,8 +126,12 @@ def _file(path: Path, key: str, value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise _fail(path, key, "expected a file path")
     resolved = (path.parent / value) if not os.path.isabs(value) else Path(value)
-    if not resolved.is_file():
-        raise _fail(path, key, f"file not found: {resolved}")
+    try:
+        mode = resolved.stat().st_mode
+    except OSError:
+        raise _fail(path, key, f"file not found: {resolved}") from None
+    if not stat.S_ISREG(mode):
+        raise _fail(path, key, f"not a regular file: {resolved}")
     return resolved
 
 
@@ -242,9 +249,13 @@ class TLSContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = TLS_VERSIONS[s.min_version]
         ctx.maximum_version = TLS_VERSIONS[s.max_version]
-        ctx.load_cert_chain(s.cert_file, s.key_file)
+        # Each file is read once, bounded, and only if it is a regular file: a path turned into
+        # a FIFO would otherwise block this load, and every handshake waiting on it, for good.
+        with _in_memory(s.cert_file) as cert, _in_memory(s.key_file) as key:
+            ctx.load_cert_chain(cert, key)
         if s.client_ca_file is not None:
-            ctx.load_verify_locations(s.client_ca_file)
+            with _in_memory(s.client_ca_file) as ca:
+                ctx.load_verify_locations(ca)
         ctx.verify_mode = {
             "NoClientCert": ssl.CERT_NONE,
             "RequestClientCert": ssl.CERT_OPTIONAL,
@@ -289,27 +300,98 @@ class TLSContext:
         return bool(names & set(allowed))
 
 
+def _read_pem(path: Path) -> bytes:
+    data = read_regular(path, MAX_FILE_BYTES)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB")
+    return data
+
+
+@contextmanager
+def _in_memory(path: Path) -> Iterator[str]:
+    """A path to a copy of the file that nothing else can turn into a FIFO: an anonymous
+    in-memory file (memfd) where the system has them, the checked file itself elsewhere."""
+    data = _read_pem(path)
+    if not hasattr(os, "memfd_create"):
+        yield str(path)
+        return
+    fd = os.memfd_create("trt-heartbeat-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _bcrypt_checkpw(password: bytes, hashed: bytes) -> bool:
+    import bcrypt
+
+    return bool(bcrypt.checkpw(password, hashed))
+
+
+BCRYPT_MAX_PASSWORD = 72  # bytes bcrypt reads; Go's bcrypt (the exporter-toolkit) refuses more
+AUTH_CONCURRENCY = 2  # bcrypt checks at once: each takes a CPU for ~0.1 s at cost 10
+AUTH_WAIT = 0.2  # seconds a check waits for one of them before it counts as a failure
+
+
 class BasicAuth:
     """Checks credentials against bcrypt hashes; a successful check is cached (bcrypt is slow
-    by design, and Prometheus sends the same credentials every scrape)."""
+    by design, and Prometheus sends the same credentials every scrape).
 
-    def __init__(self, users: dict[str, bytes]) -> None:
+    Every check that is not cached costs one bcrypt hash, for an unknown user too (against
+    another user's hash, so at the same cost): the answer's time does not tell which users
+    exist. At most `concurrency` hashes run at once; a check that cannot start one within
+    `wait` seconds fails, so a flood of wrong passwords holds each request slot for a bounded
+    time instead of queueing for the CPU. Passwords longer than bcrypt reads fail unhashed.
+    """
+
+    def __init__(
+        self,
+        users: dict[str, bytes],
+        checkpw: Callable[[bytes, bytes], bool] = _bcrypt_checkpw,
+        concurrency: int = AUTH_CONCURRENCY,
+        wait: float = AUTH_WAIT,
+    ) -> None:
         self.users = users
+        self._checkpw, self._wait = checkpw, wait
+        self._slots = threading.BoundedSemaphore(concurrency)
+        # An unknown user's password is checked against this (and the answer is no).
+        self._decoy = max(users.values(), key=_cost) if users else b""
         self._cache: set[bytes] = set()
         self._lock = threading.Lock()
 
     def check(self, user: str, password: str) -> bool:
-        import bcrypt
-
-        hashed = self.users.get(user)
-        if hashed is None:
+        """Whether the credentials are right; never raises, whatever the client sent."""
+        secret = password.encode("utf-8", "surrogateescape")
+        known = self.users.get(user)
+        hashed = known if known is not None else self._decoy
+        if not hashed:
             return False
-        key = hashlib.sha256(user.encode() + b"\0" + password.encode() + b"\0" + hashed).digest()
-        with self._lock:
-            if any(hmac.compare_digest(key, k) for k in self._cache):
-                return True
-        if not bcrypt.checkpw(password.encode(), hashed.replace(b"$2y$", b"$2b$", 1)):
+        key = hashlib.sha256(
+            user.encode("utf-8", "surrogateescape") + b"\0" + secret + b"\0" + hashed
+        ).digest()
+        if known is not None:
+            with self._lock:
+                if any(hmac.compare_digest(key, k) for k in self._cache):
+                    return True
+        if len(secret) > BCRYPT_MAX_PASSWORD:
+            return False
+        if not self._slots.acquire(timeout=self._wait):
+            return False
+        try:
+            matched = self._checkpw(secret, hashed.replace(b"$2y$", b"$2b$", 1))
+        except ValueError:  # a NUL byte, or whatever a bcrypt version refuses
+            matched = False
+        finally:
+            self._slots.release()
+        if not matched or known is None:
             return False
         with self._lock:
             self._cache.add(key)
         return True
+
+
+def _cost(hashed: bytes) -> int:
+    """The cost factor of a bcrypt hash ($2b$10$...), 0 where unreadable."""
+    parts = hashed.split(b"$")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import Faults, Running, cli_env, fake_telemetry, wait_for
 from trt_heartbeat.backends import Target
+from trt_heartbeat.errors import Reason
 
 Start = Callable[..., Running]
 FIGURES: list[str] = []
@@ -154,6 +155,21 @@ def test_model_that_cannot_load(run_exporter: Start, faults: Faults) -> None:
         recover(r, cleared, 0, scraper, "engine load failing")  # lost: every failed load
     finally:
         scraper.stop()
+
+
+def test_a_load_past_the_startup_timeout_is_retried(run_exporter: Start, faults: Faults) -> None:
+    # The worker never finishes loading: past startup_timeout it is killed, counted as a
+    # timeout (probe result and restart reason, as docs/metrics.md says) and replaced, and the
+    # probe loop keeps going. It once died here on a restart reason the counters did not know.
+    faults.set(load="hang")
+    r = run_exporter(startup_timeout=1.0)
+    wait_for(lambda: r.snapshot().restarts_total["timeout"] >= 2, timeout=30)
+    snap = r.snapshot()
+    assert snap.probes_total["timeout"] >= 2 and snap.last_failure is not None
+    assert snap.last_failure.reason is Reason.STARTUP_TIMEOUT
+    assert r.exporter.alive()
+    faults.set()
+    wait_for(lambda: r.snapshot().last_success is not None, timeout=30)
 
 
 def test_nvml_hanging_and_failing(run_exporter: Start, faults: Faults, fake_nvml: Faults) -> None:

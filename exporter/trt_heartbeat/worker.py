@@ -207,7 +207,7 @@ class Worker:
         self, timeout: float, keep_waiting: Callable[[], bool]
     ) -> tuple[EngineInfo, float]:
         """Wait for the backend to load; returns its EngineInfo and load time in seconds."""
-        deadline = _Deadline(timeout, Reason.STARTUP_TIMEOUT, "startup")
+        deadline = _Deadline(timeout, Reason.STARTUP_TIMEOUT, "timeout")
         message = self._receive(deadline, keep_waiting)
         if message[0] == "ready":
             return message[1], message[2]

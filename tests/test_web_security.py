@@ -512,25 +512,29 @@ MANY = "".join(f"X-{i}: y\r\n" for i in range(101))
         # Each request is followed on its connection by THEN_PING: a second answer (200) shows
         # that the connection stayed open and in step, its absence that it was closed.
         (b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", ["200", "200"]),
-        (b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n", ["200"]),
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", ["200"]),
         (b"GET /ping HTTP/1.0\r\n\r\n", ["200"]),
         (b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", ["200", "200"]),
-        (b"GET /ping\r\n\r\n", ["200"]),  # HTTP/0.9
-        (b"GET /ping HTTP/1.1\r\nHost x\r\n\r\n", ["400"]),  # no colon
-        (b"GET /ping HTTP/1.1\r\nHost : x\r\n\r\n", ["400"]),  # space before the colon
+        (b"GET /ping\r\n\r\n", ["400"]),  # HTTP/0.9 is not served
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\nX y\r\n\r\n", ["400"]),  # no colon
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\nX : y\r\n\r\n", ["400"]),  # space before the colon
         (b"GET /ping HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", ["400"]),  # obs-fold
         (b"GET /ping HTTP/1.1 x\r\n\r\n", ["400"]),
         (b"GET /ping HTTP/1.x\r\n\r\n", ["400"]),
         (b"GET /ping HTTP/1.\xb2\r\n\r\n", ["400"]),  # a digit to str.isdigit(), not to int()
         (b"GET /ping HTTP/2.0\r\n\r\n", ["505"]),
-        (b"BREW /ping HTTP/1.1\r\n\r\n", ["501"]),
-        (f"GET /ping HTTP/1.1\r\n{MANY}\r\n".encode(), ["431"]),
-        (b"GET /ping HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", ["431"]),
+        (b"BREW /ping HTTP/1.1\r\nHost: x\r\n\r\n", ["405", "200"]),  # not GET or HEAD
+        (f"GET /ping HTTP/1.1\r\nHost: x\r\n{MANY}\r\n".encode(), ["431"]),
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", ["431"]),
         (b"GET /" + b"p" * 70_000 + b" HTTP/1.1\r\n\r\n", ["414"]),
         # A body is never read: the connection closes after the answer instead of reading the
         # body as a request of its own (here one that would have been answered).
-        (b"POST /ping HTTP/1.1\r\nContent-Length: 18\r\n\r\nGET / HTTP/1.1\r\n\r\n", ["405"]),
-        (b"GET /ping HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ["200"]),
+        (
+            b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 26\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            ["405"],
+        ),
+        (b"GET /ping HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ["200"]),
     ],
     ids=lambda value: value.decode(errors="replace")[:40] if isinstance(value, bytes) else None,
 )
@@ -555,7 +559,7 @@ def test_header_names_are_case_insensitive_and_the_first_one_counts(
 ) -> None:
     server = serve()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\naccept-ENCODING: gzip\r\nAccept-Encoding: identity\r\n"
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\naccept-ENCODING: gzip\r\nAccept-Encoding: identity\r\n"
                   b"Connection: close\r\n\r\n")  # fmt: skip
         reply = b""
         while chunk := s.recv(65536):

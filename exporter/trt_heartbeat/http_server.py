@@ -1,7 +1,7 @@
 """The HTTP server: /metrics, /health, /ping, /probes and a landing page.
 
-Each request runs in its own thread and only reads snapshots, so a wedged probe worker can never
-hold a request. Only GET and HEAD are served.
+Each connection runs in its own thread and only reads snapshots, so a wedged probe worker can never
+hold a request. Requests are framed by h11; only GET and HEAD are served (any other method: 405).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import socket
+import socketserver
 import ssl
 import sys
 import threading
@@ -21,9 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import urlsplit
+
+import h11
 
 from . import __version__
 from .web_config import BasicAuth, TLSContext, WebConfig
@@ -70,10 +73,16 @@ def _landing_page(telemetry_path: str) -> bytes:
     ).encode()
 
 
-_MAX_LINE = 65536  # bytes in the request line or one header line
+# The request head (request line and every header) is read whole before anything is decided and
+# is bounded as a whole: past this, 431 (414 while the request line is not even complete). One
+# unfinished connection holds at most this much plus one read of request bytes.
+MAX_REQUEST_HEAD = 16 * 1024
+_RECV_SIZE = 16 * 1024
 _MAX_HEADERS = 100
-_METHODS_NOT_ALLOWED = frozenset({"POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
+# An answer must be written within this, whatever the client's receive window: past it the
+# connection is closed and nothing more is written on it. It is separate from the idle timeout.
+WRITE_TIMEOUT_SECONDS = 5.0
+_ALLOW = {"Allow": "GET, HEAD"}
 _date = (0, "")  # (second, HTTP-date of it): formatting the date costs more than a cached read
 
 
@@ -91,133 +100,242 @@ class _BadRequest(Exception):
         self.status = status
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """One connection's requests, read and answered without the standard library's per-request
-    parsing (`email.parser` for headers): a scrape is a GET with a few headers, and under
-    concurrent scrapers that parsing was a third of the CPU a scrape cost."""
+_Q_VALUE = re.compile(rb"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+
+
+def _wants_gzip(accept_encoding: bytes) -> bool:
+    """Whether an Accept-Encoding field value (RFC 9110 §12.5.3) takes gzip: a coding token with
+    an optional q-value; `gzip;q=0` refuses it, `*` stands for codings not named."""
+    if accept_encoding == b"gzip":  # what Prometheus sends
+        return True
+    star = False
+    for item in accept_encoding.split(b","):
+        coding, _, params = item.partition(b";")
+        coding = coding.strip(b" \t").lower()
+        weight = True
+        for param in params.split(b";") if params else ():
+            name, _, value = param.partition(b"=")
+            if name.strip(b" \t").lower() == b"q":
+                value = value.strip(b" \t")
+                # An unreadable q-value is read as a refusal: identity always works.
+                weight = _Q_VALUE.fullmatch(value) is not None and float(value) > 0
+        if coding in (b"gzip", b"x-gzip"):
+            return weight
+        if coding == b"*":
+            star = weight
+    return star
+
+
+def _request_path(method: str, target: str) -> str | None:
+    """The path a request target names (RFC 9112 §3.2), None if the target is malformed."""
+    if target.startswith("/"):  # origin-form
+        if target.startswith("//"):  # "//host/x" reads as a host to some clients
+            target = "/" + target.lstrip("/")
+        return target.partition("?")[0].partition("#")[0]
+    scheme, sep, _ = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):  # absolute-form
+        try:
+            parts = urlsplit(target)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            return None
+        if not parts.hostname:
+            return None
+        path = parts.path or "/"
+        return "/" + path.lstrip("/") if path.startswith("//") else path
+    if target == "*" and method == "OPTIONS":  # asterisk-form: only OPTIONS, answered 405
+        return target
+    return None
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    path: str
+    head: bool
+    fields: dict[bytes, bytes]  # lower-case name -> first value
+    accept_encoding: bytes  # every Accept-Encoding value, joined
+    close: bool  # the connection closes after the answer
+    keep_alive: bool  # an HTTP/1.0 keep-alive to confirm
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One connection's requests, framed by h11 (a strict HTTP/1.1 parser) and answered one at a
+    time, each in one write under the write deadline.
+
+    A request's head is parsed only once it is complete; nothing is read past it while its answer
+    is unsent, so a connection pipelining requests holds one request and one read of bytes at
+    most. A request slot is held while a request is checked and rendered, never while its answer
+    waits on the client's receive window.
+    """
 
     server: ExporterHTTPServer
-    timeout = REQUEST_TIMEOUT_SECONDS
+    request: socket.socket
     protocol_version = "HTTP/1.1"
-    # Each answer goes out in one write, but a keep-alive client's delayed ACK must not wait on
-    # Nagle either.
-    disable_nagle_algorithm = True
     server_version = f"trt-heartbeat-exporter/{__version__}"
-    fields: dict[str, str]  # the request's headers: lower-case name -> first value
-    _slot = False  # this request holds one of the server's request slots
 
-    def handle_one_request(self) -> None:
-        # Idle (keep-alive, or a fresh connection): wait for the first byte of a request under
-        # the idle timeout; from then on the header deadline runs. A request whose headers are
-        # complete takes a slot (--web.max-requests) until its answer is written.
-        self.close_connection = True
-        try:
-            if not self.rfile.peek(1):  # type: ignore[attr-defined]
+    def setup(self) -> None:
+        self._buffer = b""  # bytes read but not yet parsed (pipelined requests)
+        self._timeout = REQUEST_TIMEOUT_SECONDS
+        self.request.settimeout(self._timeout)
+        # Each answer goes out in one write, but a keep-alive client's delayed ACK must not wait
+        # on Nagle either.
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle(self) -> None:
+        connections = self.server.connections
+        while True:
+            # Idle (keep-alive, or a fresh connection): wait for the first byte of a request
+            # under the idle timeout; from then on the header deadline runs.
+            if not self._buffer:
+                self._buffer = self._recv(REQUEST_TIMEOUT_SECONDS)
+                if not self._buffer:
+                    return
+            connections.enter(HEADERS)
+            if not self._serve_one():
                 return
-        except (TimeoutError, OSError):
-            return
-        self._slot = False
-        self.server.connections.enter(HEADERS)
-        try:
-            self._serve_request()
-        except TimeoutError:
-            self.close_connection = True
-        finally:
-            if self._slot:
-                self.server.release_slot()
-                self._slot = False
-            self.server.connections.enter(IDLE)
+            connections.enter(IDLE)
 
-    def _serve_request(self) -> None:
-        self.command, self.path, self.requestline = "", "", ""
-        self.request_version = "HTTP/1.0"  # until the request line says otherwise
+    def _recv(self, timeout: float) -> bytes:
+        """Up to one read of request bytes; b"" at EOF, on a timeout or when the connection was
+        cut."""
         try:
-            if not self._read_request():
-                return  # the client hung up before its request was complete
+            if self._timeout != timeout:
+                self.request.settimeout(timeout)
+                self._timeout = timeout
+            return self.request.recv(_RECV_SIZE)
+        except OSError:
+            return b""
+
+    def _serve_one(self) -> bool:
+        """Read, check and answer one request; False when the connection is to close."""
+        try:
+            request = self._read_request()
         except _BadRequest as bad:
-            self.send_error(bad.status, str(bad))
-            return
+            log.debug("bad request", extra={"fields": {"status": bad.status.value,
+                                                       "error": str(bad)}})  # fmt: skip
+            self._write(self._error(bad.status))
+            return False
+        if request is None:
+            return False  # the client hung up, or was cut, before its request was complete
         # A cut connection (header deadline, connection limit) answers nothing, spends no slot
         # and no rendering.
         if not self.server.connections.enter(BUSY):
-            self.close_connection = True
-            return
-        if not self.server.acquire_slot():
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.wfile.write(_TOO_MANY)
-            return
-        self._slot = True
-        if self.command in ("GET", "HEAD"):
-            self._dispatch(head=self.command == "HEAD")
-        elif self.command in _METHODS_NOT_ALLOWED:
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", "text/plain",
-                       extra={"Allow": "GET, HEAD"})  # fmt: skip
-        else:
-            self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command!r}")
-
-    def _read_request(self) -> bool:
-        """Read the request line and headers; False at EOF before they are complete."""
-        line = self._line(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
-        if line is None:
             return False
-        self.requestline = line = line.rstrip("\r\n")
-        words = line.split()
-        http09 = len(words) == 2 and words[0] == "GET"  # answered as HTTP/1.0, then closed
-        if http09:
-            words.append("HTTP/1.0")
-        if len(words) != 3:
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad request line")
-        self.command, self.path, version = words
-        # ASCII digits only: str.isdigit() takes "²", which int() then refuses.
-        number = _VERSION.fullmatch(version)
-        if number is None:
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad HTTP version")
-        major, minor = int(number[1]), int(number[2])
-        if major >= 2:
-            raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/2 is not served here")
-        self.request_version = version
-        if self.path.startswith("//"):  # "//host/x" reads as a host to some clients
-            self.path = "/" + self.path.lstrip("/")
-        fields: dict[str, str] = {}
-        for _ in range(_MAX_HEADERS + 1):
-            line = self._line(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header line too long")
-            if line is None:
-                return False
-            if line in ("\r\n", "\n"):
+        if not self.server.acquire_slot():
+            self._write(_TOO_MANY)
+            return False
+        try:
+            answer = self._respond(request)
+        finally:
+            self.server.release_slot()  # before the write: a client that never reads holds none
+        return self._write(answer) and not request.close
+
+    def _read_request(self) -> _Request | None:
+        """The next request's head, once complete; None at EOF before it is."""
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        received = self._buffer
+        parser.receive_data(received)
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = HTTPStatus(exc.error_status_hint)
+                if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE and b"\n" not in received:
+                    status = HTTPStatus.REQUEST_URI_TOO_LONG
+                raise _BadRequest(status, str(exc)) from None
+            if event is not h11.NEED_DATA:
                 break
-            name, colon, value = line.partition(":")
-            # No name, whitespace in or around it, or a folded continuation line: RFC 9112
-            # lets a server reject these, and guessing what the client meant is how requests
-            # get smuggled.
-            if not colon or not name or name != name.strip() or " " in name or "\t" in name:
-                raise _BadRequest(HTTPStatus.BAD_REQUEST, "bad header line")
-            fields.setdefault(name.lower(), value.strip(" \t\r\n"))
-        else:
+            more = self._recv(REQUEST_TIMEOUT_SECONDS)
+            if not more:
+                return None
+            received += more
+            parser.receive_data(more)
+        assert isinstance(event, h11.Request)
+        self._buffer = rest = parser.trailing_data[0]
+        head = memoryview(received)[: len(received) - len(rest)]
+        if len(head) > MAX_REQUEST_HEAD:  # it came complete in one read
+            raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+        # h11 unfolds obsolete line folding; guessing what a folded header meant is how
+        # requests get smuggled, so it is refused (RFC 9112 §5.2 allows either).
+        if re.search(rb"\n[ \t]", head):
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "obsolete line folding")
+        version = event.http_version
+        if not version.startswith(b"1."):
+            raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "only HTTP/1.x is served")
+        if len(event.headers) > _MAX_HEADERS:
             raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
-        self.fields = fields
-        connection = fields.get("connection", "").lower()
-        keep_alive = (major, minor) >= (1, 1) or connection == "keep-alive"
+        method, target = event.method.decode("ascii"), event.target.decode("ascii")
+        path = _request_path(method, target)
+        if path is None:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "malformed request target")
+        fields: dict[bytes, bytes] = {}
+        connection: list[bytes] = []
+        encodings: list[bytes] = []
+        for name, value in event.headers:
+            fields.setdefault(name, value)
+            if name == b"connection":
+                connection += (token.strip(b" \t").lower() for token in value.split(b","))
+            elif name == b"accept-encoding":
+                encodings.append(value)
+        if version == b"1.0":
+            keep_alive = b"keep-alive" in connection and b"close" not in connection
+        else:
+            keep_alive = b"close" not in connection
         # Nothing here reads a request body: after a request that has one, the connection
         # closes rather than read the body as the next request.
-        has_body = fields.get("content-length", "0") != "0" or "transfer-encoding" in fields
-        self.close_connection = http09 or not keep_alive or connection == "close" or has_body
-        return True
+        has_body = fields.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in fields
+        close = not keep_alive or has_body
+        return _Request(method, target, path, method == "HEAD", fields, b",".join(encodings),
+                        close, keep_alive=not close and version == b"1.0")  # fmt: skip
 
-    def _line(self, too_long: HTTPStatus, detail: str) -> str | None:
-        """The next line with its line break; None at EOF before one."""
-        raw = self.rfile.readline(_MAX_LINE + 1)
-        if raw.endswith(b"\n"):
-            return raw.decode("iso-8859-1")
-        if len(raw) > _MAX_LINE:
-            raise _BadRequest(too_long, detail)
-        return None
+    def _respond(self, request: _Request) -> bytes:
+        """The whole answer to a request, head and body."""
+        self._current = request
+        if request.method not in ("GET", "HEAD"):
+            return self._answer(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n",
+                                "text/plain", extra=_ALLOW)  # fmt: skip
+        app, path, head = self.server.app, request.path, request.head
+        if not self._authorized(request):
+            return self._answer(HTTPStatus.UNAUTHORIZED, b"unauthorized\n", "text/plain", head,
+                                extra=_CHALLENGE)  # fmt: skip
+        try:
+            if path == app.telemetry_path:
+                gzipped = _wants_gzip(request.accept_encoding)
+                accept = request.fields.get(b"accept")
+                body, content_type = app.render_metrics(
+                    None if accept is None else accept.decode("latin-1"), gzipped
+                )
+                return self._answer(HTTPStatus.OK, body, content_type, head, gzipped=gzipped)
+            if path == "/health":
+                report, ready = app.health_report()
+                status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+                return self._answer_json(status, report, head)
+            if path == "/ping":
+                if app.alive():
+                    return self._answer(HTTPStatus.OK, b"OK\n", "text/plain", head)
+                return self._answer(HTTPStatus.SERVICE_UNAVAILABLE, b"probe loop stalled\n",
+                                    "text/plain", head)  # fmt: skip
+            if path == "/probes":
+                return self._answer_json(HTTPStatus.OK, app.probe_report(), head)
+            if path == "/":
+                return self._answer(HTTPStatus.OK, _landing_page(app.telemetry_path),
+                                    "text/html", head)  # fmt: skip
+            return self._answer(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head)
+        except Exception:
+            log.exception("error serving request", extra={"fields": {"path": path}})
+            request.close = True
+            return self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n",
+                                "text/plain", head)  # fmt: skip
 
-    def _authorized(self) -> bool:
+    def _authorized(self, request: _Request) -> bool:
         auth = self.server.basic_auth
         if auth is None:
             return True
-        scheme, _, encoded = self.fields.get("authorization", "").partition(" ")
+        credentials = request.fields.get(b"authorization", b"").decode("latin-1")
+        scheme, _, encoded = credentials.partition(" ")
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
@@ -225,47 +343,13 @@ class _Handler(BaseHTTPRequestHandler):
                 user = password = ""
             if user and auth.check(user, password):
                 return True
-        self._send(HTTPStatus.UNAUTHORIZED, b"unauthorized\n", "text/plain",
-                   extra={"WWW-Authenticate": 'Basic realm="trt-heartbeat-exporter"'})  # fmt: skip
         return False
 
-    def _dispatch(self, head: bool) -> None:
-        app = self.server.app
-        path = urlsplit(self.path).path
-        if not self._authorized():
-            return
-        try:
-            if path == app.telemetry_path:
-                gzipped = "gzip" in self.fields.get("accept-encoding", "")
-                body, content_type = app.render_metrics(self.fields.get("accept"), gzipped)
-                self._send(HTTPStatus.OK, body, content_type, head, gzipped=gzipped)
-            elif path == "/health":
-                report, ready = app.health_report()
-                status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-                self._send_json(status, report, head)
-            elif path == "/ping":
-                if app.alive():
-                    self._send(HTTPStatus.OK, b"OK\n", "text/plain", head)
-                else:
-                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"probe loop stalled\n",
-                               "text/plain", head)  # fmt: skip
-            elif path == "/probes":
-                self._send_json(HTTPStatus.OK, app.probe_report(), head)
-            elif path == "/":
-                self._send(HTTPStatus.OK, _landing_page(app.telemetry_path), "text/html", head)
-            else:
-                self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head)
-        except ConnectionError:  # the client went away mid-response
-            self.close_connection = True
-        except Exception:
-            log.exception("error serving request", extra={"fields": {"path": path}})
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain", head)
-
-    def _send_json(self, status: HTTPStatus, document: dict[str, Any], head: bool) -> None:
+    def _answer_json(self, status: HTTPStatus, document: dict[str, Any], head: bool) -> bytes:
         body = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode()
-        self._send(status, body, "application/json", head)
+        return self._answer(status, body, "application/json", head)
 
-    def _send(
+    def _answer(
         self,
         status: HTTPStatus,
         body: bytes,
@@ -273,7 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
         head: bool = False,
         gzipped: bool = False,
         extra: dict[str, str] | None = None,
-    ) -> None:
+    ) -> bytes:
         if "charset" not in content_type and not content_type.startswith("application/json"):
             content_type += "; charset=utf-8"
         lines = [
@@ -288,29 +372,58 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Content-Encoding: gzip")
         fields = {**self.server.headers, **extra} if extra else self.server.headers
         lines += [f"{key}: {value}" for key, value in fields.items()]
-        if self.close_connection:
+        request = self._current
+        if request is None or request.close:
             lines.append("Connection: close")
+        elif request.keep_alive:
+            lines.append("Connection: keep-alive")
         lines.append("\r\n")
+        if log.isEnabledFor(logging.DEBUG) and request is not None:
+            log.debug(f'"{request.method} {request.target}" {status.value} {len(body)}')
         # One write (one system call, one GIL hand-off) for the head and the body.
-        self.wfile.write("\r\n".join(lines).encode("latin-1") + (b"" if head else body))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(f'"{self.requestline}" {status.value} {len(body)}')
+        return "\r\n".join(lines).encode("latin-1") + (b"" if head else body)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Plain-text errors that never echo the request (the stdlib page quotes it)."""
-        status = HTTPStatus(code)
-        self.close_connection = True
-        if message:
-            log.debug("bad request", extra={"fields": {"status": code, "error": message}})
-        body = f"{status.value} {status.phrase}\n".encode()
-        with contextlib.suppress(OSError):
-            self._send(status, body, "text/plain", head=self.command == "HEAD")
+    _current: _Request | None = None
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug(format % args)
+    def _error(self, status: HTTPStatus) -> bytes:
+        """Plain-text errors that never echo the request; the connection closes after them."""
+        self._current = None
+        return self._answer(status, f"{status.value} {status.phrase}\n".encode(), "text/plain")
+
+    def _write(self, data: bytes) -> bool:
+        """Write a whole answer within the write deadline; False if it could not be (the
+        connection is then closed and nothing more is written on it)."""
+        sock, limit = self.request, self.server.write_timeout
+        deadline = time.monotonic() + limit
+        try:
+            if self._timeout != limit:
+                sock.settimeout(limit)
+                self._timeout = limit
+            sent = sock.send(data)
+            if sent == len(data):
+                return True
+            # The client's receive window is full: the rest goes out under the deadline, and
+            # the connection can be cut (connection limit, reaper) while it waits.
+            self.server.connections.enter(WRITE)
+            view = memoryview(data)[sent:]
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("write deadline")
+                sock.settimeout(left)
+                self._timeout = left
+                view = view[sock.send(view) :]
+            return True
+        except OSError as exc:
+            log.debug("answer not written; closing",
+                      extra={"fields": {"error": str(exc) or type(exc).__name__}})  # fmt: skip
+            return False
 
 
-HANDSHAKE, HEADERS, IDLE, BUSY = "handshake", "headers", "idle", "busy"
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="trt-heartbeat-exporter"'}
+
+
+HANDSHAKE, HEADERS, IDLE, BUSY, WRITE = "handshake", "headers", "idle", "busy", "write"
 
 
 @dataclass
@@ -324,14 +437,17 @@ class Connections:
     """Every open connection and what it is doing, so that slow or idle ones can be bounded.
 
     A reaper thread closes connections that spent longer than the header deadline in a TLS
-    handshake or in their request headers; past `limit` open connections, a new one makes room
-    by closing the oldest idle, then the oldest unfinished one. Requests being answered (BUSY)
-    are never dropped: they are bounded by the request slots.
+    handshake or in their request headers, or longer than the write deadline waiting for a client
+    to take its answer (WRITE); past `limit` open connections, a new one makes room by closing
+    the oldest idle, then the oldest unfinished one, then the oldest waiting on its client.
+    Requests being answered (BUSY) are never dropped: they are bounded by the request slots.
     """
 
     def __init__(self, limit: int, header_timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic,
+                 write_timeout: float = WRITE_TIMEOUT_SECONDS) -> None:  # fmt: skip
         self.limit, self.header_timeout, self.clock = limit, header_timeout, clock
+        self.write_timeout = write_timeout
         self._open: dict[int, _Connection] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -342,7 +458,8 @@ class Connections:
         """Register a new connection; False if no room could be made."""
         with self._lock:
             if len(self._open) >= self.limit:
-                victim = self._oldest(IDLE) or self._oldest(HEADERS) or self._oldest(HANDSHAKE)
+                victim = (self._oldest(IDLE) or self._oldest(HEADERS)
+                          or self._oldest(HANDSHAKE) or self._oldest(WRITE))  # fmt: skip
                 if victim is None:
                     return False
                 self._drop(victim, "connection limit")
@@ -379,7 +496,7 @@ class Connections:
 
     def count(self) -> dict[str, int]:
         with self._lock:
-            out = dict.fromkeys((HANDSHAKE, HEADERS, IDLE, BUSY), 0)
+            out = dict.fromkeys((HANDSHAKE, HEADERS, IDLE, BUSY, WRITE), 0)
             for conn in self._open.values():
                 out[conn.phase] += 1
             return out
@@ -391,6 +508,10 @@ class Connections:
                     and now - c.since > self.header_timeout]  # fmt: skip
             for conn in late:
                 self._drop(conn, "header deadline")
+            stuck = [c for c in self._open.values()
+                     if c.phase == WRITE and now - c.since > self.write_timeout]  # fmt: skip
+            for conn in stuck:
+                self._drop(conn, "write deadline")
 
     def run_reaper(self, every: float = 0.25) -> None:
         while not self._stop.wait(every):
@@ -426,9 +547,12 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         max_requests: int = 40,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        write_timeout: float = WRITE_TIMEOUT_SECONDS,
     ) -> None:
         self.app = app
-        self.connections = Connections(max_connections, header_timeout)
+        self.write_timeout = write_timeout
+        self.connections = Connections(max_connections, header_timeout,
+                                       write_timeout=write_timeout)  # fmt: skip
         threading.Thread(target=self.connections.run_reaper, name="http-reaper",
                          daemon=True).start()  # fmt: skip
         self.tls = TLSContext(web.tls) if web and web.tls else None

@@ -375,21 +375,29 @@ def test_every_label_the_exporter_sets_is_refused_as_a_constant_label(name: str)
         config.load(None, {"constant_labels": {name: "x"}})
 
 
-def test_every_label_name_in_the_exposition_is_reserved() -> None:
-    # The label names the exporter's own series carry (the body of a scrape with constant
-    # labels) are all refused as constant labels.
-    from prometheus_client.parser import text_string_to_metric_families
+def test_every_label_name_the_collectors_use_is_reserved() -> None:
+    # `type`, `name`, `pci_bus_id` and `compute_capability` (gpu_info, gpu_ecc_errors) were
+    # missing: a constant label of that name silently overwrote the GPU's. Every list or tuple
+    # of label names in collector.py counts.
+    import ast
+    import re
 
-    from conftest import settings as make_settings
-    from trt_heartbeat.app import Exporter
-    from trt_heartbeat.backends import Target
-
-    s = make_settings(backend="reference", constant_labels={"track": "canary"})
-    ex = Exporter(s, "reference", [Target("0", "GPU-0")])
-    body, _ = ex.render_metrics(None)
-    names = {label for family in text_string_to_metric_families(body.decode())
-             for sample in family.samples for label in sample.labels}  # fmt: skip
-    assert names - {"track"} <= config.RESERVED_LABELS
+    source = (Path(config.__file__).parent / "collector.py").read_text()
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, (ast.List, ast.Tuple))
+            and node.elts
+            and all(
+                isinstance(e, ast.Starred)
+                or (isinstance(e, ast.Constant) and isinstance(e.value, str))
+                for e in node.elts
+            )
+        ):
+            names |= {e.value for e in node.elts if isinstance(e, ast.Constant)}
+    labels = {n for n in names if re.fullmatch(r"[a-z_]+", n)}
+    assert {"gpu", "uuid", "type", "name", "pci_bus_id", "compute_capability"} <= labels
+    assert labels <= config.RESERVED_LABELS
 
 
 @pytest.mark.parametrize("value", ["a\nb", "a\tb", "a\x00b", "a\x7fb", "a\u2028b", "a\x85b"])

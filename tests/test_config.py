@@ -383,7 +383,7 @@ def test_every_label_name_the_collectors_use_is_reserved() -> None:
     import re
 
     source = (Path(config.__file__).parent / "collector.py").read_text()
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if (
             isinstance(node, (ast.List, ast.Tuple))
@@ -394,7 +394,7 @@ def test_every_label_name_the_collectors_use_is_reserved() -> None:
                 for e in node.elts
             )
         ):
-            names |= {e.value for e in node.elts if isinstance(e, ast.Constant)}
+            names |= {str(e.value) for e in node.elts if isinstance(e, ast.Constant)}
     labels = {n for n in names if re.fullmatch(r"[a-z_]+", n)}
     assert {"gpu", "uuid", "type", "name", "pci_bus_id", "compute_capability"} <= labels
     assert labels <= config.RESERVED_LABELS

@@ -559,8 +559,8 @@ def test_header_names_are_case_insensitive_and_the_first_one_counts(
 ) -> None:
     server = serve()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\naccept-ENCODING: gzip\r\nAccept-Encoding: identity\r\n"
-                  b"Connection: close\r\n\r\n")  # fmt: skip
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\naccept-ENCODING: gzip\r\n"
+                  b"Accept-Encoding: identity\r\nConnection: close\r\n\r\n")  # fmt: skip
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk

@@ -21,7 +21,7 @@ import yaml
 
 from conftest import FAULT_SPEC, Faults, wait_for
 from conftest import settings as make_settings
-from trt_heartbeat import web_config
+from trt_heartbeat import http_server, web_config
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.http_server import MAX_REQUEST_HEAD, ExporterHTTPServer
 
@@ -379,3 +379,35 @@ def test_every_method_but_get_and_head_is_405_with_allow(
 def test_options_asterisk_is_405(serve: Callable[..., ExporterHTTPServer], no_errors: None) -> None:
     reply = exchange(serve(), b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n" + THEN_PING)
     assert statuses(reply) == ["405", "200"]
+
+
+# --- the parsed-head cache ---------------------------------------------------------------------
+
+
+def test_parsed_heads_kept_are_few_and_hold_no_credentials(
+    serve: Callable[..., ExporterHTTPServer], no_errors: None
+) -> None:
+    server = serve()
+    distinct = b"".join(f"GET /ping HTTP/1.1\r\nHost: x\r\nX-N: {i}\r\n\r\n".encode()
+                        for i in range(300))  # fmt: skip
+    credentials = b"GET /ping HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n"
+    reply = exchange(server, distinct + credentials + THEN_PING)
+    assert statuses(reply) == ["200"] * 302
+    assert 0 < len(http_server._PARSED) <= http_server._PARSED_SIZE
+    assert not any(b"authorization" in key.lower() for key in http_server._PARSED)
+
+
+def test_a_head_seen_before_is_answered_as_the_first_time(
+    serve: Callable[..., ExporterHTTPServer], no_errors: None
+) -> None:
+    server = serve()
+    keep_alive = b"GET /ping HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    for _ in range(3):  # parsed by h11 once, then looked up
+        reply = exchange(server, keep_alive * 3 + b"GET /ping HTTP/1.0\r\n\r\n")
+        assert statuses(reply) == ["200"] * 4
+        assert reply.count(b"\r\nConnection: keep-alive\r\n") == 3
+    head = b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = exchange(server, head * 3 + THEN_PING)
+    assert statuses(reply) == ["200"] * 4 and b"# HELP" not in reply
+    bad = b"GET /ping HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n"
+    assert statuses(exchange(server, head + bad + THEN_PING)) == ["200", "400"]

@@ -100,6 +100,7 @@ class _BadRequest(Exception):
         self.status = status
 
 
+_FOLDED = re.compile(rb"\n[ \t]")  # a header line continued on the next (obs-fold)
 _Q_VALUE = re.compile(rb"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
 
 
@@ -148,7 +149,7 @@ def _request_path(method: str, target: str) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Request:
     method: str
     target: str
@@ -158,6 +159,26 @@ class _Request:
     accept_encoding: bytes  # every Accept-Encoding value, joined
     close: bool  # the connection closes after the answer
     keep_alive: bool  # an HTTP/1.0 keep-alive to confirm
+    head_bytes: bytes  # the request line and headers as received
+
+
+# Parsed heads by their bytes: few and small, so that varying heads cannot grow it. A head that
+# carries credentials is never kept.
+_PARSED: dict[bytes, _Request] = {}
+_PARSED_SIZE = 64
+_PARSED_HEAD_MAX = 2048
+_parsed_lock = threading.Lock()
+
+
+def _remember(request: _Request) -> None:
+    key = request.head_bytes
+    if (len(key) > _PARSED_HEAD_MAX or not key.endswith(b"\r\n\r\n")
+            or b"authorization" in request.fields):  # fmt: skip
+        return
+    with _parsed_lock:
+        while len(_PARSED) >= _PARSED_SIZE:
+            del _PARSED[next(iter(_PARSED))]  # the oldest
+        _PARSED[key] = request
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -231,10 +252,25 @@ class _Handler(socketserver.BaseRequestHandler):
             answer = self._respond(request)
         finally:
             self.server.release_slot()  # before the write: a client that never reads holds none
-        return self._write(answer) and not request.close
+        return self._write(answer) and not self._current_close
 
     def _read_request(self) -> _Request | None:
         """The next request's head, once complete; None at EOF before it is."""
+        # A scraper sends the same head every time: its parse is looked up by the exact bytes,
+        # which h11 parsed and accepted before (the same bytes always parse the same).
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n") + 4
+        if 4 < end <= _PARSED_HEAD_MAX:
+            parsed = _PARSED.get(buffer[:end])
+            if parsed is not None:
+                self._buffer = buffer[end:]
+                return parsed
+        request = self._parse_request()
+        if request is not None:
+            _remember(request)
+        return request
+
+    def _parse_request(self) -> _Request | None:
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         received = self._buffer
         parser.receive_data(received)
@@ -260,7 +296,7 @@ class _Handler(socketserver.BaseRequestHandler):
             raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
         # h11 unfolds obsolete line folding; guessing what a folded header meant is how
         # requests get smuggled, so it is refused (RFC 9112 §5.2 allows either).
-        if re.search(rb"\n[ \t]", head):
+        if _FOLDED.search(head):
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "obsolete line folding")
         version = event.http_version
         if not version.startswith(b"1."):
@@ -289,11 +325,12 @@ class _Handler(socketserver.BaseRequestHandler):
         has_body = fields.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in fields
         close = not keep_alive or has_body
         return _Request(method, target, path, method == "HEAD", fields, b",".join(encodings),
-                        close, keep_alive=not close and version == b"1.0")  # fmt: skip
+                        close, keep_alive=not close and version == b"1.0",
+                        head_bytes=bytes(head))  # fmt: skip
 
     def _respond(self, request: _Request) -> bytes:
         """The whole answer to a request, head and body."""
-        self._current = request
+        self._current, self._current_close = request, request.close
         if request.method not in ("GET", "HEAD"):
             return self._answer(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n",
                                 "text/plain", extra=_ALLOW)  # fmt: skip
@@ -326,7 +363,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return self._answer(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head)
         except Exception:
             log.exception("error serving request", extra={"fields": {"path": path}})
-            request.close = True
+            self._current_close = True
             return self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n",
                                 "text/plain", head)  # fmt: skip
 
@@ -373,7 +410,7 @@ class _Handler(socketserver.BaseRequestHandler):
         fields = {**self.server.headers, **extra} if extra else self.server.headers
         lines += [f"{key}: {value}" for key, value in fields.items()]
         request = self._current
-        if request is None or request.close:
+        if request is None or self._current_close:
             lines.append("Connection: close")
         elif request.keep_alive:
             lines.append("Connection: keep-alive")
@@ -384,6 +421,7 @@ class _Handler(socketserver.BaseRequestHandler):
         return "\r\n".join(lines).encode("latin-1") + (b"" if head else body)
 
     _current: _Request | None = None
+    _current_close = True
 
     def _error(self, status: HTTPStatus) -> bytes:
         """Plain-text errors that never echo the request; the connection closes after them."""

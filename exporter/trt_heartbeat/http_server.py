@@ -75,9 +75,9 @@ def _landing_page(telemetry_path: str) -> bytes:
 
 # The request head (request line and every header) is read whole before anything is decided and
 # is bounded as a whole: past this, 431 (414 while the request line is not even complete). One
-# unfinished connection holds at most this much plus one read of request bytes.
+# unfinished connection holds at most this much plus one read, twice (ours and h11's buffer).
 MAX_REQUEST_HEAD = 16 * 1024
-_RECV_SIZE = 16 * 1024
+_RECV_SIZE = 4096
 _MAX_HEADERS = 100
 # An answer must be written within this, whatever the client's receive window: past it the
 # connection is closed and nothing more is written on it. It is separate from the idle timeout.

@@ -39,6 +39,10 @@ REQUEST_TIMEOUT_SECONDS = 10.0  # a client that sends nothing for this long is d
 HEADER_TIMEOUT_SECONDS = 5.0
 # Open connections at once, idle and half-open included; past it the oldest idle one is dropped.
 MAX_CONNECTIONS = 1024
+# A request that finds every slot taken waits this long for one before its 503: a burst of
+# requests (many clients at the same instant) costs the scraper a few milliseconds, not a
+# failed scrape. Waiting holds a connection and a thread, which the connection cap bounds.
+SLOT_WAIT_SECONDS = 0.25
 
 
 class App(Protocol):
@@ -586,6 +590,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
         write_timeout: float = WRITE_TIMEOUT_SECONDS,
+        slot_wait: float = SLOT_WAIT_SECONDS,
     ) -> None:
         self.app = app
         self.write_timeout = write_timeout
@@ -596,8 +601,10 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.tls = TLSContext(web.tls) if web and web.tls else None
         self.basic_auth = BasicAuth(web.users) if web and web.users else None
         self.headers = dict(web.headers) if web else {}
-        # Requests in flight at once (0: unlimited); beyond it a client gets 503 at once.
+        # Requests in flight at once (0: unlimited); beyond it a client waits `slot_wait` for
+        # one, then gets 503.
         self._slots = threading.BoundedSemaphore(max_requests) if max_requests > 0 else None
+        self._slot_wait = slot_wait
         self._dual_stack = host == "" and socket.has_dualstack_ipv6()
         if self._dual_stack or ":" in host:
             self.address_family = socket.AF_INET6
@@ -609,7 +616,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         super().server_bind()
 
     def acquire_slot(self) -> bool:
-        return self._slots is None or self._slots.acquire(blocking=False)
+        return self._slots is None or self._slots.acquire(timeout=self._slot_wait)
 
     def release_slot(self) -> None:
         if self._slots is not None:

@@ -11,14 +11,14 @@ Prints scrape latency percentiles, non-200 answers and the exporter's RSS (docs/
 from __future__ import annotations
 
 import argparse
-import re
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from loadgen import serve_process
 
 HALF_OPEN = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"  # never the blank line
 
@@ -76,17 +76,8 @@ def main() -> int:
     parser.add_argument("--mode", choices=["half-open", "idle"], default="half-open")
     args = parser.parse_args()
     log = Path("/tmp/bench_halfopen.log")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trt_heartbeat", "serve", "--backend", "reference",
-         "--web.listen-address", "127.0.0.1:0", "--log.format", "json"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    process, port = serve_process(["--backend", "reference"], log)
     try:
-        port = 0
-        while not port:
-            time.sleep(0.2)
-            match = re.search(r'"port": (\d+)', log.read_text())
-            port = int(match.group(1)) if match else 0
         baseline = [scrape(port)[1] for _ in range(200)]
         stop, reopened = threading.Event(), [0]
         thread = threading.Thread(target=attacker, args=(port, args.connections, args.mode,

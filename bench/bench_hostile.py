@@ -21,9 +21,7 @@ import base64
 import contextlib
 import json
 import multiprocessing
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
+
+from loadgen import serve_process
 
 USER, PASSWORD = "prometheus", "scrape-secret"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -250,19 +250,11 @@ def main() -> int:
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
     (work / "web.yml").write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n")
     log = work / "exporter.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trt_heartbeat", "serve", "--backend", "reference",
-         "--web.listen-address", "127.0.0.1:0", "--log.format", "json",
-         "--web.config.file", str(work / "web.yml")],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    process, port = serve_process(
+        ["--backend", "reference", "--web.config.file", str(work / "web.yml")], log
+    )
     results = []
     try:
-        port = 0
-        while not port:
-            time.sleep(0.2)
-            match = re.search(r'"port": (\d+)', log.read_text())
-            port = int(match.group(1)) if match else 0
         for name in args.only or ATTACKS:
             results.append(phase(port, process.pid, [name], args.seconds, log))
         if not args.only:

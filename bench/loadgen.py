@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 import resource
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from trt_heartbeat import config
 from trt_heartbeat.app import Exporter
@@ -55,3 +58,20 @@ def wrk(url: str, connections: int, seconds: int, extra: Sequence[str] = ()) -> 
     errors = "Non-2xx" in out or "Socket errors" in out
     return WrkRun(pct.get("50", "?"), pct.get("99", "?"), int(found[1]) if found else 0, cpu,
                   errors)  # fmt: skip
+
+
+def serve_process(args: Sequence[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`serve` with these arguments in a process of its own, logging JSON to `log`; the
+    process and the port it listens on, once it does."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trt_heartbeat", "serve", "--web.listen-address", "127.0.0.1:0",
+         "--log.format", "json", *args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    while True:
+        match = re.search(r'"port": (\d+)', log.read_text())
+        if match:
+            return process, int(match.group(1))
+        if process.poll() is not None:
+            raise SystemExit(f"serve exited with {process.returncode}: see {log}")
+        time.sleep(0.2)

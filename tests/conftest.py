@@ -17,7 +17,7 @@ import pytest
 
 from fake_nvml import ENV as FAKE_NVML_ENV
 from fault_backend import ENV as FAULT_ENV
-from trt_heartbeat import config
+from trt_heartbeat import config, web_config
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.backends import Target
 from trt_heartbeat.http_server import ExporterHTTPServer
@@ -116,6 +116,31 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
         running.server.shutdown()
         running.server.server_close()
         running.exporter.stop()
+
+
+@pytest.fixture
+def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
+    """Start an exporter on the fault backend behind a real HTTP server on loopback, with the
+    given web configuration, request slots, a wrapper around the app, and server limits."""
+    servers: list[tuple[ExporterHTTPServer, Exporter]] = []
+
+    def start(
+        web: web_config.WebConfig | None = None, max_requests: int = 40,
+        wrap: Callable[[Exporter], Any] = lambda e: e, **limits: Any,
+    ) -> ExporterHTTPServer:  # fmt: skip
+        s = settings(backend=FAULT_SPEC)
+        exporter = Exporter(s, s.backend)
+        server = ExporterHTTPServer("127.0.0.1", 0, wrap(exporter), web, max_requests, **limits)
+        server.start_background()
+        exporter.start()
+        servers.append((server, exporter))
+        return server
+
+    yield start
+    for server, exporter in servers:
+        server.shutdown()
+        server.server_close()
+        exporter.stop()
 
 
 @pytest.fixture

@@ -13,39 +13,16 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 import pytest
 import yaml
 
-from conftest import FAULT_SPEC, Faults, wait_for
-from conftest import settings as make_settings
+from conftest import wait_for
 from trt_heartbeat import http_server, web_config
-from trt_heartbeat.app import Exporter
 from trt_heartbeat.http_server import MAX_REQUEST_HEAD, ExporterHTTPServer
 
 THEN_PING = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-
-@pytest.fixture
-def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
-    servers: list[tuple[ExporterHTTPServer, Exporter]] = []
-
-    def start(web: web_config.WebConfig | None = None, **limits: Any) -> ExporterHTTPServer:
-        s = make_settings(backend=FAULT_SPEC)
-        exporter = Exporter(s, s.backend)
-        server = ExporterHTTPServer("127.0.0.1", 0, exporter, web, **limits)
-        server.start_background()
-        exporter.start()
-        servers.append((server, exporter))
-        return server
-
-    yield start
-    for server, exporter in servers:
-        server.shutdown()
-        server.server_close()
-        exporter.stop()
 
 
 @pytest.fixture

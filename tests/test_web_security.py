@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FAULT_SPEC, Faults, require, wait_for
-from conftest import settings as make_settings
+from conftest import require, wait_for
 from trt_heartbeat import config, web_config
 from trt_heartbeat.app import Exporter
 from trt_heartbeat.cli import main
@@ -237,29 +236,6 @@ def test_bad_web_config_stops_serve_with_exit_2(tmp_path: Path) -> None:
 
 
 # --- serving -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
-    servers: list[tuple[ExporterHTTPServer, Exporter]] = []
-
-    def start(
-        web: web_config.WebConfig | None = None, max_requests: int = 40,
-        wrap: Callable[[Exporter], Any] = lambda e: e, **limits: Any,
-    ) -> ExporterHTTPServer:  # fmt: skip
-        s = make_settings(backend=FAULT_SPEC)
-        exporter = Exporter(s, s.backend)
-        server = ExporterHTTPServer("127.0.0.1", 0, wrap(exporter), web, max_requests, **limits)
-        server.start_background()
-        exporter.start()
-        servers.append((server, exporter))
-        return server
-
-    yield start
-    for server, exporter in servers:
-        server.shutdown()
-        server.server_close()
-        exporter.stop()
 
 
 def https(

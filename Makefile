@@ -33,6 +33,7 @@ bench: deps
 	$(PY) bench/bench_halfopen.py --mode half-open
 	$(PY) bench/bench_halfopen.py --mode idle
 	$(PY) bench/bench_hostile.py
+	$(PY) bench/bench_rules_fleet.py
 	$(PY) bench/bench_scrape.py
 
 # The rollout guard's rules are generated from the service sources (tests keep them equal).

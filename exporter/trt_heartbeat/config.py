@@ -278,8 +278,12 @@ class NotRegularFileError(OSError):
     """A path that is a FIFO, a device, a socket or a directory: reading it could block for good."""
 
 
+class FileTooLargeError(OSError):
+    """A file larger than the reader takes."""
+
+
 def read_regular(path: Path | str, limit: int = MAX_FILE_BYTES) -> bytes:
-    """At most `limit + 1` bytes of a regular file (one byte over says it is too large).
+    """The contents of a regular file of at most `limit` bytes (FileTooLargeError past it).
 
     Opened without blocking and checked on the open descriptor, so a FIFO (or a path swapped
     for one after a check) is refused instead of hanging the reader: NotRegularFileError.
@@ -296,6 +300,8 @@ def read_regular(path: Path | str, limit: int = MAX_FILE_BYTES) -> bytes:
                 break
             chunks.append(chunk)
             size += len(chunk)
+        if size > limit:
+            raise FileTooLargeError(f"{path}: larger than {limit >> 20} MiB")
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -307,10 +313,10 @@ def read_file(path: Path, what: str = "config file", keys: str = "configuration"
         raw = read_regular(path)
     except NotRegularFileError as exc:
         raise ConfigError(f"{path}: cannot read {what}: not a regular file") from exc
+    except FileTooLargeError as exc:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_FILE_BYTES >> 20} MiB") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: {what} is larger than {MAX_FILE_BYTES >> 20} MiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

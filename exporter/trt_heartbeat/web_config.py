@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MAX_FILE_BYTES, read_file, read_regular
+from .config import read_file, read_regular
 from .errors import ConfigError
 
 log = logging.getLogger("trt_heartbeat")
@@ -300,18 +300,11 @@ class TLSContext:
         return bool(names & set(allowed))
 
 
-def _read_pem(path: Path) -> bytes:
-    data = read_regular(path, MAX_FILE_BYTES)
-    if len(data) > MAX_FILE_BYTES:
-        raise OSError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB")
-    return data
-
-
 @contextmanager
 def _in_memory(path: Path) -> Iterator[str]:
     """A path to a copy of the file that nothing else can turn into a FIFO: an anonymous
     in-memory file (memfd) where the system has them, the checked file itself elsewhere."""
-    data = _read_pem(path)
+    data = read_regular(path)
     if not hasattr(os, "memfd_create"):
         yield str(path)
         return

@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := prometheus prometheus-alertmanager
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager victoria-metrics
 
 .PHONY: run test lint bench deps system-deps clean rules
 
@@ -44,10 +44,10 @@ rules: $(VENV)/.installed
 
 deps: system-deps $(VENV)/.installed
 
-# promtool, amtool and Alertmanager (Debian packages prometheus, prometheus-alertmanager) run in
-# the tests for real.
+# promtool, amtool, Alertmanager, VictoriaMetrics and vmalert (Debian packages prometheus,
+# prometheus-alertmanager, victoria-metrics) run in the tests for real.
 system-deps:
-	@{ command -v promtool && command -v amtool && command -v prometheus-alertmanager; } >/dev/null 2>&1 || { \
+	@{ command -v promtool && command -v amtool && command -v prometheus-alertmanager && command -v vmalert; } >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    $(DEBIAN_PACKAGES) >/dev/null; }

@@ -7,10 +7,13 @@ template of every node of the fleet (8 GPUs each, counters and histograms growin
 loopback server answers each node's scrape; Prometheus (Debian's, as `make test` uses) scrapes and
 evaluates every 15 s with every file of rules/ unchanged. After `--minutes`, it reports head series
 (per GPU), rule evaluation per round and per minute (each group at its own interval), the
-costliest groups and Prometheus' RSS. Windows longer than the run are only partly filled, so a
-longer run costs more per evaluation: compare runs of the same length.
+costliest groups and rules, and Prometheus' RSS. Group durations are averaged over the last
+`--average` minutes of the run. One node in ten carries `track="canary"`, the others
+`track="stable"`, so the canary rules compare real pools. Windows longer than the run are only
+partly filled: the pack reads per-GPU series over at most 15 minutes (docs/scaling.md), so runs
+of 15 minutes or more show its steady cost; compare runs of the same length.
 
-    python bench/bench_rules_fleet.py [--gpus 1000] [--minutes 4] [--json out.json]
+    python bench/bench_rules_fleet.py [--gpus 1000] [--minutes 4] [--average 2] [--json out.json]
 
 Issue #26's goals: at most 1 s of rule evaluation per minute per 1,000 GPUs, at most 90 head
 series per GPU.
@@ -126,10 +129,43 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
         return result
 
 
+def rule_costs(url: str) -> dict[str, tuple[str, float, float]]:
+    """Each rule's last evaluation: rule -> (when, seconds, evaluations a minute)."""
+    with urllib.request.urlopen(url + "/api/v1/rules", timeout=30) as r:
+        groups = json.load(r)["data"]["groups"]
+    return {
+        f"{group['name']}/{rule.get('name', '')}": (
+            rule["lastEvaluation"], rule["evaluationTime"], 60 / group["interval"])
+        for group in groups for rule in group["rules"]
+    }  # fmt: skip
+
+
+def costliest_rules(samples: list[dict[str, tuple[str, float, float]]],
+                    top: int = 10) -> dict[str, float]:  # fmt: skip
+    """The rules that cost most per minute: the mean of each rule's distinct evaluations seen
+    (the rules API reports only the last one) times its group's evaluations a minute."""
+    seen: dict[str, dict[str, float]] = {}
+    per_minute: dict[str, float] = {}
+    for sample in samples:
+        for rule, (when, seconds, rate) in sample.items():
+            seen.setdefault(rule, {})[when] = seconds
+            per_minute[rule] = rate
+    cost = {rule: sum(times.values()) / len(times) * per_minute[rule]
+            for rule, times in seen.items()}  # fmt: skip
+    ranked = sorted(cost.items(), key=lambda kv: -kv[1])[:top]
+    return {name: round(seconds, 4) for name, seconds in ranked}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gpus", type=int, default=1000)
     parser.add_argument("--minutes", type=float, default=4.0)
+    parser.add_argument(
+        "--average",
+        type=float,
+        default=2.0,
+        help="minutes at the end of the run that group durations are averaged over",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     prometheus = shutil.which("prometheus")
@@ -148,7 +184,9 @@ def main() -> int:
             {"job_name": "trt-heartbeat-exporter", "static_configs": [
                 {"targets": [f"127.0.0.1:{port}"],
                  "labels": {"__metrics_path__": f"/node/{i}", "instance": f"node-{i}:9470",
-                            "node": f"node-{i}"}} for i in range(nodes)]},
+                            "node": f"node-{i}", "namespace": "gpu-system",
+                            "track": "canary" if i % 10 == 0 else "stable"}}
+                for i in range(nodes)]},
             {"job_name": "prometheus", "static_configs": [{"targets": ["127.0.0.1:19090"]}]},
         ],
     }  # fmt: skip
@@ -161,9 +199,18 @@ def main() -> int:
         )  # fmt: skip
     url = "http://127.0.0.1:19090"
     try:
-        time.sleep(args.minutes * 60)
+        # Every rule's evaluations over the averaging window, polled every 10 s.
+        averaging_from = time.monotonic() + (args.minutes - args.average) * 60
+        time.sleep(max(0.0, averaging_from - time.monotonic()))
+        samples = []
+        while time.monotonic() < averaging_from + args.average * 60:
+            samples.append(rule_costs(url))
+            time.sleep(10)
+        window = f"{max(1, round(args.average * 60))}s"
+        averaged = f"avg_over_time(prometheus_rule_group_last_duration_seconds[{window}])"
         groups = {r["metric"]["rule_group"].rsplit(";", 1)[-1]: float(r["value"][1])
-                  for r in query(url, "prometheus_rule_group_last_duration_seconds")}  # fmt: skip
+                  for r in query(url, averaged)}  # fmt: skip
+        rules = costliest_rules(samples)
         intervals = {r["metric"]["rule_group"].rsplit(";", 1)[-1]: float(r["value"][1])
                      for r in query(url, "prometheus_rule_group_interval_seconds")}  # fmt: skip
         head = float(query(url, "prometheus_tsdb_head_series")[0]["value"][1])
@@ -188,6 +235,7 @@ def main() -> int:
         "per_minute_per_1000_gpus_s": round(per_minute * 1000 / gpus, 3),
         "missed_iterations": missed, "prometheus_rss_mib": round(rss / 2**20, 1),
         "groups_s": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "costliest_rules_per_minute_s": rules,
     }  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.json:

@@ -184,15 +184,23 @@ def fleet() -> dict[str, Any]:
     )
     p.add(
         "timeseries",
-        "Probe latency p50 / p99 (total)",
+        "Probe latency p50 / p99 (total), and the p90 the alerts judge",
         [
+            # Computed when the panel is drawn, for the selected GPUs only: recording a short
+            # quantile for every GPU of a fleet costs the ruler more than this panel ever does.
             (
-                f"instance_gpu:trt_heartbeat_probe_duration_seconds:p50_rate5m{{{SEL}}}",
+                f"histogram_quantile(0.5, sum without (phase) (rate("
+                f'trt_heartbeat_probe_duration_seconds_bucket{{{SEL},phase="total"}}[$__rate_interval])))',
                 "p50 {{instance}} gpu {{gpu}}",
             ),
             (
-                f"instance_gpu:trt_heartbeat_probe_duration_seconds:p99_rate5m{{{SEL}}}",
+                f"histogram_quantile(0.99, sum without (phase) (rate("
+                f'trt_heartbeat_probe_duration_seconds_bucket{{{SEL},phase="total"}}[$__rate_interval])))',
                 "p99 {{instance}} gpu {{gpu}}",
+            ),
+            (
+                f"instance_gpu:trt_heartbeat_probe_duration_seconds:p90_rate15m{{{SEL}}}",
+                "p90 15m {{instance}} gpu {{gpu}}",
             ),
         ],
         unit="s",
@@ -211,17 +219,19 @@ def fleet() -> dict[str, Any]:
         unit="s",
         options={"calculate": False, "yAxis": {"unit": "s"}},
     )
+    # The phase gauge, not histograms: by default the exporter keeps a histogram of total only.
+    last_phases = f"(trt_heartbeat_last_probe_duration_seconds{{{SEL}}})"
     p.add(
         "timeseries",
-        "Latency by phase (p99)",
+        "Phases of the last probe",
         [
-            (
-                "histogram_quantile(0.99, sum by (phase, le) (rate(trt_heartbeat_probe_duration_seconds_"
-                f"bucket{{{SEL}}}[$__rate_interval])))",
-                "{{phase}}",
-            )
+            (f"avg by (phase) {last_phases}", "avg {{phase}}"),
+            (f"max by (phase) {last_phases}", "max {{phase}}"),
         ],
         unit="s",
+        description="Seconds each phase of each selected GPU's last timed probe took, average and "
+        "maximum over the GPUs: total is the exporter's round trip, h2d/compute/d2h the backend's "
+        "own timing. A timed-out probe has no timings; its GPU shows the probe before it.",
     )
     p.add(
         "timeseries",

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import settings
 from trt_heartbeat.backends import EngineInfo, Target
 from trt_heartbeat.collector import TargetCollector
-from trt_heartbeat.state import ProbeRecord, TargetState
+from trt_heartbeat.state import HISTOGRAM_PHASES, ProbeRecord, TargetState
 
 Latency = Callable[[random.Random], float]
 # family name -> (header lines, {series text before the value: [(time, value)]})
@@ -48,6 +48,7 @@ class Track:
     memory_mib: int = 258
     engine_load_s: float = 1.2
     start_offset: float = 0.0  # seconds after the history begins that probing starts
+    histogram_phases: tuple[str, ...] = HISTOGRAM_PHASES  # the exporters' metrics setting
 
 
 @dataclass
@@ -82,7 +83,7 @@ class History:
                   families: Families) -> None:  # fmt: skip
         target = Target(str(g), f"GPU-{track.scenario}-{track.track}-{g}")
         clock_now = [self.start]
-        state = TargetState(target, lambda: clock_now[0])
+        state = TargetState(target, lambda: clock_now[0], histogram_phases=track.histogram_phases)
         s = settings(backend="reference", interval=10, timeout=5)
         collector = TargetCollector(state, s)
         registry = CollectorRegistry(auto_describe=False)

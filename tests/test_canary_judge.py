@@ -24,6 +24,7 @@ import yaml
 
 from conftest import ROOT, cli, cli_env, daemon, free_port, require
 from judge_history import History, Track, lognormal
+from trt_heartbeat.backends.base import PHASES
 
 END = (int(time.time()) // 3600 - 2) * 3600  # a whole hour, two hours back: closed blocks
 WINDOW = "30m"
@@ -63,6 +64,12 @@ def scenarios() -> list[Track]:
         Track("tail", "canary", "H100", WIDE, targets=3),
         Track("barely", "stable", "H100", FAST, targets=6),
         Track("barely", "canary", "H100", BARELY, targets=6),
+        # Exporters with a histogram of every phase (metrics.histogram_phases), on both tracks
+        # or on the canary's only.
+        Track("phases", "stable", "H100", FAST, histogram_phases=PHASES),
+        Track("phases", "canary", "H100", FAST, histogram_phases=PHASES),
+        Track("phasemix", "stable", "H100", FAST),
+        Track("phasemix", "canary", "H100", FAST, histogram_phases=PHASES),
     ]
 
 
@@ -202,6 +209,30 @@ def test_no_canary_at_all_is_inconclusive(prometheus: str) -> None:
     code, report = judge(prometheus, "does-not-exist")
     assert (code, report["verdict"]) == (3, "inconclusive")
     assert "no probes of track 'canary'" in report["unjudged"]
+
+
+def test_a_phase_without_its_histogram_is_one_line_naming_the_setting(prometheus: str) -> None:
+    def refused(scenario: str, phase: str, track: str) -> None:
+        selector = f'{{scenario="{scenario}"}}'
+        flags = ["--window", WINDOW, "--at", str(END), "--selector", selector, "--phase", phase]
+        result = cli("canary-judge", "--prometheus", prometheus, *flags)
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert result.stderr.strip() == (
+            "Error: --phase: no trt_heartbeat_probe_duration_seconds data for phase "
+            f'"{phase}" from track={track!r}, whose probes ran: the exporters export that '
+            "phase's histogram only with metrics.histogram_phases including it (default: total "
+            "only) and a backend that times it"
+        )
+
+    # The default setting: a histogram of `total` only, on both tracks; the canary is named.
+    refused("equal", "compute", "canary")
+    # A histogram on one track only is not a comparison: the other track is named.
+    refused("phasemix", "compute", "stable")
+    # Exported on both tracks, the phase is judged; a phase the backend never timed is not.
+    code, report = judge(prometheus, "phases", "--phase", "compute")
+    assert code == 0 and 300 <= checks(report)["latency"]["canary"]["n"] <= 380, report
+    assert 'phase="compute"' in checks(report)["latency"]["promql"]
+    refused("phases", "h2d", "canary")
 
 
 def test_table_output_and_plot(prometheus: str, tmp_path: Path) -> None:

@@ -120,6 +120,22 @@ def test_history_is_bounded_and_histograms_skip_timeouts() -> None:
     assert snap.durations["total"].sum == pytest.approx(5 * 0.002)
 
 
+def test_the_last_timed_probe_is_the_last_the_histograms_observed() -> None:
+    state, clock = make()
+    assert state.snapshot().last_timed_probe is None  # the gauge is absent until a probe ran
+    passed = ProbeRecord(clock.now, "success", {"total": 0.002, "compute": 0.001})
+    state.record(passed)
+    # Neither a timeout (its duration is the timeout) nor a model that failed to load (no probe
+    # ran) has timings: the last probe that had them stays.
+    state.record(ProbeRecord(clock.now + 10, "timeout", {"total": 5.0}, Reason.TIMEOUT))
+    state.record(ProbeRecord(clock.now + 20, "error", {}, Reason.ENGINE_LOAD_FAILED))
+    assert state.snapshot().last_timed_probe is passed
+    crashed = ProbeRecord(clock.now + 30, "error", {"total": 0.03}, Reason.WORKER_CRASH)
+    state.record(crashed)
+    snap = state.snapshot()
+    assert snap.last_timed_probe is crashed and snap.durations["total"].count == 2
+
+
 # --- low GPU memory across a worker restart (NVML reads every few seconds, on its own) -------
 
 MiB = 1 << 20

@@ -6,9 +6,11 @@ import logging
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Faults, Running, wait_for
 from trt_heartbeat.backends import Target
@@ -28,6 +30,49 @@ def test_steady_state_counts_successes(run_exporter: Start, faults: Faults) -> N
     assert snap.restarts_total == {"timeout": 0, "crash": 0, "error": 0}
     assert snap.durations["total"].count == snap.probes_total["success"]
     assert snap.engine is not None and snap.engine.backend == "fault"
+
+
+def scrape(r: Running) -> dict[str, dict[str, float]]:
+    """Family name -> {phase: value} of the phase-labelled samples of the exporter's /metrics."""
+    with urllib.request.urlopen(r.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "phase" in sample.labels:
+                found.setdefault(sample.name, {})[sample.labels["phase"]] = sample.value
+    return found
+
+
+def last_phases(r: Running) -> dict[str, float]:
+    return scrape(r).get("trt_heartbeat_last_probe_duration_seconds", {})
+
+
+def test_last_probe_phases_are_exported_and_kept_through_timeouts(
+    run_exporter: Start, faults: Faults
+) -> None:
+    faults.set(gpu_phases=True)  # h2d, compute and d2h, as the GPU backends time them
+    r = run_exporter()
+    wait_for(lambda: r.snapshot().probes_total["success"] >= 1)
+    metrics = scrape(r)
+    # By default only `total` has a histogram; every phase of the last probe is a gauge.
+    assert set(metrics["trt_heartbeat_probe_duration_seconds_count"]) == {"total"}
+    gauge = metrics["trt_heartbeat_last_probe_duration_seconds"]
+    assert set(gauge) == {"total", "h2d", "compute", "d2h"}
+    assert gauge["h2d"] == gauge["d2h"] == 1e-5  # what the backend reported, as it reported it
+    assert 0 < gauge["compute"] < gauge["total"] < 0.25  # the round trip holds the compute
+    # A timed-out probe has no timings: the gauge keeps showing the last probe that had them.
+    faults.set(gpu_phases=True, probe="hang")
+    snap = wait_for(lambda: (s := r.snapshot()).restarts_total["timeout"] >= 1 and s)
+    assert snap.last_probe.result == "timeout"
+    assert snap.last_timed_probe is not None and snap.last_timed_probe.result == "success"
+    assert last_phases(r) == snap.last_timed_probe.phases
+    # The phases the last probe measured, no more: the reference backend's, then a probe that
+    # failed before the backend answered (total only).
+    faults.set()
+    wait_for(lambda: set(last_phases(r)) == {"total", "compute"}, what="reference phases")
+    faults.set(probe="raise")
+    wait_for(lambda: set(last_phases(r)) == {"total"}, what="a failed probe's round trip")
 
 
 def test_timeout_kills_respawns_and_recovers(run_exporter: Start, faults: Faults) -> None:

@@ -127,8 +127,8 @@ _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
      "Requests served at once; more get 503 (0: unlimited). [default: 40]"),
     ("--metrics.histogram-phases", "metrics.histogram_phases",
      ListValue("metrics.histogram_phases"),
-     "Probe phases with a latency histogram, comma-separated; must include total. "
-     "[default: total,h2d,compute,d2h]"),
+     "Probe phases with a latency histogram, comma-separated (of total,h2d,compute,d2h); "
+     "must include total. [default: total]"),
     ("--metrics.buckets", "metrics.buckets", ListValue("metrics.buckets", ("default", "coarse")),
      "Latency histogram buckets: default, coarse, or comma-separated durations. "
      "[default: default]"),

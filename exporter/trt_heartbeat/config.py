@@ -22,10 +22,9 @@ import jsonschema
 import yaml
 
 from .backends import resolve_spec
-from .backends.base import PHASES
 from .engine_cache import default_cache_dir
 from .errors import ConfigError, UnknownBackendError
-from .state import BUCKET_SETS
+from .state import BUCKET_SETS, HISTOGRAM_PHASES
 
 # Labels the exporter sets itself (every label name in collector.py, and the histogram's and
 # summary's own); a constant label of the same name would overwrite them.
@@ -66,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "log": {"level": "info", "format": "text"},
     "nvml": {"enabled": "auto", "interval": "5s", "timeout": "2s"},
-    "metrics": {"histogram_phases": list(PHASES), "buckets": "default"},
+    "metrics": {"histogram_phases": list(HISTOGRAM_PHASES), "buckets": "default"},
 }
 DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -109,7 +108,7 @@ class Settings:
     nvml_enabled: str | bool  # "auto": only where a GPU is visible
     nvml_interval: float
     nvml_timeout: float
-    histogram_phases: tuple[str, ...] = PHASES  # phases with a probe_duration_seconds histogram
+    histogram_phases: tuple[str, ...] = HISTOGRAM_PHASES  # phases with a duration histogram
     buckets: tuple[float, ...] = BUCKET_SETS["default"]
     bucket_set: str = "default"  # the name the buckets were chosen by, "" for an explicit list
     constant_labels: dict[str, str] = field(default_factory=dict)

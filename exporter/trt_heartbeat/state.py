@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .backends import EngineInfo, Target
-from .backends.base import PHASES
 from .errors import Reason
 
 # 10 us (a GPU kernel) ... 10 s (a probe about to time out): the resolution canary-judge's
@@ -28,6 +27,10 @@ BUCKET_SETS: dict[str, tuple[float, ...]] = {
     "default": BUCKETS,
     "coarse": (1e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 2.5, 10.0),
 }
+# Phases with a probe_duration_seconds histogram unless `metrics.histogram_phases` says more:
+# `total`, which the alerts, the recording rules and canary-judge read. Each histogram costs a
+# GPU one series per bucket and three more (22 by default); the last probe's phases are a gauge.
+HISTOGRAM_PHASES: tuple[str, ...] = ("total",)
 RESULTS = ("success", "error", "timeout", "mismatch")
 RESTART_REASONS = ("timeout", "crash", "error")
 
@@ -99,6 +102,9 @@ class TargetSnapshot:
     probes_total: dict[str, int]
     restarts_total: dict[str, int]
     durations: dict[str, HistogramSnapshot]
+    # The last probe that returned timings, as the histograms observed it: every probe but a
+    # timed-out one (its duration is the timeout) and a model that failed to load (no probe ran).
+    last_timed_probe: ProbeRecord | None = None
     history: tuple[ProbeRecord, ...] = field(default=())
 
 
@@ -109,7 +115,7 @@ class TargetState:
         clock: Callable[[], float],
         history: int = 20,
         buckets: tuple[float, ...] = BUCKETS,
-        histogram_phases: tuple[str, ...] = PHASES,
+        histogram_phases: tuple[str, ...] = HISTOGRAM_PHASES,
     ) -> None:
         self.target = target
         self.buckets = buckets
@@ -124,6 +130,7 @@ class TargetState:
         self._last_success: float | None = None
         self._last_probe: ProbeRecord | None = None
         self._last_failure: ProbeRecord | None = None
+        self._last_timed_probe: ProbeRecord | None = None
         self._consecutive_failures = 0
         self._gpu_memory: tuple[int, str] | None = None
         self._device_memory: tuple[int, int] | None = None
@@ -182,6 +189,8 @@ class TargetState:
                 self._last_failure = probe
                 self._consecutive_failures += 1
             if probe.result != "timeout":  # a timeout's duration is the timeout, not a latency
+                if probe.phases:
+                    self._last_timed_probe = probe
                 for phase, seconds in probe.phases.items():
                     if phase in self._histogram_phases:
                         histogram = self._durations.get(phase) or _Histogram(self.buckets)
@@ -222,6 +231,7 @@ class TargetState:
                 probes_total=dict(self._probes),
                 restarts_total=dict(self._restarts),
                 durations={k: h.snapshot() for k, h in self._durations.items()},
+                last_timed_probe=self._last_timed_probe,
                 history=tuple(self._history),
             )
             self._snapshot = (self._version, snap)

@@ -63,7 +63,8 @@ class JudgeUnavailable(click.ClickException):
     type=click.Choice(PHASES),
     default="total",
     show_default=True,
-    help="Probe phase whose latency is compared.",
+    help="Probe phase whose latency is compared (a phase besides total needs the exporters' "
+    "metrics.histogram_phases to include it).",
 )
 @click.option(
     "--min-samples",
@@ -166,8 +167,8 @@ def canary_judge(
     bound and the baseline, request latency (rank test and tail ratios), prediction drift and
     GPU memory per version. Exit code: 0 pass, 1 marginal, 3 inconclusive (too few probes or
     requests, no baseline), 5 fail; 2 bad input only (bad flags, a source file that is not valid,
-    a --service that matches nothing: one error line, no report), never a verdict; 4 when
-    Prometheus cannot be asked or the plot cannot be written.
+    a --service that matches nothing, a --phase the exporters do not export: one error line, no
+    report), never a verdict; 4 when Prometheus cannot be asked or the plot cannot be written.
     """
     from . import prometheus, queries, report, thresholds
     from . import service as traffic
@@ -220,7 +221,7 @@ def canary_judge(
                        "baseline": sobs.baseline, "roles_from": sobs.roles_from,
                        "requests": sobs.traffic}  # fmt: skip
             parts.append(Part("service", strata, why, [], details))
-    except traffic.NoServiceSeries as exc:
+    except (traffic.NoServiceSeries, queries.PhaseNotExported) as exc:
         raise BadInput(str(exc)) from exc
     except HeartbeatError as exc:
         raise JudgeUnavailable(str(exc)) from exc

@@ -24,6 +24,11 @@ class SelectorError(HeartbeatError):
     """A --selector or label flag that cannot be used in PromQL."""
 
 
+class PhaseNotExported(HeartbeatError):
+    """A track's exporters ran probes but export no histogram of the --phase: a setting, not a
+    verdict (waiting would never bring the data)."""
+
+
 @dataclass(frozen=True)
 class Scope:
     window: float  # seconds
@@ -172,6 +177,8 @@ def observe(client: PrometheusClient, scope: Scope) -> Observations:
         key = (s.labels.get("gpu_model", "unknown"), s.labels[track])
         obs.results.setdefault(key, {})[s.labels.get("result", "")] = round(s.values[0][1])
 
+    _check_phase_exported(obs, scope)
+
     deviation = "trt_heartbeat_output_max_abs_error"
     obs.promql["output_deviation"] = expr = gauge_samples(deviation, scope)
     for s in client.query_range(expr, start, scope.at, step):
@@ -187,6 +194,24 @@ def observe(client: PrometheusClient, scope: Scope) -> Observations:
             key = (s.labels.get("gpu_model", "unknown"), s.labels[track])
             target.setdefault(key, []).append(s.values[0][1])
     return obs
+
+
+def _check_phase_exported(obs: Observations, scope: Scope) -> None:
+    """Refuse a --phase whose histogram a probing track does not export at all. `total` always
+    has one (the exporter refuses a setting without it); the other phases only where
+    `metrics.histogram_phases` includes them, which by default it does not."""
+    if scope.phase == "total":
+        return
+    probing = {track for (_, track), counts in obs.results.items() if sum(counts.values()) > 0}
+    observed = {track for _, track in obs.buckets}
+    for track in scope.tracks:
+        if track in probing and track not in observed:
+            raise PhaseNotExported(
+                f"--phase: no trt_heartbeat_probe_duration_seconds data for phase "
+                f'"{scope.phase}" from {scope.track_label}={track!r}, whose probes ran: the '
+                "exporters export that phase's histogram only with metrics.histogram_phases "
+                "including it (default: total only) and a backend that times it"
+            )
 
 
 def bins(cumulative: dict[Any, dict[float, float]]) -> tuple[list[float], dict[Any, list[float]]]:

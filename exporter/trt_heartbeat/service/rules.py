@@ -28,10 +28,12 @@ from .source import Counter, Labels, Roles, Source, selector
 
 ERROR_WINDOW, ERROR_WINDOW_S = "5m", 300  # the pause decision: errors / requests over 5m
 COMPARE_WINDOW = "10m"  # latency, drift, traffic guards: enough requests for tails
-SERVICE = "source, namespace, service, version"
+# `cluster` leads every grouping and join: absent in one Prometheus it matches as empty, and in
+# a global ruler over many clusters (Thanos, Mimir, vmalert) it keeps their services apart.
+SERVICE = "cluster, source, namespace, service, version"
 ON_VERSION = f"on ({SERVICE})"
-ON_SERVICE = "on (source, namespace, service)"
-VERSION = "namespace, service, version"  # what a role belongs to, whatever the source
+ON_SERVICE = "on (cluster, source, namespace, service)"
+VERSION = "cluster, namespace, service, version"  # what a role belongs to, whatever the source
 RUNBOOK = (
     "https://github.com/trt-heartbeat-exporter/trt-heartbeat-exporter/blob/main/docs/runbooks.md#"
 )
@@ -79,7 +81,7 @@ def _scaled(expr: str, scale: float) -> str:
 
 
 def _declared(expr: str, labels: Labels) -> str:
-    keys = ("namespace",) * bool(labels.namespace) + ("service", "version", "track")
+    keys = ("cluster",) + ("namespace",) * bool(labels.namespace) + ("service", "version", "track")
     return f"count by ({', '.join(keys)}) ({_relabel(expr, labels)}) * 0 + 1"
 
 
@@ -195,7 +197,7 @@ def _tracks() -> str:
     stable, the others canaries.
     """
     or_ = f"\nor on ({VERSION})\n"
-    on_service = "on (namespace, service)"
+    on_service = "on (cluster, namespace, service)"
     versions = (f"max by ({VERSION}) (\n  service_version:service_requests:increase{COMPARE_WINDOW}"
                 "\n  or service_version:service_pods:count\n)")  # fmt: skip
     traffic = f"sum by ({VERSION}) (service_version:service_requests:increase{COMPARE_WINDOW})"
@@ -208,8 +210,8 @@ def _tracks() -> str:
     ])  # fmt: skip
     roles = or_.join([
         _as(declared, roles_from="declaration"),
-        _as(f"topk by (namespace, service) (1,\n  {traffic}\n  unless {on_service} {DECLARED}\n)",
-            track="stable", roles_from="traffic"),
+        _as(f"topk by (cluster, namespace, service) (1,\n  {traffic}\n"
+            f"  unless {on_service} {DECLARED}\n)", track="stable", roles_from="traffic"),
         _as(f"{versions}\nunless {on_service} {DECLARED}", track="canary", roles_from="traffic"),
     ])  # fmt: skip
     return f"(\n{_indent(roles)}\n) * 0 + 1"
@@ -239,7 +241,7 @@ def canary_recording_rules() -> list[dict[str, Any]]:
     # every canary version with requests or pods is compared with it.
     record(
         "service_version:service_baseline:info",
-        f"topk by (source, namespace, service) (1,\n"
+        f"topk by (cluster, source, namespace, service) (1,\n"
         f"  service_version:service_requests:increase{cw}\n"
         f'  and on ({VERSION}) service_version:service_track:info{{track="stable"}}\n) * 0 + 1',
     )
@@ -305,7 +307,7 @@ def canary_alerts() -> list[dict[str, Any]]:
     w, cw, route = ERROR_WINDOW, COMPARE_WINDOW, ROUTE
     canary = f"and {ON_VERSION} service_version:service_canary:info"
     baseline = f"and {ON_SERVICE} service_version:service_baseline:info"
-    per_service = "source, namespace, service"
+    per_service = "cluster, source, namespace, service"
     return [
         # 1% over the last 5 minutes, held for one more minute: the pause. A ratio over 5m
         # rather than `for: 5m` on a short window, so that Poisson noise at canary volumes

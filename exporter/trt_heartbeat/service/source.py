@@ -87,7 +87,9 @@ class Labels:
     @property
     def keys(self) -> tuple[str, ...]:
         """The normalised labels series are aggregated to."""
-        return ("namespace",) * bool(self.namespace) + ("service", "version", *self.by)
+        return (
+            ("cluster",) + ("namespace",) * bool(self.namespace) + ("service", "version", *self.by)
+        )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager victoria-metrics
 
-.PHONY: run test lint bench deps system-deps clean rules
+.PHONY: run test test-fast test-e2e lint bench deps system-deps clean rules
 
 # Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s"). It installs what
 # running needs, not what the tests need: the base package, plus the gpu extra (and the cuda
@@ -21,6 +21,14 @@ run: $(VENV)/.run-installed
 
 test: lint
 	$(PY) -m pytest -q
+
+# Tiers for the edit loop (make test runs them all): everything that starts no Prometheus,
+# Alertmanager or VictoriaMetrics server; and the end-to-end stacks alone.
+test-fast: lint
+	$(PY) -m pytest -q -m "not prometheus"
+
+test-e2e: deps
+	$(PY) -m pytest -q -m e2e
 
 lint: deps
 	$(VENV)/bin/ruff check exporter tests bench deploy grafana rules

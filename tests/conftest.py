@@ -238,10 +238,24 @@ def promql_on_scenario(tmp_path: Path, test_file: str, index: int, eval_time: st
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Fixtures that start a Prometheus, Alertmanager or VictoriaMetrics server: a test that uses one
+# is in the `prometheus` tier whatever its module, so a new test is tiered by what it starts.
+SERVER_FIXTURES = frozenset({"alertmanager", "prometheus", "victoria_metrics", "replayed"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` run where an NVIDIA GPU is visible (docs/gpu-validation.md)."""
+    """Test tiers (`make test-fast`, `make test-e2e`; `make test` runs all): `e2e` for
+    tests/e2e, `prometheus` for those and every test that starts a Prometheus, Alertmanager or
+    VictoriaMetrics server. Tests marked `gpu` run where an NVIDIA GPU is visible
+    (docs/gpu-validation.md)."""
     from trt_heartbeat.app import gpu_visible
 
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.prometheus)
+        elif SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.prometheus)
     if gpu_visible():
         return
     skip = pytest.mark.skip(reason="no NVIDIA GPU visible")

@@ -172,7 +172,20 @@ def test_discovery_without_a_driver_fails_clearly() -> None:
 
 
 def _installed(*modules: str) -> bool:
-    return any(importlib.util.find_spec(m) for m in modules)
+    """Whether one of `modules` can be imported. find_spec raises for a dotted name whose parent
+    package is missing (`cuda.bindings` without the `cuda` extra): that is not installed."""
+    for module in modules:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return True
+        except ModuleNotFoundError:
+            continue
+    return False
+
+
+def test_installed_is_false_where_the_parent_package_is_missing() -> None:
+    assert _installed("no_such_package_here.bindings") is False
+    assert _installed("no_such_package_here", "json") is True
 
 
 @pytest.mark.parametrize(

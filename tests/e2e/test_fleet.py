@@ -177,8 +177,8 @@ PACK_INTERVAL = 15.0  # the evaluation interval the pack's group intervals are s
 
 def scaled_rule_files(work: Path, interval: float) -> list[Path]:
     """The rule files of the pack, unchanged but for the groups that set their own `interval`:
-    scaled with the stack's evaluation interval, as production's 1m and 2m groups stand to its
-    15 s (at 15 s, exactly the shipped files)."""
+    scaled with the stack's evaluation interval, as the pack's 2m and 3m groups stand to the
+    15 s it is set against (at 15 s, exactly the shipped files)."""
     files = sorted((ROOT / "rules").glob("*.rules.yml"))
     if interval == PACK_INTERVAL:
         return files

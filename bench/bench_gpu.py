@@ -80,9 +80,10 @@ def bare_context(uuid: str, stack_zero: bool) -> dict[str, Any]:
 
 def backend_probes(uuid: str, api: str, probes: int) -> dict[str, Any]:
     os.environ["CUDA_VISIBLE_DEVICES"] = uuid
-    from trt_heartbeat import canonical
-    from trt_heartbeat.backends import BackendOptions, Target
-    from trt_heartbeat.backends.cuda import CudaBackend
+    from trt_heartbeat.domain import Target
+    from trt_heartbeat.exporter import canonical
+    from trt_heartbeat.exporter.backends import BackendOptions
+    from trt_heartbeat.exporter.backends.cuda import CudaBackend
 
     backend = CudaBackend(Target("0", uuid), "fp32", BackendOptions(cuda_api=api))
     info = backend.prepare()
@@ -166,9 +167,10 @@ def host_calls(backend: Any, host: Any, io: Any, probes: int) -> dict[str, float
 
 
 def exporter_round_trip(uuid: str, index: str, api: str, probes: int) -> dict[str, Any]:
-    from trt_heartbeat.backends import BackendOptions, Target, resolve_spec
-    from trt_heartbeat.probe import run_probe
-    from trt_heartbeat.worker import Worker, WorkerSpec
+    from trt_heartbeat.domain import Target
+    from trt_heartbeat.exporter.backends import BackendOptions, resolve_spec
+    from trt_heartbeat.exporter.timed_probe import run_probe
+    from trt_heartbeat.exporter.worker import Worker, WorkerSpec
 
     spec = WorkerSpec(resolve_spec("cuda"), Target(index, uuid), "fp32",
                       BackendOptions(cuda_api=api), bind_gpu=True)  # fmt: skip
@@ -195,8 +197,8 @@ def exporter_round_trip(uuid: str, index: str, api: str, probes: int) -> dict[st
 
 def _echo(conn: Any) -> None:
     """A worker that answers at once, over the same channel and wake-up handshake."""
-    from trt_heartbeat.channel import Channel
-    from trt_heartbeat.worker import _WAKE_SPIN
+    from trt_heartbeat.exporter.channel import Channel
+    from trt_heartbeat.exporter.worker import _WAKE_SPIN
 
     channel = Channel(conn.fileno())
     answer = ("ok", bytes(512), "<f4", (8, 16), (("h2d", 0.0), ("compute", 0.0), ("d2h", 0.0)))
@@ -211,8 +213,8 @@ def _echo(conn: Any) -> None:
 
 def pipe_floor(probes: int) -> dict[str, float]:
     """What the process boundary alone costs per round trip, timed as the exporter times it."""
-    from trt_heartbeat.channel import Channel
-    from trt_heartbeat.worker import _SPIN
+    from trt_heartbeat.exporter.channel import Channel
+    from trt_heartbeat.exporter.worker import _SPIN
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -252,7 +254,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=3000)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    from trt_heartbeat import gpus
+    from trt_heartbeat.exporter import gpus
 
     first = gpus.discover()[0]
     index, uuid = first.index, first.uuid

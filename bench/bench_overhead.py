@@ -17,12 +17,14 @@ import platform
 import statistics
 import time
 
-from trt_heartbeat import __version__, config
-from trt_heartbeat.app import Exporter
-from trt_heartbeat.backends import Target, resolve_spec
-from trt_heartbeat.http_server import ExporterHTTPServer
-from trt_heartbeat.probe import run_probe
-from trt_heartbeat.worker import Worker, WorkerSpec
+from trt_heartbeat import __version__
+from trt_heartbeat.domain import Target
+from trt_heartbeat.exporter import config
+from trt_heartbeat.exporter.app import Exporter
+from trt_heartbeat.exporter.backends import resolve_spec
+from trt_heartbeat.exporter.timed_probe import run_probe
+from trt_heartbeat.exporter.web.server import ExporterHTTPServer
+from trt_heartbeat.exporter.worker import Worker, WorkerSpec
 
 
 def pct(values: list[float], q: float) -> float:

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from loadgen import cpu_seconds, start, wrk
-from trt_heartbeat.app import Exporter
+from trt_heartbeat.exporter.app import Exporter
 
 
 def rss_mib(pid: int) -> float:

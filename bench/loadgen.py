@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trt_heartbeat import config
-from trt_heartbeat.app import Exporter
-from trt_heartbeat.backends import Target
-from trt_heartbeat.http_server import ExporterHTTPServer
+from trt_heartbeat.domain import Target
+from trt_heartbeat.exporter import config
+from trt_heartbeat.exporter.app import Exporter
+from trt_heartbeat.exporter.web.server import ExporterHTTPServer
 
 
 def cpu_seconds() -> float:

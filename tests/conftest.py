@@ -17,11 +17,12 @@ import pytest
 
 from fake_nvml import ENV as FAKE_NVML_ENV
 from fault_backend import ENV as FAULT_ENV
-from trt_heartbeat import config, web_config
-from trt_heartbeat.app import Exporter
-from trt_heartbeat.backends import Target
-from trt_heartbeat.http_server import ExporterHTTPServer
-from trt_heartbeat.telemetry import NvmlTelemetry
+from trt_heartbeat.domain import Target
+from trt_heartbeat.exporter import config
+from trt_heartbeat.exporter.app import Exporter
+from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry
+from trt_heartbeat.exporter.web import config as web_config
+from trt_heartbeat.exporter.web.server import ExporterHTTPServer
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -248,7 +249,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests/e2e, `prometheus` for those and every test that starts a Prometheus, Alertmanager or
     VictoriaMetrics server. Tests marked `gpu` run where an NVIDIA GPU is visible
     (docs/gpu-validation.md)."""
-    from trt_heartbeat.app import gpu_visible
+    from trt_heartbeat.exporter.app import gpu_visible
 
     for item in items:
         if "e2e" in item.path.parts:

@@ -19,9 +19,10 @@ import os
 import time
 from typing import Any, ClassVar
 
-from trt_heartbeat.backends.base import BackendOptions, EngineInfo, MemoryReading, RunResult, Target
-from trt_heartbeat.backends.reference import ReferenceBackend
+from trt_heartbeat.domain import EngineInfo, Target
 from trt_heartbeat.errors import BackendError, Reason
+from trt_heartbeat.exporter.backends.base import BackendOptions, MemoryReading, RunResult
+from trt_heartbeat.exporter.backends.reference import ReferenceBackend
 
 ENV = "TRT_HEARTBEAT_FAULT_FILE"
 

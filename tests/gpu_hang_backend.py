@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from fault_backend import control
-from trt_heartbeat.backends.cuda import CudaBackend
-from trt_heartbeat.cuda_host import nvrtc
+from trt_heartbeat.exporter.backends.cuda import CudaBackend
+from trt_heartbeat.exporter.cuda_host import nvrtc
 
 SPIN = r"""
 extern "C" __global__ void spin(volatile int* flag) {

@@ -20,9 +20,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import settings
-from trt_heartbeat.backends import EngineInfo, Target
-from trt_heartbeat.collector import TargetCollector
-from trt_heartbeat.state import HISTOGRAM_PHASES, ProbeRecord, TargetState
+from trt_heartbeat.domain import HISTOGRAM_PHASES, EngineInfo, Target
+from trt_heartbeat.exporter.collector import TargetCollector
+from trt_heartbeat.exporter.state import ProbeRecord, TargetState
 
 Latency = Callable[[random.Random], float]
 # family name -> (header lines, {series text before the value: [(time, value)]})

@@ -24,7 +24,7 @@ import yaml
 
 from conftest import ROOT, cli, cli_env, daemon, free_port, require
 from judge_history import History, Track, lognormal
-from trt_heartbeat.backends.base import PHASES
+from trt_heartbeat.domain import PHASES
 
 END = (int(time.time()) // 3600 - 2) * 3600  # a whole hour, two hours back: closed blocks
 WINDOW = "30m"

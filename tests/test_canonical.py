@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trt_heartbeat import canonical
-from trt_heartbeat.backends.base import Target
-from trt_heartbeat.backends.reference import ReferenceBackend
+from trt_heartbeat.domain import Target
+from trt_heartbeat.exporter import canonical
+from trt_heartbeat.exporter.backends.reference import ReferenceBackend
 
 # Pinned: a change to the network, its weights or its input must be deliberate (a new model id).
 DIGEST = "75169a163420"

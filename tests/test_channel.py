@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from trt_heartbeat.channel import Channel
+from trt_heartbeat.exporter.channel import Channel
 
 
 @pytest.fixture

@@ -96,8 +96,8 @@ def test_probe_report_is_strict_json_for_a_nan_output(tmp_path: Path) -> None:
 def test_probe_and_probes_endpoint_share_one_record_format() -> None:
     import math
 
-    from trt_heartbeat.app import probe_record_json
-    from trt_heartbeat.state import ProbeRecord
+    from trt_heartbeat.exporter.app import probe_record_json
+    from trt_heartbeat.exporter.state import ProbeRecord
 
     record = ProbeRecord(1_700_000_000.0, "mismatch", {"total": 0.001, "compute": math.inf},
                          message="output has NaN", max_abs_error=math.nan)  # fmt: skip

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import cli
-from trt_heartbeat import config
+from trt_heartbeat import documents
 from trt_heartbeat.cli import cli as cli_group
 from trt_heartbeat.cli import main
 from trt_heartbeat.errors import ConfigError
+from trt_heartbeat.exporter import config
 
 DATA = Path(__file__).parent / "testdata"
 DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds"
@@ -206,8 +207,8 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
     [("10s", 10), ("500ms", 0.5), ("1m30s", 90), ("2h", 7200), ("1.5s", 1.5), (3, 3)],
 )
 def test_durations(text: str | int, seconds: float) -> None:
-    assert config.parse_duration(text) == seconds
-    assert config.parse_duration(config.format_duration(seconds)) == seconds
+    assert documents.parse_duration(text) == seconds
+    assert documents.parse_duration(documents.format_duration(seconds)) == seconds
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
@@ -250,7 +251,7 @@ def test_a_duration_means_the_same_in_file_flag_and_environment(
         args += ["--interval", text]
     result = CliRunner().invoke(cli_group, args, env=env)
     assert result.exit_code == 0, result.output
-    assert config.parse_duration(yaml.safe_load(result.output)["interval"]) == seconds
+    assert documents.parse_duration(yaml.safe_load(result.output)["interval"]) == seconds
     quoted = tmp_path / "q.yaml"
     quoted.write_text(f'interval: "{text}"\ntimeout: 100ms\n')
     assert config.load(quoted).interval == seconds

@@ -18,7 +18,7 @@ import tomllib
 import yaml
 
 from conftest import ROOT, cli_env, require
-from trt_heartbeat import config
+from trt_heartbeat.exporter import config
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -86,7 +86,7 @@ def test_daemonset_probes_every_gpu_without_allocating_one() -> None:
 
 
 def _default_port() -> int:
-    from trt_heartbeat import config
+    from trt_heartbeat.exporter import config
 
     return config.load().listen_port
 
@@ -111,7 +111,7 @@ def test_probes_hit_the_exporters_endpoints(kind: str, name: str | None) -> None
 
 
 def test_exporter_config_in_the_configmap_is_valid(tmp_path: Path) -> None:
-    from trt_heartbeat import config
+    from trt_heartbeat.exporter import config
 
     path = tmp_path / "config.yaml"
     path.write_text(find("ConfigMap", "trt-heartbeat-exporter")["data"]["config.yaml"])
@@ -278,7 +278,7 @@ def test_npd_plugin_exit_codes(tmp_path: Path) -> None:
 def test_make_run_installs_what_running_needs(tmp_path: Path) -> None:
     """`make run` installs the base package (with the gpu extra where a GPU is visible), never
     the test, lint or TensorRT extras: a fresh clone serves /metrics in seconds."""
-    from trt_heartbeat.app import gpu_visible
+    from trt_heartbeat.exporter.app import gpu_visible
 
     venv = tmp_path / "venv"
     # Not as a sub-make of `make test`: no inherited flags, no "Entering directory" lines.

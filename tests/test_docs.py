@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml as fake_nvml_stub
 from conftest import ROOT, Faults, Running, fake_telemetry, wait_for
-from trt_heartbeat.backends import MigInstance, Target
 from trt_heartbeat.cli import cli
+from trt_heartbeat.domain import MigInstance, Target
 from trt_heartbeat.errors import Reason
-from trt_heartbeat.health import (
+from trt_heartbeat.exporter.health import (
     AWAITING_FIRST_PROBE,
     GPU_MEMORY_LOW,
     OK,
@@ -143,7 +143,7 @@ def test_every_doc_link_resolves() -> None:
 
 
 def test_config_schema_keys_are_documented() -> None:
-    from trt_heartbeat import config
+    from trt_heartbeat.exporter import config
 
     readme = (ROOT / "README.md").read_text()
     for key, node in config.schema()["properties"].items():

@@ -10,8 +10,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from trt_heartbeat import canonical
-from trt_heartbeat.engine_cache import (
+from trt_heartbeat.exporter import canonical
+from trt_heartbeat.exporter.engine_cache import (
     EngineCache,
     PlanRequest,
     manifest_schema,

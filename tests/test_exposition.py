@@ -17,10 +17,10 @@ from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require, settings
-from trt_heartbeat.app import Exporter
-from trt_heartbeat.backends import EngineInfo, Target
-from trt_heartbeat.exposition import GzipMember, split_families
-from trt_heartbeat.state import ProbeRecord
+from trt_heartbeat.domain import EngineInfo, Target
+from trt_heartbeat.exporter.app import Exporter
+from trt_heartbeat.exporter.state import ProbeRecord
+from trt_heartbeat.exporter.web.exposition import GzipMember, split_families
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -285,7 +285,7 @@ def test_any_accept_header_gets_a_served_format(accept: str) -> None:
       "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2", True)],
 )  # fmt: skip
 def test_accept_negotiation_picks_a_served_format(accept: str | None, openmetrics: bool) -> None:
-    from trt_heartbeat.exposition import OPENMETRICS as OM
-    from trt_heartbeat.exposition import TEXT, negotiate
+    from trt_heartbeat.exporter.web.exposition import OPENMETRICS as OM
+    from trt_heartbeat.exporter.web.exposition import TEXT, negotiate
 
     assert negotiate(accept) == (OM if openmetrics else TEXT)

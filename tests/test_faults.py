@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Faults, Running, cli_env, fake_telemetry, wait_for
-from trt_heartbeat.backends import Target
+from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import Reason
 
 Start = Callable[..., Running]

@@ -17,11 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml as fake_nvml_module
 from conftest import Faults, Running, cli, cli_env, free_port, settings, wait_for
-from trt_heartbeat import gpus
-from trt_heartbeat.app import gpu_visible, probes_gpus, select_backend, targets_for
-from trt_heartbeat.backends import MigInstance, Target
-from trt_heartbeat.cuda_host import cuda_failure
+from trt_heartbeat.domain import MigInstance, Target
 from trt_heartbeat.errors import ConfigError, Reason, UnknownBackendError
+from trt_heartbeat.exporter import gpus
+from trt_heartbeat.exporter.app import gpu_visible, probes_gpus, select_backend, targets_for
+from trt_heartbeat.exporter.cuda_host import cuda_failure
 
 FOUND = [gpus.FoundGpu(0, "GPU-aaaa"), gpus.FoundGpu(1, "GPU-bbbb")]
 PARENT = "GPU-0000aaaa-0000-4000-8000-000000000000"
@@ -212,8 +212,8 @@ def test_gpu_backend_on_a_cpu_host_is_unhealthy_with_a_reason(
 @pytest.mark.parametrize("arch", [(8, 0), (9, 0)])
 def test_probe_kernel_compiles_with_nvrtc(real: str, arch: tuple[int, int]) -> None:
     # NVRTC needs no GPU: the kernel source is checked on every CI run.
-    from trt_heartbeat.backends.cuda import kernel_source
-    from trt_heartbeat.cuda_host import nvrtc
+    from trt_heartbeat.exporter.backends.cuda import kernel_source
+    from trt_heartbeat.exporter.cuda_host import nvrtc
 
     image = nvrtc.compile_cubin(kernel_source(real), "canonical_mlp.cu", arch)
     assert image.startswith(b"\x7fELF")

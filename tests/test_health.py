@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from conftest import Faults, Running, settings, wait_for
-from trt_heartbeat.backends import EngineInfo, Target
+from trt_heartbeat.domain import EngineInfo, Target
 from trt_heartbeat.errors import Reason
-from trt_heartbeat.health import Health, heartbeat_age, overall_health, target_health
-from trt_heartbeat.nvml_reader import GpuReading
-from trt_heartbeat.state import ProbeRecord, TargetState
+from trt_heartbeat.exporter.health import Health, heartbeat_age, overall_health, target_health
+from trt_heartbeat.exporter.nvml import GpuReading
+from trt_heartbeat.exporter.state import ProbeRecord, TargetState
 
 S = settings(interval=10, timeout=5, max_age=30, latency_objective=0.1)
 ENGINE = EngineInfo("reference", "fp32", "m")

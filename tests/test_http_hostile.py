@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from conftest import wait_for
-from trt_heartbeat import http_server, web_config
-from trt_heartbeat.http_server import MAX_REQUEST_HEAD, ExporterHTTPServer
+from trt_heartbeat.exporter.web import config as web_config
+from trt_heartbeat.exporter.web import server as http_server
+from trt_heartbeat.exporter.web.server import MAX_REQUEST_HEAD, ExporterHTTPServer
 
 THEN_PING = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 

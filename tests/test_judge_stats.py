@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trt_heartbeat.judge import stats
-from trt_heartbeat.judge.queries import Scope, SelectorError, parse_selector
-from trt_heartbeat.judge.thresholds import DEFAULTS
-from trt_heartbeat.judge.verdict import tail_check
+from trt_heartbeat.canary.judge import stats
+from trt_heartbeat.canary.judge.queries import Scope, SelectorError, parse_selector
+from trt_heartbeat.canary.judge.thresholds import DEFAULTS
+from trt_heartbeat.canary.judge.verdict import tail_check
 
 
 def brute_u(canary: Sequence[float], baseline: Sequence[float]) -> float:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from trt_heartbeat.judge.queries import Observations, Scope
-from trt_heartbeat.judge.thresholds import DEFAULTS
-from trt_heartbeat.judge.verdict import Thresholds, judge_probes
+from trt_heartbeat.canary.judge.queries import Observations, Scope
+from trt_heartbeat.canary.judge.thresholds import DEFAULTS
+from trt_heartbeat.canary.judge.verdict import Thresholds, judge_probes
 
 BOUNDS = [0.001, 0.0025, 0.005, math.inf]
 

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Faults, Running, wait_for
-from trt_heartbeat.backends import Target
+from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import Reason
-from trt_heartbeat.nvml_reader import GpuReading, NvmlSnapshot
-from trt_heartbeat.telemetry import NvmlTelemetry, TelemetryState
+from trt_heartbeat.exporter.nvml import GpuReading, NvmlSnapshot
+from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry, TelemetryState
 
 Start = Callable[..., Running]
 

@@ -31,7 +31,9 @@ def test_generated_rules_equal_the_committed_files(args: tuple[str, ...], commit
 def test_every_builtin_source_is_in_the_pack() -> None:
     groups = yaml.safe_load((RULES / "service-sources.rules.yml").read_text())["groups"]
     names = {g["name"].removeprefix("trt-heartbeat-service-source-") for g in groups}
-    assert names == {p.stem for p in (ROOT / "exporter/trt_heartbeat/service/sources").iterdir()}
+    assert names == {
+        p.stem for p in (ROOT / "exporter/trt_heartbeat/canary/guard/sources").iterdir()
+    }
 
 
 # The procedure's own metrics: http_requests_total{code, version} and model_latency_seconds.

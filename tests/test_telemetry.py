@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml
 from conftest import Faults, Running, fake_telemetry, wait_for
-from trt_heartbeat.backends import MigInstance, Target
-from trt_heartbeat.backends.gpu_common import NvmlView
-from trt_heartbeat.telemetry import NvmlTelemetry
+from trt_heartbeat.domain import MigInstance, Target
+from trt_heartbeat.exporter.backends.gpu_backend import NvmlView
+from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry
 
 Start = Callable[..., Running]
 GPU0 = Target("0", "GPU-fake-0")

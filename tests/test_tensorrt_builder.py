@@ -14,12 +14,18 @@ import numpy as np
 import pytest
 
 import fake_tensorrt as fake
-from trt_heartbeat import canonical
-from trt_heartbeat.backends import BackendOptions, Target
-from trt_heartbeat.backends.tensorrt import TensorRTBackend, build_plan, make_logger, plan_request
-from trt_heartbeat.cuda_host import DeviceInfo
-from trt_heartbeat.engine_cache import EngineCache
+from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import BackendError, Reason
+from trt_heartbeat.exporter import canonical
+from trt_heartbeat.exporter.backends import BackendOptions
+from trt_heartbeat.exporter.backends.tensorrt import (
+    TensorRTBackend,
+    build_plan,
+    make_logger,
+    plan_request,
+)
+from trt_heartbeat.exporter.cuda_host import DeviceInfo
+from trt_heartbeat.exporter.engine_cache import EngineCache
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from conftest import cli, require
-from trt_heartbeat import config, web_config
 from trt_heartbeat.errors import ConfigError
+from trt_heartbeat.exporter import config
+from trt_heartbeat.exporter.web import config as web_config
 
 PASSWORD = "s3cret"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4))

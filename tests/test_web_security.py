@@ -25,11 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import require, wait_for
-from trt_heartbeat import config, web_config
-from trt_heartbeat.app import Exporter
 from trt_heartbeat.cli import main
 from trt_heartbeat.errors import ConfigError
-from trt_heartbeat.http_server import HEADERS, IDLE, ExporterHTTPServer
+from trt_heartbeat.exporter import config
+from trt_heartbeat.exporter.app import Exporter
+from trt_heartbeat.exporter.web import config as web_config
+from trt_heartbeat.exporter.web.server import HEADERS, IDLE, ExporterHTTPServer
 
 PASSWORD = "s3cret"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode().replace("$2b$", "$2y$")

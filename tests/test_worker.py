@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import FAULT_SPEC, Faults
-from trt_heartbeat.backends import Target
+from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import Reason
-from trt_heartbeat.probe import run_probe
-from trt_heartbeat.worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
+from trt_heartbeat.exporter.timed_probe import run_probe
+from trt_heartbeat.exporter.worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
 
 
 def always() -> bool:

@@ -1,3 +1,3 @@
-from .cli import main
+from trt_heartbeat.cli import main
 
 main()

@@ -22,8 +22,11 @@ import click
 import jsonschema
 import yaml
 
-from . import __version__, config, logs, web_config
-from .app import (
+from trt_heartbeat import __version__, documents
+from trt_heartbeat.cliflags import BadInput, env_name
+from trt_heartbeat.errors import HeartbeatError
+from trt_heartbeat.exporter import config, logs
+from trt_heartbeat.exporter.app import (
     Exporter,
     gpu_visible,
     make_telemetry,
@@ -32,13 +35,12 @@ from .app import (
     select_backend,
     targets_for,
 )
-from .backends import BackendOptions, resolve_spec
-from .clicommon import BadInput, env_name
-from .config import Settings
-from .errors import HeartbeatError
-from .http_server import ExporterHTTPServer
-from .probe import run_probe
-from .worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
+from trt_heartbeat.exporter.backends import BackendOptions, resolve_spec
+from trt_heartbeat.exporter.config import Settings
+from trt_heartbeat.exporter.timed_probe import run_probe
+from trt_heartbeat.exporter.web import config as web_config
+from trt_heartbeat.exporter.web.server import ExporterHTTPServer
+from trt_heartbeat.exporter.worker import Worker, WorkerAborted, WorkerFailure, WorkerSpec
 
 log = logging.getLogger("trt_heartbeat")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +63,7 @@ class ConfigValue(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if self.duration:
             try:
-                seconds = config.parse_duration(value)
+                seconds = documents.parse_duration(value)
             except ValueError:
                 seconds = 0.0
             if seconds > 0:
@@ -427,9 +429,9 @@ def build_engine(
     import os
 
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before any CUDA library loads
-    from .backends.tensorrt import build_engine as build
-    from .engine_cache import default_cache_dir
-    from .errors import BackendError
+    from trt_heartbeat.errors import BackendError
+    from trt_heartbeat.exporter.backends.tensorrt import build_engine as build
+    from trt_heartbeat.exporter.engine_cache import default_cache_dir
 
     try:
         manifest = build(precision, engine_cache_dir or default_cache_dir(), version_compatible,
@@ -443,8 +445,8 @@ def build_engine(
 
 def _register() -> None:
     # Commands with modules of their own; imported here so that `cli` lists them.
-    from .judge.command import canary_judge
-    from .service.command import service_rules
+    from trt_heartbeat.canary.guard.command import service_rules
+    from trt_heartbeat.canary.judge.command import canary_judge
 
     cli.add_command(canary_judge)
     cli.add_command(service_rules)

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, cli, cli_env, free_port, http_ready, require, wait_for
-from trt_heartbeat.config import parse_duration
+from trt_heartbeat.documents import parse_duration
 
 INTERVAL, TIMEOUT = 1.0, 0.8  # exporter probe interval and timeout
 SCRAPE = EVAL = 1.0  # Prometheus scrape and rule evaluation interval

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from trt_heartbeat import canonical, gpus
-from trt_heartbeat.backends import BackendOptions, Target
-from trt_heartbeat.backends.cuda import CudaBackend
-from trt_heartbeat.backends.reference import ReferenceBackend
+from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import BackendError, Reason
+from trt_heartbeat.exporter import canonical, gpus
+from trt_heartbeat.exporter.backends import BackendOptions
+from trt_heartbeat.exporter.backends.cuda import CudaBackend
+from trt_heartbeat.exporter.backends.reference import ReferenceBackend
 
 if TYPE_CHECKING:  # imported where it runs: the lean runtime may be missing
-    from trt_heartbeat.backends.tensorrt import TensorRTBackend
+    from trt_heartbeat.exporter.backends.tensorrt import TensorRTBackend
 
 pytestmark = pytest.mark.gpu
 MIB = 1 << 20
@@ -108,7 +109,7 @@ def cache_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def _write_plan(cache_dir: Path, plan: bytes, version: str, cc: str, name: str) -> None:
-    from trt_heartbeat.engine_cache import Manifest, PlanRequest, plan_key
+    from trt_heartbeat.exporter.engine_cache import Manifest, PlanRequest, plan_key
 
     request = PlanRequest(version, name, cc, canonical.model_digest(), "fp32")
     key = plan_key(request, False, "none")
@@ -126,13 +127,13 @@ def _header(major: int, minor: int, patch: int, build: int) -> bytes:
 @pytest.mark.skipif(not _lean_available(), reason="TensorRT lean runtime not installed")
 class TestLeanRuntime:
     def _backend(self, target: Target, cache_dir: Path) -> TensorRTBackend:
-        from trt_heartbeat.backends.tensorrt import TensorRTBackend
+        from trt_heartbeat.exporter.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(target, "fp32", BackendOptions(engine_cache_dir=str(cache_dir)))
 
     def _device(self) -> tuple[str, str, str]:
-        from trt_heartbeat.backends.tensorrt import import_tensorrt
-        from trt_heartbeat.cuda_host import open_host
+        from trt_heartbeat.exporter.backends.tensorrt import import_tensorrt
+        from trt_heartbeat.exporter.cuda_host import open_host
 
         trt, _ = import_tensorrt()
         host = open_host("cuda-python")

@@ -95,7 +95,7 @@ def test_probe_command_on_the_gpu() -> None:
 
 
 def test_one_worker_per_gpu_each_on_its_own(serve: Callable[..., Served]) -> None:
-    from trt_heartbeat import gpus
+    from trt_heartbeat.exporter import gpus
 
     found = gpus.discover()
     if len(found) < 2:

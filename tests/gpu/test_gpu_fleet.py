@@ -37,8 +37,8 @@ def test_discovery_with_mig_off_reports_each_whole_gpu() -> None:
     report exactly what nvidia-smi lists, one whole-GPU target each."""
     import pynvml
 
-    from trt_heartbeat import gpus, nvml_reader
-    from trt_heartbeat.backends import Target
+    from trt_heartbeat.domain import Target
+    from trt_heartbeat.exporter import gpus, nvml
 
     rows = _smi("index,uuid,mig.mode.current")
     if any(mode == "Enabled" for _, _, mode in rows):
@@ -50,9 +50,9 @@ def test_discovery_with_mig_off_reports_each_whole_gpu() -> None:
     assert gpus.select_targets("all", found) == [Target(i, u) for i, u, _ in rows]
     pynvml.nvmlInit()
     try:
-        snapshot = nvml_reader.read(pynvml)
+        snapshot = nvml.read(pynvml)
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        assert nvml_reader.mig_devices(pynvml, 0, handle) == []
+        assert nvml.mig_devices(pynvml, 0, handle) == []
     finally:
         pynvml.nvmlShutdown()
     assert [(g.gpu, g.uuid, g.mig) for g in snapshot.gpus] == [(i, u, None) for i, u, _ in rows]
@@ -127,7 +127,7 @@ def test_memory_without_nvml_agrees_and_turns_health_low(
 def test_one_frozen_gpu_of_several_leaves_the_others_passing(
     serve: Callable[..., Served],
 ) -> None:
-    from trt_heartbeat import gpus
+    from trt_heartbeat.exporter import gpus
 
     found = gpus.discover()
     if len(found) < 2:

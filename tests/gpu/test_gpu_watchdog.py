@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Faults, Running, wait_for
-from trt_heartbeat import gpus
-from trt_heartbeat.backends import Target
+from trt_heartbeat.domain import Target
+from trt_heartbeat.exporter import gpus
 
 pytestmark = pytest.mark.gpu
 

@@ -1,0 +1,77 @@
+"""Probe backends, looked up by name and imported lazily.
+
+The exporter's parent process never imports a backend: only worker processes do, so CUDA,
+TensorRT and NVML code can never wedge or crash the HTTP server.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import cast
+
+from trt_heartbeat.domain import EngineInfo, MigInstance, Target
+from trt_heartbeat.errors import UnknownBackendError
+from trt_heartbeat.exporter.backends.base import (
+    Backend,
+    BackendFactory,
+    BackendOptions,
+    MemoryReading,
+    RunResult,
+)
+
+# name -> "module:attribute"; modules are imported only inside worker processes.
+REGISTRY: dict[str, str] = {
+    "reference": "trt_heartbeat.exporter.backends.reference:ReferenceBackend",
+    "cuda": "trt_heartbeat.exporter.backends.cuda:CudaBackend",
+    "tensorrt": "trt_heartbeat.exporter.backends.tensorrt:TensorRTBackend",
+}
+# Backends that probe GPUs: one target (and one worker) per GPU.
+GPU_BACKENDS = ("tensorrt", "cuda")
+
+
+def known_backends() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def resolve_spec(name: str) -> str:
+    """Map a backend name to its import spec without importing it.
+
+    Besides the registered names, a `package.module:Class` spec loads a backend of your own.
+    """
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        if module and attr:
+            return name
+    raise UnknownBackendError(
+        f"unknown backend {name!r}: expected auto, {', '.join(known_backends())} "
+        "or a 'package.module:Class' spec"
+    )
+
+
+def load_backend(spec: str) -> BackendFactory:
+    """Import a backend class from its spec (call only inside a worker process)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return cast(BackendFactory, getattr(module, attr))
+    except (ImportError, AttributeError) as exc:
+        raise UnknownBackendError(f"cannot load backend {spec!r}: {exc}") from exc
+
+
+__all__ = [
+    "GPU_BACKENDS",
+    "REGISTRY",
+    "Backend",
+    "BackendFactory",
+    "BackendOptions",
+    "EngineInfo",
+    "MemoryReading",
+    "MigInstance",
+    "RunResult",
+    "Target",
+    "known_backends",
+    "load_backend",
+    "resolve_spec",
+]

@@ -1,0 +1,197 @@
+"""Pieces shared by the GPU backends: options, host buffers, timed probe phases, memory."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from trt_heartbeat.domain import Target
+from trt_heartbeat.errors import BackendError, Reason
+from trt_heartbeat.exporter.backends.base import BackendOptions, MemoryReading, RunResult
+from trt_heartbeat.exporter.cuda_host import CudaHost
+
+
+@dataclass
+class IOBuffers:
+    """Pinned host buffers and device buffers of one probe's input and output."""
+
+    host_in: np.ndarray
+    host_out: np.ndarray
+    dev_in: int
+    dev_out: int
+
+
+def io_buffers(host: CudaHost, x: np.ndarray, out_shape: tuple[int, ...]) -> IOBuffers:
+    host_in = host.pinned(x.shape, x.dtype)
+    host_in[...] = x
+    host_out = host.pinned(out_shape, x.dtype)
+    return IOBuffers(host_in, host_out, host.alloc(x.nbytes), host.alloc(host_out.nbytes))
+
+
+def upload(host: CudaHost, array: np.ndarray) -> int:
+    """Copy a constant (weights) to the device once, at prepare time."""
+    staging = host.pinned(array.shape, array.dtype)
+    staging[...] = array
+    ptr = host.alloc(array.nbytes)
+    host.h2d(ptr, staging)
+    host.synchronize()
+    return ptr
+
+
+def timed_probe(host: CudaHost, io: IOBuffers, compute: Any) -> tuple[np.ndarray, dict[str, float]]:
+    """h2d, compute(), d2h on the probe stream, each phase between two CUDA events:
+    0 -h2d- 1 -compute- 2 -d2h- 3 (the phases of domain.PHASES besides total)."""
+    out, record, elapsed = io.host_out, host.record, host.elapsed
+    out.fill(np.nan)  # a probe that writes nothing must not pass on stale output
+    record(0)
+    host.h2d(io.dev_in, io.host_in)
+    record(1)
+    compute()
+    record(2)
+    host.d2h(out, io.dev_out)
+    record(3)
+    host.synchronize()
+    return out.copy(), {"h2d": elapsed(0, 1), "compute": elapsed(1, 2), "d2h": elapsed(2, 3)}
+
+
+class NvmlView:
+    """What NVML says about this worker on its GPU: the memory it holds, and the driver version.
+
+    NVML's per-process list reports host PIDs; inside a container's PID namespace our PID does not
+    appear there. Then fall back to the rise in the device's used memory across our own set-up
+    (context, buffers, module or engine), measured before and after it.
+
+    The footprint changes only with set-up, and NVML's process list is a slow call next to a
+    probe (docs/performance.md), so it is asked at most once per REFRESH seconds.
+    """
+
+    REFRESH = 10.0
+
+    def __init__(
+        self, uuid: str, nvml: Any = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._asked_at: float | None = None
+        self._last: int | None = None
+        self.source = "unavailable"
+        self.driver_version = ""
+        self._nvml: Any = None
+        self._handle: Any = None
+        self._baseline: int | None = None
+        self._delta: int | None = None
+        try:
+            if nvml is None:
+                nvml = importlib.import_module("pynvml")
+            nvml.nvmlInit()
+            version = nvml.nvmlSystemGetDriverVersion()
+            self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
+            self._handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+            self._baseline = int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._nvml = nvml
+        except Exception:
+            pass  # NVML missing or failing: the metric is simply absent
+
+    def setup_done(self) -> None:
+        if self._nvml is not None and self._baseline is not None:
+            used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._delta = max(0, used - self._baseline)
+
+    def current(self) -> int | None:
+        if self._nvml is None:
+            return None
+        now = self._clock()
+        if self._asked_at is not None and now - self._asked_at < self.REFRESH:
+            return self._last
+        self._asked_at = now
+        self._last = self._ask()
+        return self._last
+
+    def _ask(self) -> int | None:
+        try:
+            for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    self.source = "nvml_process"
+                    return int(proc.usedGpuMemory)
+        except Exception:
+            pass
+        self.source = "setup_delta" if self._delta is not None else "unavailable"
+        return self._delta
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+
+
+class GpuBackend:
+    """What the GPU backends share: precision check, timed run, device facts, release order.
+
+    Subclasses load their model in prepare() (setting `_host`, `_io`, `_memory`) and launch it in
+    `_compute()`; the probe phases around it are the same for every GPU backend.
+    """
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self, target: Target, precision: str, options: BackendOptions | None = None
+    ) -> None:
+        if precision not in self.precisions:
+            raise BackendError(
+                Reason.ENGINE_LOAD_FAILED,
+                f"the {self.name} backend runs {' or '.join(self.precisions)}, not {precision}",
+            )
+        self.target = target
+        self.precision = precision
+        self.options = options or BackendOptions()
+        self._host: CudaHost | None = None
+        self._io: IOBuffers | None = None
+        self._memory: NvmlView | None = None
+
+    def _compute(self) -> None:
+        raise NotImplementedError
+
+    def _stack(self, host: CudaHost, memory: NvmlView) -> tuple[dict[str, str], dict[str, str]]:
+        """(versions, details) every GPU backend reports in its EngineInfo."""
+        major, minor = host.device.compute_capability
+        versions = {
+            "cuda_driver_version": host.device.cuda_driver_version,
+            "driver_version": memory.driver_version,
+        }
+        details = {
+            "gpu_name": host.device.name,
+            "uuid": host.device.uuid,
+            "compute_capability": f"{major}.{minor}",
+            "cuda_api": host.name,
+        }
+        return versions, details
+
+    def run(self) -> RunResult:
+        assert self._host is not None and self._io is not None
+        output, phases = timed_probe(self._host, self._io, self._compute)
+        return RunResult(output, phases)
+
+    def memory(self) -> MemoryReading:
+        assert self._host is not None and self._memory is not None
+        held = self._memory.current()
+        # After the probe's own synchronize: what the driver says now is what the probe ran in.
+        return MemoryReading(held, self._memory.source, self._host.memory_info())
+
+    def _release(self) -> None:
+        """Drop what lives inside the CUDA context, before the context goes."""
+
+    def close(self) -> None:
+        self._release()
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None

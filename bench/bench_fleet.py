@@ -66,10 +66,25 @@ def main() -> None:
     started = time.monotonic()
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "trt_heartbeat", "serve", "--backend", "cuda",
-             "--interval", "1s", "--timeout", "900ms", "--web.listen-address", "127.0.0.1:0",
-             "--log.format", "json"], stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "trt_heartbeat",
+                "serve",
+                "--backend",
+                "cuda",
+                "--interval",
+                "1s",
+                "--timeout",
+                "900ms",
+                "--web.listen-address",
+                "127.0.0.1:0",
+                "--log.format",
+                "json",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         port = None
         while port is None:
@@ -90,8 +105,9 @@ def main() -> None:
             time.sleep(0.05)
         healthy = time.monotonic() - started
         targets = [t["gpu"] for t in report["targets"]]
-        workers = {t["gpu"]: int(t["worker_pid"])
-                   for t in json.loads(_get(conn, "/probes")[1])["targets"]}  # fmt: skip
+        workers = {
+            t["gpu"]: int(t["worker_pid"]) for t in json.loads(_get(conn, "/probes")[1])["targets"]
+        }
         binding = _binding(workers)
         times, size = [], 0
         for _ in range(args.scrapes):

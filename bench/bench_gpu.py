@@ -172,8 +172,13 @@ def exporter_round_trip(uuid: str, index: str, api: str, probes: int) -> dict[st
     from trt_heartbeat.exporter.timed_probe import run_probe
     from trt_heartbeat.exporter.worker import Worker, WorkerSpec
 
-    spec = WorkerSpec(resolve_spec("cuda"), Target(index, uuid), "fp32",
-                      BackendOptions(cuda_api=api), bind_gpu=True)  # fmt: skip
+    spec = WorkerSpec(
+        resolve_spec("cuda"),
+        Target(index, uuid),
+        "fp32",
+        BackendOptions(cuda_api=api),
+        bind_gpu=True,
+    )
     worker = Worker(spec)
     worker.start()
     _, load = worker.wait_ready(120, lambda: True)
@@ -275,18 +280,23 @@ def main() -> None:
             fh.write(text)
     print(text)
     rows = [
-        ("bare context, default limits",
-         f"{results['bare_context_default']['gpu_memory_mib']:.0f} MiB"),
-        ("bare context, stack limit 0",
-         f"{results['bare_context_stack0']['gpu_memory_mib']:.0f} MiB"),
-    ]  # fmt: skip
+        (
+            "bare context, default limits",
+            f"{results['bare_context_default']['gpu_memory_mib']:.0f} MiB",
+        ),
+        (
+            "bare context, stack limit 0",
+            f"{results['bare_context_stack0']['gpu_memory_mib']:.0f} MiB",
+        ),
+    ]
     for api in apis:
         b, r = results[f"cuda_backend[{api}]"], results[f"round_trip[{api}]"]
         memory = f"{b['gpu_memory_mib']:.0f} MiB ({b['gpu_memory_source']})"
         rows.append((f"cuda backend [{api}] after {args.probes} probes", memory))
         for phase, s in b["phases"].items():
-            rows.append((f"[{api}] {phase}", f"{s['median_us']:.1f} µs median, "
-                                             f"{s['p99_us']:.1f} µs p99"))  # fmt: skip
+            rows.append(
+                (f"[{api}] {phase}", f"{s['median_us']:.1f} µs median, {s['p99_us']:.1f} µs p99")
+            )
         total, bare, gpu = r["total"], b["bare_loop"], b["gpu_time"]
         rows.append(
             (
@@ -300,10 +310,14 @@ def main() -> None:
                 f"{total['median_us']:.0f} µs median, {total['p99_us']:.0f} µs p99",
             )
         )
-        rows.append((f"[{api}] after {IDLE * 1e3:g} ms idle: bare loop / round trip / GPU phases",
-                     f"{b['bare_loop_after_idle']['median_us']:.0f} / "
-                     f"{r['total_after_idle']['median_us']:.0f} / "
-                     f"{b['gpu_time_after_idle']['median_us']:.0f} µs median"))  # fmt: skip
+        rows.append(
+            (
+                f"[{api}] after {IDLE * 1e3:g} ms idle: bare loop / round trip / GPU phases",
+                f"{b['bare_loop_after_idle']['median_us']:.0f} / "
+                f"{r['total_after_idle']['median_us']:.0f} / "
+                f"{b['gpu_time_after_idle']['median_us']:.0f} µs median",
+            )
+        )
         rows.append(
             (
                 f"[{api}] overhead ratio round trip / bare loop",
@@ -319,10 +333,14 @@ def main() -> None:
                     f"({gpu['median_us']:.0f} µs of GPU phases per probe)",
                 )
             )
-        rows.append((f"[{api}] failed probes", str(b["failed"])))  # fmt: skip
-        rows.append((f"[{api}] memory reading after the answer (not in run())",
-                     f"{b['memory_reading_us']:.1f} µs, of which cuMemGetInfo "
-                     f"{b['memory_info_us']:.1f} µs"))  # fmt: skip
+        rows.append((f"[{api}] failed probes", str(b["failed"])))
+        rows.append(
+            (
+                f"[{api}] memory reading after the answer (not in run())",
+                f"{b['memory_reading_us']:.1f} µs, of which cuMemGetInfo "
+                f"{b['memory_info_us']:.1f} µs",
+            )
+        )
         for call, us in b["host_calls_us"].items():
             rows.append((f"[{api}] host call: {call}", f"{us:.1f} µs"))
     floor = results["pipe_floor"]

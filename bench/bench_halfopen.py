@@ -80,8 +80,9 @@ def main() -> int:
     try:
         baseline = [scrape(port)[1] for _ in range(200)]
         stop, reopened = threading.Event(), [0]
-        thread = threading.Thread(target=attacker, args=(port, args.connections, args.mode,
-                                                         stop, reopened), daemon=True)  # fmt: skip
+        thread = threading.Thread(
+            target=attacker, args=(port, args.connections, args.mode, stop, reopened), daemon=True
+        )
         thread.start()
         time.sleep(2)
         results, rss = [], []
@@ -103,12 +104,16 @@ def main() -> int:
 
     bad = sum(1 for code, _ in results if code != 200)
     codes = sorted({code for code, _ in results if code != 200})
-    print(f"exporter alone: /metrics p50 {q(sorted(baseline), 50):.2f} ms, "
-          f"p99 {q(sorted(baseline), 99):.2f} ms")  # fmt: skip
-    print(f"{args.connections} {args.mode} connections held ({reopened[0]} re-opened after the "
-          f"exporter cut them): {len(results)} scrapes, {bad} not 200 {codes or ''}, "
-          f"p50 {q(times, 50):.2f} ms, p99 {q(times, 99):.2f} ms, max {times[-1] * 1e3:.1f} ms; "
-          f"exporter RSS max {max(rss):.1f} MiB")  # fmt: skip
+    print(
+        f"exporter alone: /metrics p50 {q(sorted(baseline), 50):.2f} ms, "
+        f"p99 {q(sorted(baseline), 99):.2f} ms"
+    )
+    print(
+        f"{args.connections} {args.mode} connections held ({reopened[0]} re-opened after the "
+        f"exporter cut them): {len(results)} scrapes, {bad} not 200 {codes or ''}, "
+        f"p50 {q(times, 50):.2f} ms, p99 {q(times, 99):.2f} ms, max {times[-1] * 1e3:.1f} ms; "
+        f"exporter RSS max {max(rss):.1f} MiB"
+    )
     return 1 if bad else 0
 
 

@@ -68,8 +68,14 @@ def get(path: str, *headers: str, method: str = "GET") -> bytes:
 
 # Each attack: one round, repeated by its thread until the phase ends.
 def accept_versions(port: int, i: int) -> None:  # 1: a new Accept version per request
-    request(port, get("/metrics", f"Authorization: {AUTH}",
-                      f"Accept: application/openmetrics-text; version=2.{i}"))  # fmt: skip
+    request(
+        port,
+        get(
+            "/metrics",
+            f"Authorization: {AUTH}",
+            f"Accept: application/openmetrics-text; version=2.{i}",
+        ),
+    )
 
 
 def never_read(port: int, i: int) -> None:  # 2: pipelined scrapes on sockets that never read
@@ -127,8 +133,11 @@ def auth_flood(port: int, i: int) -> None:  # 6: wrong passwords, unknown users,
 
 def smuggle(port: int, i: int) -> None:  # 7: two differing Content-Lengths
     hidden = get("/metrics")
-    request(port, b"GET /ping HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(hidden) + hidden)  # fmt: skip
+    request(
+        port,
+        b"GET /ping HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(hidden) + hidden,
+    )
 
 
 def framing(port: int, i: int) -> None:  # 9, 10, 11, 13
@@ -195,13 +204,16 @@ def phase(port: int, pid: int, names: list[str], seconds: float, log: Path) -> d
     pings: list[tuple[int, float]] = []
     tracebacks_before = log.read_text(errors="replace").count("Traceback")
     halt = multiprocessing.get_context("fork").Event()
-    attackers = [multiprocessing.get_context("fork").Process(target=attacker,
-                                                             args=(n, port, halt), daemon=True)
-                 for n in names]  # fmt: skip
-    threads = [threading.Thread(target=scraper, args=(port, "/metrics", stop, scrapes),
-                                daemon=True),
-               threading.Thread(target=scraper, args=(port, "/ping", stop, pings),
-                                daemon=True)]  # fmt: skip
+    attackers = [
+        multiprocessing.get_context("fork").Process(
+            target=attacker, args=(n, port, halt), daemon=True
+        )
+        for n in names
+    ]
+    threads = [
+        threading.Thread(target=scraper, args=(port, "/metrics", stop, scrapes), daemon=True),
+        threading.Thread(target=scraper, args=(port, "/ping", stop, pings), daemon=True),
+    ]
     for p in attackers:
         p.start()
     for t in threads:
@@ -225,8 +237,9 @@ def phase(port: int, pid: int, names: list[str], seconds: float, log: Path) -> d
         return good / len(results) if results else 0.0
 
     def misses(results: list[tuple[int, float]]) -> list[tuple[int, float]]:
-        return sorted({(code, round(t, 2)) for code, t in results
-                       if code != 200 or t > ANSWERED_WITHIN})[:10]  # fmt: skip
+        return sorted(
+            {(code, round(t, 2)) for code, t in results if code != 200 or t > ANSWERED_WITHIN}
+        )[:10]
 
     return {
         "attacks": names,
@@ -253,7 +266,7 @@ def main() -> int:
     process, port = serve_process(
         ["--backend", "reference", "--web.config.file", str(work / "web.yml")], log
     )
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         for name in args.only or ATTACKS:
             results.append(phase(port, process.pid, [name], args.seconds, log))
@@ -263,17 +276,24 @@ def main() -> int:
         process.terminate()
         process.wait(10)
     failed = False
-    print(f"{'attack':18s} {'scrapes':>7s} {'200<1s':>7s} {'ping':>7s} {'RSS MiB':>8s} "
-          f"{'tracebacks':>10s}")  # fmt: skip
+    print(
+        f"{'attack':18s} {'scrapes':>7s} {'200<1s':>7s} {'ping':>7s} {'RSS MiB':>8s} "
+        f"{'tracebacks':>10s}"
+    )
     for r in results:
         names = r["attacks"]
-        label = "all at once" if len(names) > 1 else names[0]  # type: ignore[arg-type,index]
-        bad = (r["scrapes_200_within_1s"] < SHARE or r["rss_peak_mib"] > RSS_LIMIT_MIB  # type: ignore[operator]
-               or r["tracebacks"] != 0)  # fmt: skip
+        label = "all at once" if len(names) > 1 else names[0]
+        bad = (
+            r["scrapes_200_within_1s"] < SHARE
+            or r["rss_peak_mib"] > RSS_LIMIT_MIB
+            or r["tracebacks"] != 0
+        )
         failed |= bad
-        print(f"{label:18s} {r['scrapes']:7d} {r['scrapes_200_within_1s']:7.2%} "
-              f"{r['pings_200_within_1s']:7.2%} {r['rss_peak_mib']:8.1f} {r['tracebacks']:10d}"
-              f"{'  MISSED' if bad else ''}")  # fmt: skip
+        print(
+            f"{label:18s} {r['scrapes']:7d} {r['scrapes_200_within_1s']:7.2%} "
+            f"{r['pings_200_within_1s']:7.2%} {r['rss_peak_mib']:8.1f} {r['tracebacks']:10d}"
+            f"{'  MISSED' if bad else ''}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 1 if failed else 0

@@ -23,6 +23,7 @@ from trt_heartbeat.exporter import config
 from trt_heartbeat.exporter.app import Exporter
 from trt_heartbeat.exporter.backends import resolve_spec
 from trt_heartbeat.exporter.timed_probe import run_probe
+from trt_heartbeat.exporter.web.routes import Routes
 from trt_heartbeat.exporter.web.server import ExporterHTTPServer
 from trt_heartbeat.exporter.worker import Worker, WorkerSpec
 
@@ -62,7 +63,7 @@ def bench_probes(n: int) -> dict[str, dict[str, float]]:
 def bench_scrapes(n: int) -> dict[str, float | int]:
     settings = config.load(None, {"backend": "reference", "interval": 1, "timeout": 0.5})
     exporter = Exporter(settings, "reference")
-    server = ExporterHTTPServer("127.0.0.1", 0, exporter)
+    server = ExporterHTTPServer("127.0.0.1", 0, Routes(exporter))
     server.start_background()
     exporter.start()
     try:
@@ -107,8 +108,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"trt-heartbeat-exporter {__version__}, Python {result['python']}, "
-          f"{result['cpus']} CPUs, reference backend")  # fmt: skip
+    print(
+        f"trt-heartbeat-exporter {__version__}, Python {result['python']}, "
+        f"{result['cpus']} CPUs, reference backend"
+    )
     print("| measurement | median | p99 | max |")
     print("|---|---|---|---|")
     rows = [(f"probe {k} ({args.probes} probes)", v) for k, v in result["probe"].items()]

@@ -58,9 +58,16 @@ def real_scrape(work: Path) -> str:
     )
     (work / "config.yaml").write_text("nvml: {enabled: true}\ninterval: 1s\ntimeout: 500ms\n")
     process, port = serve_process(
-        ["--backend", "fault_backend:FaultBackend", "--gpus", "0,1",
-         "--config", str(work / "config.yaml")], work / "exporter.log",
-    )  # fmt: skip
+        [
+            "--backend",
+            "fault_backend:FaultBackend",
+            "--gpus",
+            "0,1",
+            "--config",
+            str(work / "config.yaml"),
+        ],
+        work / "exporter.log",
+    )
     try:
         time.sleep(6)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -85,8 +92,12 @@ def templates(text: str) -> tuple[list[tuple[str, str, float]], list[tuple[str, 
     return gpu, node
 
 
-def render(gpu: list[tuple[str, str, float]], node: list[tuple[str, str, float]],
-           index: int, elapsed: float) -> bytes:  # fmt: skip
+def render(
+    gpu: list[tuple[str, str, float]],
+    node: list[tuple[str, str, float]],
+    index: int,
+    elapsed: float,
+) -> bytes:
     grow = 1 + elapsed / 60
     lines = []
     for name, labels, value in node:
@@ -135,13 +146,18 @@ def rule_costs(url: str) -> dict[str, tuple[str, float, float]]:
         groups = json.load(r)["data"]["groups"]
     return {
         f"{group['name']}/{rule.get('name', '')}": (
-            rule["lastEvaluation"], rule["evaluationTime"], 60 / group["interval"])
-        for group in groups for rule in group["rules"]
-    }  # fmt: skip
+            rule["lastEvaluation"],
+            rule["evaluationTime"],
+            60 / group["interval"],
+        )
+        for group in groups
+        for rule in group["rules"]
+    }
 
 
-def costliest_rules(samples: list[dict[str, tuple[str, float, float]]],
-                    top: int = 10) -> dict[str, float]:  # fmt: skip
+def costliest_rules(
+    samples: list[dict[str, tuple[str, float, float]]], top: int = 10
+) -> dict[str, float]:
     """The rules that cost most per minute: the mean of each rule's distinct evaluations seen
     (the rules API reports only the last one) times its group's evaluations a minute."""
     seen: dict[str, dict[str, float]] = {}
@@ -150,8 +166,9 @@ def costliest_rules(samples: list[dict[str, tuple[str, float, float]]],
         for rule, (when, seconds, rate) in sample.items():
             seen.setdefault(rule, {})[when] = seconds
             per_minute[rule] = rate
-    cost = {rule: sum(times.values()) / len(times) * per_minute[rule]
-            for rule, times in seen.items()}  # fmt: skip
+    cost = {
+        rule: sum(times.values()) / len(times) * per_minute[rule] for rule, times in seen.items()
+    }
     ranked = sorted(cost.items(), key=lambda kv: -kv[1])[:top]
     return {name: round(seconds, 4) for name, seconds in ranked}
 
@@ -177,26 +194,44 @@ def main() -> int:
     server = fleet_server(gpu, node, time.monotonic())
     port = server.server_address[1]
     config = {
-        "global": {"scrape_interval": f"{INTERVAL}s", "evaluation_interval": f"{INTERVAL}s",
-                   "scrape_timeout": "10s"},
+        "global": {
+            "scrape_interval": f"{INTERVAL}s",
+            "evaluation_interval": f"{INTERVAL}s",
+            "scrape_timeout": "10s",
+        },
         "rule_files": [str(p) for p in sorted((ROOT / "rules").glob("*.rules.yml"))],
         "scrape_configs": [
-            {"job_name": "trt-heartbeat-exporter", "static_configs": [
-                {"targets": [f"127.0.0.1:{port}"],
-                 "labels": {"__metrics_path__": f"/node/{i}", "instance": f"node-{i}:9470",
-                            "node": f"node-{i}", "namespace": "gpu-system",
-                            "track": "canary" if i % 10 == 0 else "stable"}}
-                for i in range(nodes)]},
+            {
+                "job_name": "trt-heartbeat-exporter",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{port}"],
+                        "labels": {
+                            "__metrics_path__": f"/node/{i}",
+                            "instance": f"node-{i}:9470",
+                            "node": f"node-{i}",
+                            "namespace": "gpu-system",
+                            "track": "canary" if i % 10 == 0 else "stable",
+                        },
+                    }
+                    for i in range(nodes)
+                ],
+            },
             {"job_name": "prometheus", "static_configs": [{"targets": ["127.0.0.1:19090"]}]},
         ],
-    }  # fmt: skip
+    }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     with (work / "prometheus.log").open("w") as log:
         process = subprocess.Popen(
-            [prometheus, f"--config.file={work / 'prometheus.yml'}",
-             f"--storage.tsdb.path={work / 'data'}", "--web.listen-address=127.0.0.1:19090"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                prometheus,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                "--web.listen-address=127.0.0.1:19090",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = "http://127.0.0.1:19090"
     try:
         # Every rule's evaluations over the averaging window, polled every 10 s.
@@ -208,15 +243,21 @@ def main() -> int:
             time.sleep(10)
         window = f"{max(1, round(args.average * 60))}s"
         averaged = f"avg_over_time(prometheus_rule_group_last_duration_seconds[{window}])"
-        groups = {r["metric"]["rule_group"].rsplit(";", 1)[-1]: float(r["value"][1])
-                  for r in query(url, averaged)}  # fmt: skip
+        groups = {
+            r["metric"]["rule_group"].rsplit(";", 1)[-1]: float(r["value"][1])
+            for r in query(url, averaged)
+        }
         rules = costliest_rules(samples)
-        intervals = {r["metric"]["rule_group"].rsplit(";", 1)[-1]: float(r["value"][1])
-                     for r in query(url, "prometheus_rule_group_interval_seconds")}  # fmt: skip
+        intervals = {
+            r["metric"]["rule_group"].rsplit(";", 1)[-1]: float(r["value"][1])
+            for r in query(url, "prometheus_rule_group_interval_seconds")
+        }
         head = float(query(url, "prometheus_tsdb_head_series")[0]["value"][1])
         rss = float(query(url, 'process_resident_memory_bytes{job="prometheus"}')[0]["value"][1])
-        missed = sum(float(r["value"][1]) for r in query(
-            url, "prometheus_rule_group_iterations_missed_total"))  # fmt: skip
+        missed = sum(
+            float(r["value"][1])
+            for r in query(url, "prometheus_rule_group_iterations_missed_total")
+        )
     finally:
         process.terminate()
         process.wait(30)
@@ -227,16 +268,19 @@ def main() -> int:
     # Each group at its own interval (the latency group evaluates once a minute).
     per_minute = sum(d * 60 / intervals.get(g, INTERVAL) for g, d in groups.items())
     result = {
-        "gpus": gpus, "exported_series_per_gpu": len(gpu),
-        "per_node_series": len(node), "head_series": int(head),
+        "gpus": gpus,
+        "exported_series_per_gpu": len(gpu),
+        "per_node_series": len(node),
+        "head_series": int(head),
         "head_series_per_gpu": round(head / gpus, 1),
         "rule_evaluation_per_round_s": round(per_round, 3),
         "rule_evaluation_per_minute_s": round(per_minute, 3),
         "per_minute_per_1000_gpus_s": round(per_minute * 1000 / gpus, 3),
-        "missed_iterations": missed, "prometheus_rss_mib": round(rss / 2**20, 1),
+        "missed_iterations": missed,
+        "prometheus_rss_mib": round(rss / 2**20, 1),
         "groups_s": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
         "costliest_rules_per_minute_s": rules,
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -27,25 +27,30 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench_scrape.py needs wrk (apt-get install wrk)")
-    exporter, server = start(args.interval, min(5.0, args.interval / 2), args.targets,
-                             max_requests=0)  # fmt: skip
+    exporter, server = start(
+        args.interval, min(5.0, args.interval / 2), args.targets, max_requests=0
+    )
     url = f"http://127.0.0.1:{server.port}/metrics"
     try:
         while any(s.snapshot().last_success is None for s in exporter.scheduler.states):
             time.sleep(0.1)
         with urllib.request.urlopen(url) as response:
             size = len(response.read())
-        print(f"| /metrics, {args.targets} targets ({size} B), probe interval "
-              f"{args.interval:g} s, wrk {args.seconds} s | p50 | p99 | scrapes/s | "
-              "exporter CPU per scrape |\n|---|---|---|---|---|")  # fmt: skip
+        print(
+            f"| /metrics, {args.targets} targets ({size} B), probe interval "
+            f"{args.interval:g} s, wrk {args.seconds} s | p50 | p99 | scrapes/s | "
+            "exporter CPU per scrape |\n|---|---|---|---|---|"
+        )
         for connections in (8, 32):
             for encoding in ("plain", "gzip"):
                 header = ["-H", "Accept-Encoding: gzip"] if encoding == "gzip" else []
                 run = wrk(url, connections, args.seconds, header)
-                print(f"| {connections} connections, {encoding}"
-                      f"{' (errors!)' if run.errors else ''} | {run.p50} | {run.p99} | "
-                      f"{run.requests / args.seconds:.0f} | "
-                      f"{run.cpu / max(run.requests, 1) * 1e3:.3f} ms |")  # fmt: skip
+                print(
+                    f"| {connections} connections, {encoding}"
+                    f"{' (errors!)' if run.errors else ''} | {run.p50} | {run.p99} | "
+                    f"{run.requests / args.seconds:.0f} | "
+                    f"{run.cpu / max(run.requests, 1) * 1e3:.3f} ms |"
+                )
     finally:
         server.shutdown()
         exporter.stop()

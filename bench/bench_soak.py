@@ -98,10 +98,12 @@ def load(scrapers: int, scrapes: int) -> list[tuple[str, str]]:
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     return [
         *rows(idle_cpu, rss),
-        (f"/metrics, 8 targets ({size} B), {scrapers} scraper threads (no wrk)",
-         f"p50 {statistics.median(latencies) * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms"),
+        (
+            f"/metrics, 8 targets ({size} B), {scrapers} scraper threads (no wrk)",
+            f"p50 {statistics.median(latencies) * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms",
+        ),
         ("CPU per scrape (client threads included)", f"{cpu_per_scrape * 1e3:.2f} ms"),
-    ]  # fmt: skip
+    ]
 
 
 def rows(idle_cpu: float, rss: float) -> list[tuple[str, str]]:
@@ -129,10 +131,12 @@ def wrk_load(url: str, connections: int, size: int) -> list[tuple[str, str]]:
             run = wrk(url, n, 15, ["-s", script.name] if paced else [])
             how = f"each waiting {PACED_DELAY_MS} ms" if paced else "back to back"
             rows.append(
-                (f"/metrics, 8 targets ({size} B), wrk -c{n} ({how})",
-                 f"p50 {run.p50}, p99 {run.p99}, {run.requests / 15:.0f} scrapes/s, "
-                 f"exporter CPU {run.cpu / max(run.requests, 1) * 1e3:.2f} ms per scrape")
-            )  # fmt: skip
+                (
+                    f"/metrics, 8 targets ({size} B), wrk -c{n} ({how})",
+                    f"p50 {run.p50}, p99 {run.p99}, {run.requests / 15:.0f} scrapes/s, "
+                    f"exporter CPU {run.cpu / max(run.requests, 1) * 1e3:.2f} ms per scrape",
+                )
+            )
     return rows
 
 

@@ -30,10 +30,13 @@ def prometheus_rule() -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": "trt-heartbeat-exporter", "namespace": "monitoring",
-                     "labels": {**LABELS, "prometheus": "k8s", "role": "alert-rules"}},
+        "metadata": {
+            "name": "trt-heartbeat-exporter",
+            "namespace": "monitoring",
+            "labels": {**LABELS, "prometheus": "k8s", "role": "alert-rules"},
+        },
         "spec": {"groups": groups},
-    }  # fmt: skip
+    }
 
 
 def dashboards() -> dict[str, Any]:
@@ -43,13 +46,17 @@ def dashboards() -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": "trt-heartbeat-dashboards", "namespace": "monitoring",
-                     "labels": {**LABELS, "grafana_dashboard": "1"},
-                     "annotations": {"grafana_folder": "TRT heartbeat"}},
+        "metadata": {
+            "name": "trt-heartbeat-dashboards",
+            "namespace": "monitoring",
+            "labels": {**LABELS, "grafana_dashboard": "1"},
+            "annotations": {"grafana_folder": "TRT heartbeat"},
+        },
         # Compact JSON keeps the ConfigMap well under the 1 MiB object limit.
-        "data": {p.name: json.dumps(json.loads(p.read_text()), separators=(",", ":"))
-                 for p in files},
-    }  # fmt: skip
+        "data": {
+            p.name: json.dumps(json.loads(p.read_text()), separators=(",", ":")) for p in files
+        },
+    }
 
 
 def render() -> dict[str, str]:

@@ -28,34 +28,51 @@ VERSIONS = (
 def query_variable(name: str, label: str, metric: str, hide: int = 0) -> dict[str, Any]:
     """A multi-value variable over `label_values(metric, name)`, "All" by default."""
     return {
-        "name": name, "label": label, "type": "query", "datasource": DS,
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
         "query": {"query": f"label_values({metric}, {name})", "refId": name},
         "definition": f"label_values({metric}, {name})",
-        "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": hide,
-    }  # fmt: skip
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "refresh": 2,
+        "sort": 1,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "hide": hide,
+    }
 
 
 def variables() -> list[dict[str, Any]]:
     query = query_variable
     return [
-        {"name": "datasource", "label": "Data source", "type": "datasource",
-         "query": "prometheus", "current": {}, "hide": 0},
+        {
+            "name": "datasource",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+        },
         query("cluster", "Cluster", "trt_heartbeat_build_info", hide=2),
         query("job", "Job", 'trt_heartbeat_build_info{cluster=~"$cluster"}'),
         query("instance", "Instance", 'trt_heartbeat_build_info{cluster=~"$cluster",job=~"$job"}'),
-        query("gpu", "GPU", 'trt_heartbeat_up{cluster=~"$cluster",job=~"$job",instance=~"$instance"}'),
+        query(
+            "gpu", "GPU", 'trt_heartbeat_up{cluster=~"$cluster",job=~"$job",instance=~"$instance"}'
+        ),
         query("track", "Track", 'trt_heartbeat_up{cluster=~"$cluster",job=~"$job"}'),
-    ]  # fmt: skip
+    ]
 
 
 def service_variables() -> list[dict[str, Any]]:
     """Source and service of the rollout guard's rows (normalised series, any source)."""
     return [
         query_variable("source", "Service source", "service_version:service_requests:rate5m"),
-        query_variable("service", "Service",
-                       'service_version:service_requests:rate5m{source=~"$source"}'),
-    ]  # fmt: skip
+        query_variable(
+            "service", "Service", 'service_version:service_requests:rate5m{source=~"$source"}'
+        ),
+    ]
 
 
 class Panels:
@@ -63,16 +80,27 @@ class Panels:
         self.panels: list[dict[str, Any]] = []
         self.x = self.y = self.row_height = 0
 
-    def add(self, kind: str, title: str, targets: list[tuple[str, str]], *, w: int = 12,
-            h: int = 8, unit: str = "short", description: str = "",
-            thresholds: Sequence[tuple[str, float | None]] | None = None,
-            instant: bool = False, fmt: str = "time_series",
-            options: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        kind: str,
+        title: str,
+        targets: list[tuple[str, str]],
+        *,
+        w: int = 12,
+        h: int = 8,
+        unit: str = "short",
+        description: str = "",
+        thresholds: Sequence[tuple[str, float | None]] | None = None,
+        instant: bool = False,
+        fmt: str = "time_series",
+        options: dict[str, Any] | None = None,
+    ) -> None:
         if self.x + w > 24:
             self.x, self.y = 0, self.y + self.row_height
             self.row_height = 0
-        steps = [{"color": color, "value": value} for color, value in
-                 (thresholds or [("green", None)])]  # fmt: skip
+        steps = [
+            {"color": color, "value": value} for color, value in (thresholds or [("green", None)])
+        ]
         panel: dict[str, Any] = {
             "id": len(self.panels) + 1,
             "type": kind,
@@ -80,16 +108,24 @@ class Panels:
             "description": description,
             "datasource": DS,
             "gridPos": {"x": self.x, "y": self.y, "w": w, "h": h},
-            "fieldConfig": {"defaults": {"unit": unit, "thresholds": {
-                "mode": "absolute", "steps": steps}}, "overrides": []},
+            "fieldConfig": {
+                "defaults": {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}},
+                "overrides": [],
+            },
             "options": options or {},
             "targets": [
-                {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr,
-                 "legendFormat": legend, "instant": instant, "range": not instant,
-                 "format": fmt}
+                {
+                    "refId": chr(ord("A") + i),
+                    "datasource": DS,
+                    "expr": expr,
+                    "legendFormat": legend,
+                    "instant": instant,
+                    "range": not instant,
+                    "format": fmt,
+                }
                 for i, (expr, legend) in enumerate(targets)
             ],
-        }  # fmt: skip
+        }
         if kind == "timeseries" and thresholds and len(thresholds) > 1:
             panel["fieldConfig"]["defaults"]["custom"] = {"thresholdsStyle": {"mode": "line"}}
         self.panels.append(panel)
@@ -98,26 +134,50 @@ class Panels:
 
     def row(self, title: str) -> None:
         self.x, self.y = 0, self.y + self.row_height
-        self.panels.append({"id": len(self.panels) + 1, "type": "row", "title": title,
-                            "collapsed": False, "gridPos": {"x": 0, "y": self.y, "w": 24, "h": 1},
-                            "panels": []})  # fmt: skip
+        self.panels.append(
+            {
+                "id": len(self.panels) + 1,
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "gridPos": {"x": 0, "y": self.y, "w": 24, "h": 1},
+                "panels": [],
+            }
+        )
         self.y += 1
         self.row_height = 0
 
 
-def dashboard(uid: str, title: str, description: str, panels: Panels,
-              extra_variables: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+def dashboard(
+    uid: str,
+    title: str,
+    description: str,
+    panels: Panels,
+    extra_variables: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
-        "uid": uid, "title": title, "description": description,
-        "tags": ["trt-heartbeat", "gpu", "inference"], "timezone": "utc",
-        "schemaVersion": SCHEMA_VERSION, "version": 1, "editable": True,
-        "time": {"from": "now-6h", "to": "now"}, "refresh": "30s",
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["trt-heartbeat", "gpu", "inference"],
+        "timezone": "utc",
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
         "templating": {"list": variables() + (extra_variables or [])},
         "annotations": {"list": []},
-        "links": [{"title": "Runbooks", "type": "link", "targetBlank": True,
-                   "url": "https://github.com/trt-heartbeat-exporter/trt-heartbeat-exporter/blob/main/docs/runbooks.md"}],
+        "links": [
+            {
+                "title": "Runbooks",
+                "type": "link",
+                "targetBlank": True,
+                "url": "https://github.com/trt-heartbeat-exporter/trt-heartbeat-exporter/blob/main/docs/runbooks.md",
+            }
+        ],
         "panels": panels.panels,
-    }  # fmt: skip
+    }
 
 
 def fleet() -> dict[str, Any]:
@@ -312,13 +372,14 @@ def canary() -> dict[str, Any]:
         ("Probe latency p99", "track:trt_heartbeat_probe_duration_seconds:p99_rate5m", "s"),
         ("Probe latency p50", "track:trt_heartbeat_probe_duration_seconds:p50_rate5m", "s"),
         ("Probe failure ratio", "track:trt_heartbeat_probe_failure:ratio_rate5m", "percentunit"),
-        ("Output deviation from golden (max, 30m)",
-         "pool_track:trt_heartbeat_output_max_abs_error:max30m", "short"),
-        ("Probe worker GPU memory", "pool_track:trt_heartbeat_probe_gpu_memory_bytes:avg",
-         "bytes"),
-        ("Engine load time", "pool_track:trt_heartbeat_engine_load_duration_seconds:avg",
-         "s"),
-    ]  # fmt: skip
+        (
+            "Output deviation from golden (max, 30m)",
+            "pool_track:trt_heartbeat_output_max_abs_error:max30m",
+            "short",
+        ),
+        ("Probe worker GPU memory", "pool_track:trt_heartbeat_probe_gpu_memory_bytes:avg", "bytes"),
+        ("Engine load time", "pool_track:trt_heartbeat_engine_load_duration_seconds:avg", "s"),
+    ]
     for title, series, unit in per_track:
         legend = "{{track}}" + (
             " {{service}} {{backend}} {{gpu_model}}" if series.startswith("pool_track") else ""
@@ -338,25 +399,56 @@ def canary() -> dict[str, Any]:
             w=8,
             unit=unit,
         )
-        p.add("timeseries", f"{title}: overlaid", [(f'{series}{{track=~"stable|canary"}}',
-                                                     legend)], w=8, unit=unit)  # fmt: skip
+        p.add(
+            "timeseries",
+            f"{title}: overlaid",
+            [(f'{series}{{track=~"stable|canary"}}', legend)],
+            w=8,
+            unit=unit,
+        )
     p.row("Canary against stable, per pool: service, backend, GPU model (alert thresholds drawn)")
     for title, series, threshold, unit in (
-        ("p99 latency ratio", "pool:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable",
-         "canary_latency_ratio", "short"),
-        ("Failure ratio delta", "pool:trt_heartbeat_probe_failure:ratio_canary_minus_stable",
-         "canary_failure_ratio_delta", "percentunit"),
-        ("Output deviation delta", "pool:trt_heartbeat_output_max_abs_error:canary_minus_stable",
-         "canary_output_deviation_delta", "short"),
-        ("Probe GPU memory ratio", "pool:trt_heartbeat_probe_gpu_memory_bytes:canary_over_stable",
-         "canary_gpu_memory_ratio", "short"),
-        ("Engine load time ratio",
-         "pool:trt_heartbeat_engine_load_duration_seconds:canary_over_stable",
-         "canary_engine_load_ratio", "short"),
-    ):  # fmt: skip
-        p.add("timeseries", title, [(series, "{{service}} {{backend}} {{gpu_model}}"),
-                                    (f"trt_heartbeat:threshold:{threshold}", "alert threshold")],
-              w=8, unit=unit)  # fmt: skip
+        (
+            "p99 latency ratio",
+            "pool:trt_heartbeat_probe_duration_seconds:p99_canary_over_stable",
+            "canary_latency_ratio",
+            "short",
+        ),
+        (
+            "Failure ratio delta",
+            "pool:trt_heartbeat_probe_failure:ratio_canary_minus_stable",
+            "canary_failure_ratio_delta",
+            "percentunit",
+        ),
+        (
+            "Output deviation delta",
+            "pool:trt_heartbeat_output_max_abs_error:canary_minus_stable",
+            "canary_output_deviation_delta",
+            "short",
+        ),
+        (
+            "Probe GPU memory ratio",
+            "pool:trt_heartbeat_probe_gpu_memory_bytes:canary_over_stable",
+            "canary_gpu_memory_ratio",
+            "short",
+        ),
+        (
+            "Engine load time ratio",
+            "pool:trt_heartbeat_engine_load_duration_seconds:canary_over_stable",
+            "canary_engine_load_ratio",
+            "short",
+        ),
+    ):
+        p.add(
+            "timeseries",
+            title,
+            [
+                (series, "{{service}} {{backend}} {{gpu_model}}"),
+                (f"trt_heartbeat:threshold:{threshold}", "alert threshold"),
+            ],
+            w=8,
+            unit=unit,
+        )
     p.add(
         "timeseries",
         "Verdict possible (1 = enough probes on both tracks)",
@@ -499,11 +591,18 @@ def service_rows(p: Panels) -> None:
         w=12,
         unit="bytes",
     )
-    p.add("timeseries", "Prediction drift, canary against baseline (0 same, 1 disjoint)",
-          [(f"service_version_route:model_prediction:drift_canary_vs_baseline{{{SVC}}}",
-            "{{service}} {{version}} {{model}} {{statistic}}"),
-           ("trt_heartbeat:threshold:service_canary_prediction_drift", "threshold {{statistic}}")],
-          w=12)  # fmt: skip
+    p.add(
+        "timeseries",
+        "Prediction drift, canary against baseline (0 same, 1 disjoint)",
+        [
+            (
+                f"service_version_route:model_prediction:drift_canary_vs_baseline{{{SVC}}}",
+                "{{service}} {{version}} {{model}} {{statistic}}",
+            ),
+            ("trt_heartbeat:threshold:service_canary_prediction_drift", "threshold {{statistic}}"),
+        ],
+        w=12,
+    )
 
 
 DASHBOARDS = {"fleet.json": fleet, "canary.json": canary}

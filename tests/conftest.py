@@ -22,6 +22,7 @@ from trt_heartbeat.exporter import config
 from trt_heartbeat.exporter.app import Exporter
 from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry
 from trt_heartbeat.exporter.web import config as web_config
+from trt_heartbeat.exporter.web.routes import Routes
 from trt_heartbeat.exporter.web.server import ExporterHTTPServer
 
 TESTS = Path(__file__).parent
@@ -66,9 +67,13 @@ def faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Faults:
 
 def settings(**overrides: Any) -> config.Settings:
     base: dict[str, Any] = {
-        "backend": FAULT_SPEC, "interval": 0.3, "timeout": 0.25, "startup_timeout": 20,
-        "jitter": 0.0, "web": {"listen_address": "127.0.0.1:0"},
-    }  # fmt: skip
+        "backend": FAULT_SPEC,
+        "interval": 0.3,
+        "timeout": 0.25,
+        "startup_timeout": 20,
+        "jitter": 0.0,
+        "web": {"listen_address": "127.0.0.1:0"},
+    }
     return config.load(None, config._merge(base, overrides))
 
 
@@ -105,7 +110,7 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
     ) -> Running:
         s = settings(**overrides)
         exporter = Exporter(s, s.backend, targets, telemetry=telemetry)
-        server = ExporterHTTPServer("127.0.0.1", 0, exporter)
+        server = ExporterHTTPServer("127.0.0.1", 0, Routes(exporter))
         server.start_background()
         exporter.start()
         running = Running(exporter, server)
@@ -126,12 +131,16 @@ def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
     servers: list[tuple[ExporterHTTPServer, Exporter]] = []
 
     def start(
-        web: web_config.WebConfig | None = None, max_requests: int = 40,
-        wrap: Callable[[Exporter], Any] = lambda e: e, **limits: Any,
-    ) -> ExporterHTTPServer:  # fmt: skip
+        web: web_config.WebConfig | None = None,
+        max_requests: int = 40,
+        wrap: Callable[[Exporter], Any] = lambda e: e,
+        **limits: Any,
+    ) -> ExporterHTTPServer:
         s = settings(backend=FAULT_SPEC)
         exporter = Exporter(s, s.backend)
-        server = ExporterHTTPServer("127.0.0.1", 0, wrap(exporter), web, max_requests, **limits)
+        server = ExporterHTTPServer(
+            "127.0.0.1", 0, Routes(wrap(exporter)), web, max_requests, **limits
+        )
         server.start_background()
         exporter.start()
         servers.append((server, exporter))
@@ -152,8 +161,11 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
     """
     mount = tmp_path / "full"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -205,8 +217,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trt_heartbeat", *args],
-        capture_output=True, text=True, timeout=timeout, env=cli_env(**env),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(**env),
+    )
 
 
 def require(tool: str) -> str:
@@ -216,8 +231,9 @@ def require(tool: str) -> str:
     return path
 
 
-def promql_on_scenario(tmp_path: Path, test_file: str, index: int, eval_time: str,
-                       expected: dict[str, float]) -> None:  # fmt: skip
+def promql_on_scenario(
+    tmp_path: Path, test_file: str, index: int, eval_time: str, expected: dict[str, float]
+) -> None:
     """Run PromQL queries (a rollout controller's, say) with promtool on the input series of one
     scenario of rules/tests/`test_file`, expecting one unlabelled value each."""
     import yaml
@@ -234,8 +250,12 @@ def promql_on_scenario(tmp_path: Path, test_file: str, index: int, eval_time: st
     suite["rule_files"] = [str(rules / Path(f).name) for f in suite["rule_files"]]
     path = tmp_path / "queries.test.yml"
     path.write_text(yaml.safe_dump(suite))
-    result = subprocess.run([require("promtool"), "test", "rules", str(path)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [require("promtool"), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -249,7 +269,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests/e2e, `prometheus` for those and every test that starts a Prometheus, Alertmanager or
     VictoriaMetrics server. Tests marked `gpu` run where an NVIDIA GPU is visible
     (docs/gpu-validation.md)."""
-    from trt_heartbeat.exporter.app import gpu_visible
+    from trt_heartbeat.exporter.gpus import gpu_visible
 
     for item in items:
         if "e2e" in item.path.parts:

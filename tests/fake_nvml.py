@@ -170,8 +170,9 @@ def nvmlDeviceGetMemoryInfo(handle: Handle, version: int | None = None) -> Any:
         return SimpleNamespace(total=total, free=total // 2, used=total - total // 2)
     free = int(_call().get("free", 60 << 30))
     if version == nvmlMemory_v2:  # as nvidia-smi: driver-reserved memory is not "used"
-        return SimpleNamespace(total=TOTAL, free=free, reserved=RESERVED,
-                               used=TOTAL - free - RESERVED)  # fmt: skip
+        return SimpleNamespace(
+            total=TOTAL, free=free, reserved=RESERVED, used=TOTAL - free - RESERVED
+        )
     return SimpleNamespace(total=TOTAL, free=free, used=TOTAL - free)
 
 

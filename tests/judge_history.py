@@ -67,8 +67,12 @@ class History:
         families: Families = {}
         for i, track in enumerate(self.tracks):
             instance = f"{track.scenario}-{track.track}-{i}:9470"
-            extra = {"job": "trt-heartbeat", "instance": instance, "track": track.track,
-                     "scenario": track.scenario}  # fmt: skip
+            extra = {
+                "job": "trt-heartbeat",
+                "instance": instance,
+                "track": track.track,
+                "scenario": track.scenario,
+            }
             for g in range(track.targets):
                 self._simulate(track, g, extra, rng, families)
         lines = []
@@ -79,8 +83,9 @@ class History:
         lines.append("# EOF")
         path.write_text("\n".join(lines) + "\n")
 
-    def _simulate(self, track: Track, g: int, extra: dict[str, str], rng: random.Random,
-                  families: Families) -> None:  # fmt: skip
+    def _simulate(
+        self, track: Track, g: int, extra: dict[str, str], rng: random.Random, families: Families
+    ) -> None:
         target = Target(str(g), f"GPU-{track.scenario}-{track.track}-{g}")
         clock_now = [self.start]
         state = TargetState(target, lambda: clock_now[0], histogram_phases=track.histogram_phases)
@@ -125,19 +130,34 @@ class History:
             return ProbeRecord(at, "error", phases, None, "injected", None, memory, "nvml")
         if n in track.mismatch_at:
             return ProbeRecord(at, "mismatch", phases, None, "injected", 0.5, memory, "nvml")
-        return ProbeRecord(at, "success", phases, None, "", 1e-7 * (1 + rng.random()), memory,
-                           "nvml")  # fmt: skip
+        return ProbeRecord(
+            at, "success", phases, None, "", 1e-7 * (1 + rng.random()), memory, "nvml"
+        )
 
     @staticmethod
     def _scrape(t: float, text: str, extra: dict[str, str], families: Families) -> None:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                _add(families, family.name, family.type, sample.name,
-                     {**extra, **sample.labels}, t, sample.value)  # fmt: skip
+                _add(
+                    families,
+                    family.name,
+                    family.type,
+                    sample.name,
+                    {**extra, **sample.labels},
+                    t,
+                    sample.value,
+                )
 
 
-def _add(families: Families, family: str, kind: str, name: str, labels: dict[str, str],
-         t: float, value: float) -> None:  # fmt: skip
+def _add(
+    families: Families,
+    family: str,
+    kind: str,
+    name: str,
+    labels: dict[str, str],
+    t: float,
+    value: float,
+) -> None:
     if family not in families:
         families[family] = ([f"# TYPE {family} {kind}"], defaultdict(list))
     body = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))

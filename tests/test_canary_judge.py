@@ -79,13 +79,28 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     history = History(start=END - 40 * 60, duration=40 * 60, tracks=scenarios())
     history.write(work / "history.om")
     data = work / "data"
-    subprocess.run([require("promtool"), "tsdb", "create-blocks-from", "openmetrics", "-q",
-                    str(work / "history.om"), str(data)], check=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            require("promtool"),
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            "-q",
+            str(work / "history.om"),
+            str(data),
+        ],
+        check=True,
+        timeout=300,
+    )
     (work / "prometheus.yml").write_text("global: {evaluation_interval: 1m}\n")
     port = free_port()
-    args = [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={data}", f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=30d"]  # fmt: skip
+    args = [
+        require("prometheus"),
+        f"--config.file={work / 'prometheus.yml'}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=30d",
+    ]
     try:
         with daemon(args, port, work / "prometheus.log", "prometheus") as url:
             yield url
@@ -94,8 +109,20 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def judge(url: str, scenario: str, *args: str) -> tuple[int, dict[str, Any]]:
-    result = cli("canary-judge", "--prometheus", url, "--window", WINDOW, "--at", str(END),
-                 "--selector", f'{{scenario="{scenario}"}}', "--output", "json", *args)  # fmt: skip
+    result = cli(
+        "canary-judge",
+        "--prometheus",
+        url,
+        "--window",
+        WINDOW,
+        "--at",
+        str(END),
+        "--selector",
+        f'{{scenario="{scenario}"}}',
+        "--output",
+        "json",
+        *args,
+    )
     assert result.stderr == "", result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -237,8 +264,19 @@ def test_a_phase_without_its_histogram_is_one_line_naming_the_setting(prometheus
 
 def test_table_output_and_plot(prometheus: str, tmp_path: Path) -> None:
     plot = tmp_path / "verdict.png"
-    result = cli("canary-judge", "--prometheus", prometheus, "--window", WINDOW, "--at",
-                 str(END), "--selector", 'scenario="slowed"', "--plot", str(plot))  # fmt: skip
+    result = cli(
+        "canary-judge",
+        "--prometheus",
+        prometheus,
+        "--window",
+        WINDOW,
+        "--at",
+        str(END),
+        "--selector",
+        'scenario="slowed"',
+        "--plot",
+        str(plot),
+    )
     assert result.returncode == 5, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "canary-judge: FAIL (roll back)"
@@ -250,28 +288,38 @@ def test_table_output_and_plot(prometheus: str, tmp_path: Path) -> None:
 
 BAD_FLAGS = [
     (["--window", "soon"], "--window: expected a duration like 30s, 5m or 1h, got 'soon'"),
-    (["--at", "yesterday"],
-     "--at: expected RFC 3339 (2026-11-22T10:00:00Z) or Unix seconds, got 'yesterday'"),
+    (
+        ["--at", "yesterday"],
+        "--at: expected RFC 3339 (2026-11-22T10:00:00Z) or Unix seconds, got 'yesterday'",
+    ),
     (["--at", "nan"], "--at: expected a positive Unix time, got 'nan'"),
-    (["--at", "2026-11-22T10:00:00"],
-     "--at: '2026-11-22T10:00:00' has no time zone (add Z for UTC)"),
-    (["--selector", "{scenario=equal}"],
-     "--selector: 'scenario=equal' is not a label matcher like name=\"value\""),
+    (
+        ["--at", "2026-11-22T10:00:00"],
+        "--at: '2026-11-22T10:00:00' has no time zone (add Z for UTC)",
+    ),
+    (
+        ["--selector", "{scenario=equal}"],
+        "--selector: 'scenario=equal' is not a label matcher like name=\"value\"",
+    ),
     (["--selector", '{scenario="x"'], "--selector: missing closing brace in '{scenario=\"x\"'"),
-    (["--track-label", "track-name"],
-     "--track-label: 'track-name' is not a Prometheus label name"),
+    (["--track-label", "track-name"], "--track-label: 'track-name' is not a Prometheus label name"),
     (["--baseline", "canary"], "--canary and --baseline must name different tracks"),
-    (["--plot", "/nonexistent/dir/x.png"],
-     "--plot: directory '/nonexistent/dir' does not exist"),
+    (["--plot", "/nonexistent/dir/x.png"], "--plot: directory '/nonexistent/dir' does not exist"),
     (["--prometheus", "localhost:9090"], "--prometheus: not an http(s) URL: 'localhost:9090'"),
     (["--checks", "service"], "--checks service: name the service with --service"),
-    (["--service", "x", "--checks", "service", "--plot", "x.png"],
-     "--plot draws the probes' latency: use it with --checks probes or all"),
-    (["--service", "x", "--source", "envoy"],
-     "--source: unknown source 'envoy' (built in: istio, triton; or the path of a source file)"),
-    (["--service", "x", "--service-selector", "{a=b}"],
-     "--service-selector: 'a=b' is not a label matcher like name=\"value\""),
-]  # fmt: skip
+    (
+        ["--service", "x", "--checks", "service", "--plot", "x.png"],
+        "--plot draws the probes' latency: use it with --checks probes or all",
+    ),
+    (
+        ["--service", "x", "--source", "envoy"],
+        "--source: unknown source 'envoy' (built in: istio, triton; or the path of a source file)",
+    ),
+    (
+        ["--service", "x", "--service-selector", "{a=b}"],
+        "--service-selector: 'a=b' is not a label matcher like name=\"value\"",
+    ),
+]
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_FLAGS)
@@ -336,19 +384,28 @@ def _argo_job() -> dict[str, Any]:
 
 
 def test_argo_job_is_a_valid_kubernetes_job() -> None:
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "judge"},
-           "spec": _argo_job()["job"]["spec"]}  # fmt: skip
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "judge"},
+        "spec": _argo_job()["job"]["spec"],
+    }
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
 
 
 @pytest.mark.parametrize(("scenario", "code"), [("equal", 0), ("slowed", 5), ("few", 3)])
 def test_argo_job_command_judges(prometheus: str, scenario: str, code: int) -> None:
     argo = _argo_job()
-    args = {**argo["defaults"], "prometheus-address": prometheus,
-            "selector": f'{{scenario="{scenario}"}}'}  # fmt: skip
+    args = {
+        **argo["defaults"],
+        "prometheus-address": prometheus,
+        "selector": f'{{scenario="{scenario}"}}',
+    }
     (container,) = argo["job"]["spec"]["template"]["spec"]["containers"]
-    command = [re.sub(r"\{\{args\.([a-z-]+)\}\}", lambda m: args[m.group(1)], part)
-               for part in container["command"]]  # fmt: skip
+    command = [
+        re.sub(r"\{\{args\.([a-z-]+)\}\}", lambda m: args[m.group(1)], part)
+        for part in container["command"]
+    ]
     assert command[:2] == ["trt-heartbeat-exporter", "canary-judge"]
     result = cli(*command[1:], "--at", str(END))
     assert result.returncode == code, result.stdout + result.stderr
@@ -363,27 +420,36 @@ def _flagger_hooks() -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("hook", "scenario", "passes"),
-    [("rollout", "slowed", False), ("rollout", "few", True), ("rollout", "equal", True),
-     ("confirm-promotion", "equal", True), ("confirm-promotion", "few", False),
-     ("confirm-promotion", "wrong", False),
-     # A typo in the hook is bad input (exit 2): it never counts as a failed check (that would
-     # roll the canary back), and it holds the promotion until someone fixes the hook.
-     ("rollout", "typo", True), ("confirm-promotion", "typo", False)],
-)  # fmt: skip
+    [
+        ("rollout", "slowed", False),
+        ("rollout", "few", True),
+        ("rollout", "equal", True),
+        ("confirm-promotion", "equal", True),
+        ("confirm-promotion", "few", False),
+        ("confirm-promotion", "wrong", False),
+        # A typo in the hook is bad input (exit 2): it never counts as a failed check (that would
+        # roll the canary back), and it holds the promotion until someone fixes the hook.
+        ("rollout", "typo", True),
+        ("confirm-promotion", "typo", False),
+    ],
+)
 def test_flagger_hooks_gate_as_documented(
     prometheus: str, hook: str, scenario: str, passes: bool
 ) -> None:
-    cmd = (_flagger_hooks()[hook]
-           .replace("http://prometheus-operated.monitoring.svc:9090", prometheus)
-           .replace('{namespace="inference"}', f'{{scenario="{scenario}"}}')
-           .replace("--window 30m", f"--window 30m --at {END}"))  # fmt: skip
+    cmd = (
+        _flagger_hooks()[hook]
+        .replace("http://prometheus-operated.monitoring.svc:9090", prometheus)
+        .replace('{namespace="inference"}', f'{{scenario="{scenario}"}}')
+        .replace("--window 30m", f"--window 30m --at {END}")
+    )
     if scenario == "typo":
         cmd = cmd.replace("--window 30m", "--window 30mins")
     env = cli_env()
     # The console script, as `pip install` puts it on PATH in the load tester image.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
-    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60
+    )
     assert (result.returncode == 0) is passes, result.stdout + result.stderr
     if scenario == "typo":
         assert "Error: --window" in result.stderr, result.stderr

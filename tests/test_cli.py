@@ -37,8 +37,16 @@ def test_every_command_has_help(command: str) -> None:
 
 def test_serve_help_lists_flags_with_env_vars() -> None:
     out = cli("serve", "--help").stdout
-    for flag in ("--config", "--backend", "--interval", "--timeout", "--web.listen-address",
-                 "--web.telemetry-path", "--log.level", "--log.format"):  # fmt: skip
+    for flag in (
+        "--config",
+        "--backend",
+        "--interval",
+        "--timeout",
+        "--web.listen-address",
+        "--web.telemetry-path",
+        "--log.level",
+        "--log.format",
+    ):
         assert flag in out
     assert "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS" in out
 
@@ -68,8 +76,16 @@ def test_probe_exits_1_when_a_probe_fails(
 ) -> None:
     faults = tmp_path / "f.json"
     faults.write_text(json.dumps(control))
-    result = cli("probe", "--backend", FAULT_SPEC, "--count", "2", "--timeout", "1s",
-                 TRT_HEARTBEAT_FAULT_FILE=str(faults))  # fmt: skip
+    result = cli(
+        "probe",
+        "--backend",
+        FAULT_SPEC,
+        "--count",
+        "2",
+        "--timeout",
+        "1s",
+        TRT_HEARTBEAT_FAULT_FILE=str(faults),
+    )
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] is False
@@ -84,8 +100,16 @@ def test_probe_report_is_strict_json_for_a_nan_output(tmp_path: Path) -> None:
     # #25 (15): a NaN output printed "max_abs_error": Infinity, which no JSON parser reads.
     faults = tmp_path / "f.json"
     faults.write_text(json.dumps({"probe": "nan"}))
-    result = cli("probe", "--backend", FAULT_SPEC, "--count", "2", "--timeout", "1s",
-                 TRT_HEARTBEAT_FAULT_FILE=str(faults))  # fmt: skip
+    result = cli(
+        "probe",
+        "--backend",
+        FAULT_SPEC,
+        "--count",
+        "2",
+        "--timeout",
+        "1s",
+        TRT_HEARTBEAT_FAULT_FILE=str(faults),
+    )
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout, parse_constant=_no_constant)
     probes = report["targets"][0]["probes"]
@@ -96,17 +120,25 @@ def test_probe_report_is_strict_json_for_a_nan_output(tmp_path: Path) -> None:
 def test_probe_and_probes_endpoint_share_one_record_format() -> None:
     import math
 
-    from trt_heartbeat.exporter.app import probe_record_json
     from trt_heartbeat.exporter.state import ProbeRecord
+    from trt_heartbeat.exporter.web.routes import probe_record_json
 
-    record = ProbeRecord(1_700_000_000.0, "mismatch", {"total": 0.001, "compute": math.inf},
-                         message="output has NaN", max_abs_error=math.nan)  # fmt: skip
+    record = ProbeRecord(
+        1_700_000_000.0,
+        "mismatch",
+        {"total": 0.001, "compute": math.inf},
+        message="output has NaN",
+        max_abs_error=math.nan,
+    )
     out = probe_record_json(record)
     assert json.loads(json.dumps(out, allow_nan=False)) == {
-        "time": "2023-11-14T22:13:20+00:00", "result": "mismatch", "reason": None,
-        "phases_seconds": {"total": 0.001, "compute": None}, "max_abs_error": None,
+        "time": "2023-11-14T22:13:20+00:00",
+        "result": "mismatch",
+        "reason": None,
+        "phases_seconds": {"total": 0.001, "compute": None},
+        "max_abs_error": None,
         "message": "output has NaN",
-    }  # fmt: skip
+    }
     assert "message" not in probe_record_json(record, hide_message=True)
 
 
@@ -116,8 +148,10 @@ def test_probe_reports_a_load_failure(tmp_path: Path) -> None:
     result = cli("probe", "--backend", FAULT_SPEC, TRT_HEARTBEAT_FAULT_FILE=str(faults))
     assert result.returncode == 1
     target = json.loads(result.stdout)["targets"][0]
-    assert target["error"] == {"reason": "engine_load_failed",
-                               "message": "injected: engine build failed"}  # fmt: skip
+    assert target["error"] == {
+        "reason": "engine_load_failed",
+        "message": "injected: engine build failed",
+    }
 
 
 class Served:
@@ -139,10 +173,25 @@ def served(tmp_path: Path) -> Iterator[Served]:
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "trt_heartbeat", "serve", "--web.listen-address",
-             "127.0.0.1:0", "--interval", "500ms", "--timeout", "400ms", "--log.format", "json"],
-            stdout=sink, stderr=subprocess.STDOUT, text=True, env=cli_env(),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "trt_heartbeat",
+                "serve",
+                "--web.listen-address",
+                "127.0.0.1:0",
+                "--interval",
+                "500ms",
+                "--timeout",
+                "400ms",
+                "--log.format",
+                "json",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cli_env(),
+        )
     served = None
     try:
 
@@ -166,8 +215,9 @@ def test_serve_end_to_end_with_promtool(served: Served) -> None:
     wait_for(lambda: b'trt_heartbeat_up{gpu="cpu",uuid=""} 1.0' in served.get("/metrics"))
     body = served.get("/metrics")
     assert b'trt_heartbeat_build_info{backend="reference"' in body
-    check = subprocess.run([require("promtool"), "check", "metrics"], input=body,
-                           capture_output=True, timeout=30)  # fmt: skip
+    check = subprocess.run(
+        [require("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=30
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout == b"" and check.stderr == b"", "promtool lint findings"
     assert json.loads(served.get("/health"))["status"] == "healthy"
@@ -180,11 +230,19 @@ def test_serve_logs_state_changes_only_and_stops_cleanly(served: Served) -> None
     messages = [line["msg"] for line in served.lines()]
     assert messages[0].startswith("no GPU visible: probing the CPU with the reference backend")
     # Health changes are logged as /health sees them: awaiting the first probe, then healthy.
-    assert messages[1:] == ["listening", "probe model loaded", "target health changed",
-                            "first probe passed", "target health changed",
-                            "shutting down"]  # fmt: skip
-    health = [line["status"] + "/" + line["reason"] for line in served.lines()
-              if line["msg"] == "target health changed"]  # fmt: skip
+    assert messages[1:] == [
+        "listening",
+        "probe model loaded",
+        "target health changed",
+        "first probe passed",
+        "target health changed",
+        "shutting down",
+    ]
+    health = [
+        line["status"] + "/" + line["reason"]
+        for line in served.lines()
+        if line["msg"] == "target health changed"
+    ]
     assert health == ["degraded/awaiting_first_probe", "healthy/ok"]
 
 

@@ -21,8 +21,10 @@ DATA = Path(__file__).parent / "testdata"
 DURATION = "a positive duration such as 10s, 500ms, 1m30s or a number of seconds"
 
 LISTEN = "host:port such as :9470, 127.0.0.1:9470 or [::1]:9470 (an ASCII host name or IP address)"
-PATH = ("a URL path starting with / (ASCII letters, digits and -._~!$&'()*+,;=:@; no empty, . or "
-        ".. segments)")  # fmt: skip
+PATH = (
+    "a URL path starting with / (ASCII letters, digits and -._~!$&'()*+,;=:@; no empty, . or "
+    ".. segments)"
+)
 GPUS = (
     "all, or a list of GPU indexes (0, 1, ...), GPU UUIDs (GPU-...) or MIG instance UUIDs (MIG-...)"
 )
@@ -143,22 +145,41 @@ def test_missing_config_file() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--interval", "soon"], "Invalid value for '--interval' (env var: "
-         f"'TRT_HEARTBEAT_INTERVAL'): expected {DURATION}, got 'soon'"),
-        (["--timeout", "-1"], "Invalid value for '--timeout' (env var: 'TRT_HEARTBEAT_TIMEOUT'): "
-         f"expected {DURATION}, got '-1'"),
-        (["--web.listen-address", "9470"], "Invalid value for '--web.listen-address' (env var: "
-         f"'TRT_HEARTBEAT_WEB_LISTEN_ADDRESS'): expected {LISTEN}, got '9470'"),
-        (["--precision", "int4"], "Invalid value for '--precision' (env var: "
-         "'TRT_HEARTBEAT_PRECISION'): 'int4' is not one of 'fp64', 'fp32', 'fp16'."),
-        (["--backend", "nope"], "unknown backend 'nope': expected auto, cuda, reference, "
-         "tensorrt or a 'package.module:Class' spec"),
-        (["--interval", "1s", "--timeout", "2s"], "timeout: must be shorter than interval "
-         "(2s >= 1s)"),
-        (["--no-such-flag"], "No such option '--no-such-flag'. See 'trt-heartbeat-exporter serve "
-         "--help'."),
+        (
+            ["--interval", "soon"],
+            "Invalid value for '--interval' (env var: "
+            f"'TRT_HEARTBEAT_INTERVAL'): expected {DURATION}, got 'soon'",
+        ),
+        (
+            ["--timeout", "-1"],
+            "Invalid value for '--timeout' (env var: 'TRT_HEARTBEAT_TIMEOUT'): "
+            f"expected {DURATION}, got '-1'",
+        ),
+        (
+            ["--web.listen-address", "9470"],
+            "Invalid value for '--web.listen-address' (env var: "
+            f"'TRT_HEARTBEAT_WEB_LISTEN_ADDRESS'): expected {LISTEN}, got '9470'",
+        ),
+        (
+            ["--precision", "int4"],
+            "Invalid value for '--precision' (env var: "
+            "'TRT_HEARTBEAT_PRECISION'): 'int4' is not one of 'fp64', 'fp32', 'fp16'.",
+        ),
+        (
+            ["--backend", "nope"],
+            "unknown backend 'nope': expected auto, cuda, reference, "
+            "tensorrt or a 'package.module:Class' spec",
+        ),
+        (
+            ["--interval", "1s", "--timeout", "2s"],
+            "timeout: must be shorter than interval (2s >= 1s)",
+        ),
+        (
+            ["--no-such-flag"],
+            "No such option '--no-such-flag'. See 'trt-heartbeat-exporter serve --help'.",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_flags_exit_2_with_one_line(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -271,25 +292,36 @@ def test_a_bad_duration_is_refused_alike_everywhere(tmp_path: Path, where: str, 
 
 KEYS = [*config.schema()["properties"], "nvml", "web"]
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**30), 10**400), st.floats(allow_nan=True),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**30), 10**400),
+    st.floats(allow_nan=True),
     st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
     st.sampled_from(["10s", "٣s", "1e400", "+Inf", "-5", "0", "512MiB", ".nan", "all", "::1"]),
-)  # fmt: skip
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.sampled_from([*KEYS, "x"]), inner, max_size=4),
-                      max_leaves=20)  # fmt: skip
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from([*KEYS, "x"]), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6), st.integers(0, 3))
 def test_any_document_loads_or_is_one_clear_error(
     tmp_path: Path, document: dict[str, Any], aliases: int
 ) -> None:
     text = yaml.safe_dump(document, allow_unicode=True)
     if aliases:  # anchors and aliases, nested once per level
-        text += "".join(f"z{i}: &z{i} [*z{i - 1}, *z{i - 1}]\n" if i else "z0: &z0 [1, 2]\n"
-                        for i in range(aliases))  # fmt: skip
+        text += "".join(
+            f"z{i}: &z{i} [*z{i - 1}, *z{i - 1}]\n" if i else "z0: &z0 [1, 2]\n"
+            for i in range(aliases)
+        )
     path = tmp_path / "fuzz.yaml"
     path.write_text(text)
     try:
@@ -326,27 +358,59 @@ def test_a_metrics_list_means_the_same_in_file_flag_and_environment(
 
 # #25 (14): each refused alike as a file key, a flag and an environment variable: one line, exit 2.
 SAME_REFUSAL = [
-    ("web.listen_address", "--web.listen-address", "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS",
-     "ünï:9470", LISTEN),
-    ("web.listen_address", "--web.listen-address", "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS",
-     "ü" * 70 + ":9470", LISTEN),
-    ("web.telemetry_path", "--web.telemetry-path", "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
-     "//metrics", PATH),
-    ("web.telemetry_path", "--web.telemetry-path", "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
-     "/métrics", PATH),
-    ("web.telemetry_path", "--web.telemetry-path", "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
-     "/my metrics", PATH),
+    (
+        "web.listen_address",
+        "--web.listen-address",
+        "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS",
+        "ünï:9470",
+        LISTEN,
+    ),
+    (
+        "web.listen_address",
+        "--web.listen-address",
+        "TRT_HEARTBEAT_WEB_LISTEN_ADDRESS",
+        "ü" * 70 + ":9470",
+        LISTEN,
+    ),
+    (
+        "web.telemetry_path",
+        "--web.telemetry-path",
+        "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
+        "//metrics",
+        PATH,
+    ),
+    (
+        "web.telemetry_path",
+        "--web.telemetry-path",
+        "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
+        "/métrics",
+        PATH,
+    ),
+    (
+        "web.telemetry_path",
+        "--web.telemetry-path",
+        "TRT_HEARTBEAT_WEB_TELEMETRY_PATH",
+        "/my metrics",
+        PATH,
+    ),
     ("timeout", "--timeout", "TRT_HEARTBEAT_TIMEOUT", "0.5ms", "must be at least 1ms"),
     ("timeout", "--timeout", "TRT_HEARTBEAT_TIMEOUT", "0.0001", "must be at least 1ms"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("key", "flag", "env", "value", "message"), SAME_REFUSAL)
 @pytest.mark.parametrize("where", ["file", "flag", "environment"])
 def test_a_bad_value_is_refused_alike_everywhere(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    where: str, key: str, flag: str, env: str, value: str, message: str,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    key: str,
+    flag: str,
+    env: str,
+    value: str,
+    message: str,
+) -> None:
     path = tmp_path / "c.yaml"
     section, _, leaf = key.rpartition(".")
     document: dict[str, Any] = {leaf: value}

@@ -30,8 +30,11 @@ def documents(path: Path) -> list[dict[str, Any]]:
 
 
 def manifests() -> list[tuple[Path, dict[str, Any]]]:
-    files = [p for p in sorted(K8S.rglob("*.yaml")) if p.parent.name != "options"
-             and p.name != "kustomization.yaml"]  # fmt: skip
+    files = [
+        p
+        for p in sorted(K8S.rglob("*.yaml"))
+        if p.parent.name != "options" and p.name != "kustomization.yaml"
+    ]
     return [(p, d) for p in files for d in documents(p)]
 
 
@@ -43,8 +46,11 @@ def find(kind: str, name: str | None = None) -> dict[str, Any]:
     )
 
 
-@pytest.mark.parametrize(("path", "doc"), [m for m in manifests() if m[1]["kind"] in BUILT_IN],
-                         ids=lambda v: v.name if isinstance(v, Path) else v["kind"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("path", "doc"),
+    [m for m in manifests() if m[1]["kind"] in BUILT_IN],
+    ids=lambda v: v.name if isinstance(v, Path) else v["kind"],
+)
 def test_built_in_resources_validate_strictly(path: Path, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
@@ -63,8 +69,9 @@ def test_kustomization_lists_existing_files() -> None:
 def test_build_engine_init_patch_makes_a_valid_daemonset() -> None:
     daemonset = copy.deepcopy(find("DaemonSet"))
     patch = yaml.safe_load((K8S / "options" / "build-engine-init.yaml").read_text())
-    daemonset["spec"]["template"]["spec"]["initContainers"] = (
-        patch["spec"]["template"]["spec"]["initContainers"])  # fmt: skip
+    daemonset["spec"]["template"]["spec"]["initContainers"] = patch["spec"]["template"]["spec"][
+        "initContainers"
+    ]
     kubernetes_validate.validate(daemonset, kubernetes_validate.latest_version(), strict=True)
     init = daemonset["spec"]["template"]["spec"]["initContainers"][0]
     volumes = {v["name"] for v in daemonset["spec"]["template"]["spec"]["volumes"]}
@@ -91,16 +98,20 @@ def _default_port() -> int:
     return config.load().listen_port
 
 
-@pytest.mark.parametrize(("kind", "name"), [("DaemonSet", None),
-                                            ("Deployment", "inference-stable"),
-                                            ("Deployment", "inference-canary")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [("DaemonSet", None), ("Deployment", "inference-stable"), ("Deployment", "inference-canary")],
+)
 def test_probes_hit_the_exporters_endpoints(kind: str, name: str | None) -> None:
     spec = find(kind, name)["spec"]["template"]["spec"]
     container = next(c for c in spec["containers"] if "serve" in c.get("args", []))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert list(ports.values()) == [_default_port()]
-    for probe, path in (("startupProbe", "/ping"), ("livenessProbe", "/ping"),
-                        ("readinessProbe", "/health")):  # fmt: skip
+    for probe, path in (
+        ("startupProbe", "/ping"),
+        ("livenessProbe", "/ping"),
+        ("readinessProbe", "/health"),
+    ):
         if probe not in container:
             assert kind == "Deployment" and probe == "readinessProbe"  # documented choice
             continue
@@ -146,8 +157,9 @@ def _relabel(rule: dict[str, Any], values: list[str]) -> str | None:
     match = re.fullmatch(rule.get("regex", "(.*)"), rule.get("separator", ";").join(values))
     if not match:
         return None
-    return re.sub(r"\$(\d)", lambda m: match.group(int(m.group(1))) or "",
-                  rule.get("replacement", "$1"))  # fmt: skip
+    return re.sub(
+        r"\$(\d)", lambda m: match.group(int(m.group(1))) or "", rule.get("replacement", "$1")
+    )
 
 
 def _relabeling(kind: str, target: str) -> dict[str, Any]:
@@ -160,9 +172,13 @@ def _relabeling(kind: str, target: str) -> dict[str, Any]:
 @pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
 @pytest.mark.parametrize(
     ("track", "role", "expected"),
-    [("canary", "", "canary"), ("", "stable", "stable"), ("stable", "canary", "stable"),
-     ("", "", None)],
-)  # fmt: skip
+    [
+        ("canary", "", "canary"),
+        ("", "stable", "stable"),
+        ("stable", "canary", "stable"),
+        ("", "", None),
+    ],
+)
 def test_relabeling_sets_track_from_the_role_only(
     kind: str, track: str, role: str, expected: str | None
 ) -> None:
@@ -188,8 +204,10 @@ def test_pod_monitor_sets_the_release_apart_from_the_exporters_version(
 
 
 def test_sidecar_example_pods_carry_role_and_release() -> None:
-    labels = {name: find("Deployment", name)["spec"]["template"]["metadata"]["labels"]
-              for name in ("inference-stable", "inference-canary")}  # fmt: skip
+    labels = {
+        name: find("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        for name in ("inference-stable", "inference-canary")
+    }
     assert {n: (lab["track"], lab["version"]) for n, lab in labels.items()} == {
         "inference-stable": ("stable", "v1"),
         "inference-canary": ("canary", "v2"),
@@ -210,8 +228,12 @@ def test_prometheus_rule_is_a_valid_rule_file(tmp_path: Path) -> None:
     rule = find("PrometheusRule")
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    result = subprocess.run([require("promtool"), "check", "rules", str(path)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [require("promtool"), "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -219,7 +241,9 @@ def test_dashboards_configmap_has_the_sidecar_label() -> None:
     configmap = find("ConfigMap", "trt-heartbeat-dashboards")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert {json.loads(v)["uid"] for v in configmap["data"].values()} == {
-        "trt-heartbeat-fleet", "trt-heartbeat-canary"}  # fmt: skip
+        "trt-heartbeat-fleet",
+        "trt-heartbeat-canary",
+    }
 
 
 def test_dockerfile_targets() -> None:
@@ -232,8 +256,9 @@ def test_dockerfile_targets() -> None:
     edge = ROOT / "deploy" / "edge" / "edge.yaml"
     assert f"COPY {edge.relative_to(ROOT)} /etc/trt-heartbeat/edge.yaml" in jetson
     assert config.load(edge).nvml_enabled is False and config.load(edge).backend == "cuda"
-    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-                 ["optional-dependencies"])  # fmt: skip
+    extras = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
     for requested in re.findall(r'pip install "?\.\[([^\]]+)\]', text):
         assert set(requested.split(",")) <= extras, requested
     for stage in text.split("\nFROM ")[2:]:
@@ -260,8 +285,9 @@ def _plugin(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = cli_env(**env)
     environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment["PATH"]
     script = DEPLOY / "node-problem-detector" / "check-gpu-inference.sh"
-    return subprocess.run(["sh", str(script), *args], capture_output=True, text=True,
-                          timeout=60, env=environment)  # fmt: skip
+    return subprocess.run(
+        ["sh", str(script), *args], capture_output=True, text=True, timeout=60, env=environment
+    )
 
 
 def test_npd_plugin_exit_codes(tmp_path: Path) -> None:
@@ -278,7 +304,7 @@ def test_npd_plugin_exit_codes(tmp_path: Path) -> None:
 def test_make_run_installs_what_running_needs(tmp_path: Path) -> None:
     """`make run` installs the base package (with the gpu extra where a GPU is visible), never
     the test, lint or TensorRT extras: a fresh clone serves /metrics in seconds."""
-    from trt_heartbeat.exporter.app import gpu_visible
+    from trt_heartbeat.exporter.gpus import gpu_visible
 
     venv = tmp_path / "venv"
     # Not as a sub-make of `make test`: no inherited flags, no "Entering directory" lines.

@@ -7,7 +7,10 @@ import re
 import urllib.request
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
+import click
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import fake_nvml as fake_nvml_stub
@@ -88,13 +91,20 @@ def test_series_per_gpu_doc_equals_a_real_scrape(
     assert len(documented) >= 4
     faults.set(gpu_phases=True)
     for setting, count in documented:
-        r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=fake_telemetry(),
-                         metrics=json.loads(setting))  # fmt: skip
+        r = run_exporter(
+            targets=[Target("0", "GPU-fake-0")],
+            telemetry=fake_telemetry(),
+            metrics=json.loads(setting),
+        )
         wait_for(partial(_probed_with_telemetry, r))
         with urllib.request.urlopen(r.url + "/metrics", timeout=5) as response:
             text = response.read().decode()
-        series = [s for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.labels.get("uuid") == "GPU-fake-0"]  # fmt: skip
+        series = [
+            s
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.labels.get("uuid") == "GPU-fake-0"
+        ]
         assert len(series) == int(count), setting
     # The default comes first and keeps issue #26's budget; the table says so.
     assert documented[0][0] == "{}" and int(documented[0][1]) <= 60
@@ -152,3 +162,49 @@ def test_config_schema_keys_are_documented() -> None:
             assert f"`{key}.{sub}`" in readme, f"{key}.{sub}"
         if not subkeys:
             assert f"`{key}`" in readme, key
+
+
+def _schema_keys(node: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key path of a schema's objects with declared properties (free-form maps: one)."""
+    keys = []
+    for key, child in node.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        keys += _schema_keys(child, path + ".") if "properties" in child else [path]
+    return keys
+
+
+def test_the_full_example_sets_every_config_key() -> None:
+    """README calls tests/testdata/valid-full.yaml an example with every key: keep it so."""
+    from trt_heartbeat.exporter import config
+
+    document = yaml.safe_load((ROOT / "tests" / "testdata" / "valid-full.yaml").read_text())
+    for key in _schema_keys(config.schema()):
+        node = document
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"valid-full.yaml lacks {key}"
+            node = node[part]
+
+
+def test_flag_help_shows_the_real_defaults() -> None:
+    """Every config flag's `[default: …]` is the default `check-config` reports for its key."""
+    from trt_heartbeat.exporter import config
+
+    effective = config.load().effective()
+    serve = cli.commands["serve"]
+    flags = [p for p in serve.params if p.name and p.name not in ("config_file", "help")]
+    assert len(flags) >= 13
+    for param in flags:
+        assert isinstance(param, click.Option)
+        key = str(param.name).replace("__", ".")
+        value: Any = effective
+        for part in key.split("."):
+            value = value[part]
+        if key == "engine_cache_dir":
+            continue  # not a flag
+        shown = ",".join(value) if isinstance(value, list) else str(value)
+        found = re.search(r"\[default: ([^\]]+)\]", param.help or "")
+        if value in ("", None):
+            assert found is None, f"{param.opts[0]} shows a default it does not have"
+        else:
+            assert found, f"{param.opts[0]} does not show its default ({shown})"
+            assert found.group(1) == shown, f"{param.opts[0]}: help {found.group(1)} != {shown}"

@@ -141,12 +141,18 @@ def _corrupt(tmp_path: Path, how: str) -> str:
         ("unreadable", "{plan}: unreadable plan (Is a directory)"),
         ("bad-magic", "{plan}: not a TensorRT plan (bad magic)"),
         ("other-version", "{plan}: plan header says TensorRT 10.3.0, manifest says 11.4.0.106"),
-        ("garbage-manifest", "{json}: unreadable manifest (Expecting property name enclosed in "
-                             "double quotes: line 1 column 2 (char 1))"),
-        ("unknown-key", "{json}: invalid manifest at (top level): Additional properties are not "
-                        "allowed ('colour' was unexpected)"),
+        (
+            "garbage-manifest",
+            "{json}: unreadable manifest (Expecting property name enclosed in "
+            "double quotes: line 1 column 2 (char 1))",
+        ),
+        (
+            "unknown-key",
+            "{json}: invalid manifest at (top level): Additional properties are not "
+            "allowed ('colour' was unexpected)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_corrupted_cache_entries_are_named(tmp_path: Path, how: str, problem: str) -> None:
     plan_file = _corrupt(tmp_path, how)
     found, problems = EngineCache(tmp_path).lookup(H200)

@@ -36,8 +36,9 @@ class Clock:
 def exporter(targets: int = 3) -> tuple[Exporter, Clock]:
     clock = Clock()
     s = settings(backend="reference", interval=10, timeout=5)
-    ex = Exporter(s, "reference", [Target(str(i), f"GPU-{i}") for i in range(targets)],
-                  wall_clock=clock)  # fmt: skip
+    ex = Exporter(
+        s, "reference", [Target(str(i), f"GPU-{i}") for i in range(targets)], wall_clock=clock
+    )
     for state in ex.scheduler.states:
         state.engine_loaded(EngineInfo("reference", "fp32", "canonical-mlp-v1@x"), 0.01)
     return ex, clock
@@ -90,8 +91,10 @@ def test_stitched_body_holds_exactly_the_samples_of_its_parts() -> None:
         registry.register(collector)
         expected.update(samples(generate_latest(registry)))
     assert samples(body) == expected
-    count = ("trt_heartbeat_probe_duration_seconds_count", (("gpu", "1"), ("phase", "total"),
-                                                           ("uuid", "GPU-1")))  # fmt: skip
+    count = (
+        "trt_heartbeat_probe_duration_seconds_count",
+        (("gpu", "1"), ("phase", "total"), ("uuid", "GPU-1")),
+    )
     assert samples(body)[count] == 1
 
 
@@ -160,8 +163,12 @@ def _variants(ex: Exporter) -> dict[str, bytes]:
         stream = zlib.decompressobj(31)
         stream.decompress(packed)
         assert stream.eof and stream.unused_data == b""
-    return {"text": plain, "text+gzip": gzip.decompress(gz), "openmetrics": om,
-            "openmetrics+gzip": gzip.decompress(om_gz)}  # fmt: skip
+    return {
+        "text": plain,
+        "text+gzip": gzip.decompress(gz),
+        "openmetrics": om,
+        "openmetrics+gzip": gzip.decompress(om_gz),
+    }
 
 
 CHANGES = st.sampled_from(["probe", "fail", "mismatch", "load", "clock", "memory"])
@@ -179,13 +186,20 @@ def test_a_scrape_after_any_change_shows_it(changes: list[tuple[str, int]]) -> N
         if kind in ("probe", "fail", "mismatch"):
             result = {"probe": "success", "fail": "error", "mismatch": "mismatch"}[kind]
             error = 0.0 if result == "success" else 1.0
-            state.record(ProbeRecord(clock.now, result, {"total": 0.002 * (target + 1)},
-                                     max_abs_error=error))  # fmt: skip
+            state.record(
+                ProbeRecord(clock.now, result, {"total": 0.002 * (target + 1)}, max_abs_error=error)
+            )
         elif kind == "load":
             state.engine_loaded(EngineInfo("reference", "fp32", f"m@{clock.now}"), 0.01)
         elif kind == "memory":
-            state.record(ProbeRecord(clock.now, "success", {"total": 0.001},
-                                     device_memory=(int(clock.now) << 20, 80 << 30)))  # fmt: skip
+            state.record(
+                ProbeRecord(
+                    clock.now,
+                    "success",
+                    {"total": 0.001},
+                    device_memory=(int(clock.now) << 20, 80 << 30),
+                )
+            )
         expected = _fresh(ex)
         for name, body in _variants(ex).items():
             assert samples(body, openmetrics=name.startswith("openmetrics")) == expected, name
@@ -200,8 +214,9 @@ def test_every_variant_passes_promtool_and_the_openmetrics_parser() -> None:
         if name.startswith("openmetrics"):
             assert samples(body, openmetrics=True)  # the strict parser: EOF, family order
             continue
-        check = subprocess.run([require("promtool"), "check", "metrics"], input=body,
-                               capture_output=True, timeout=30)  # fmt: skip
+        check = subprocess.run(
+            [require("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=30
+        )
         assert check.returncode == 0 and check.stdout == b"" and check.stderr == b"", name
 
 
@@ -239,12 +254,16 @@ def test_distinct_accept_versions_keep_the_caches_bounded() -> None:
     for i in range(3):
         probe(ex, i, clock.now - 1)
     for i in range(200):
-        for accept in (f"application/openmetrics-text; version=2.{i}",
-                       f"text/plain; version=1.{i}; escaping=dots"):  # fmt: skip
+        for accept in (
+            f"application/openmetrics-text; version=2.{i}",
+            f"text/plain; version=1.{i}; escaping=dots",
+        ):
             ex.render_metrics(accept)
     exp = ex.exposition
-    formats = {"text/plain; version=0.0.4; charset=utf-8",
-               "application/openmetrics-text; version=1.0.0; charset=utf-8"}  # fmt: skip
+    formats = {
+        "text/plain; version=0.0.4; charset=utf-8",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    }
     assert {key for key, _ in exp._cache} <= formats
     assert set(exp._bodies) <= formats and set(exp._templates) <= formats
     assert set(exp._slow_cache) <= formats
@@ -253,13 +272,21 @@ def test_distinct_accept_versions_keep_the_caches_bounded() -> None:
 
 @pytest.mark.parametrize(
     "accept",
-    ["text/plain; version=foo", "text/plain; version=1.x",
-     "application/openmetrics-text; version=foo",
-     "application/openmetrics-text; version=1.x", "application/openmetrics-text; version=1.0.0\r",
-     "application/openmetrics-text; version=2.0\rX-Evil: 1", "text/plain; version=1.0.0\r\n",
-     "application/openmetrics-text; version=", "application/openmetrics-text;;version=;=;",
-     ";;,,", "\x00\xff", "application/openmetrics-text; version=99999999999999999999"],
-)  # fmt: skip
+    [
+        "text/plain; version=foo",
+        "text/plain; version=1.x",
+        "application/openmetrics-text; version=foo",
+        "application/openmetrics-text; version=1.x",
+        "application/openmetrics-text; version=1.0.0\r",
+        "application/openmetrics-text; version=2.0\rX-Evil: 1",
+        "text/plain; version=1.0.0\r\n",
+        "application/openmetrics-text; version=",
+        "application/openmetrics-text;;version=;=;",
+        ";;,,",
+        "\x00\xff",
+        "application/openmetrics-text; version=99999999999999999999",
+    ],
+)
 def test_any_accept_header_gets_a_served_format(accept: str) -> None:
     # #25 (5, 12): a version prometheus_client cannot parse raised (500 and a traceback), and the
     # client's version= text, bare CR included, was copied into the Content-Type.
@@ -275,15 +302,24 @@ def test_any_accept_header_gets_a_served_format(accept: str) -> None:
 
 @pytest.mark.parametrize(
     ("accept", "openmetrics"),
-    [(None, False), ("", False), ("*/*", False), ("text/plain", False),
-     ("text/plain; version=1.0.0; escaping=allow-utf-8", False),
-     ("application/openmetrics-text", True), ("application/openmetrics-text; version=1.0.0", True),
-     ("application/openmetrics-text; version=2.0.0", True),
-     ("application/openmetrics-text; version=0.0.1, text/plain", False),
-     ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
-      "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
-      "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2", True)],
-)  # fmt: skip
+    [
+        (None, False),
+        ("", False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("text/plain; version=1.0.0; escaping=allow-utf-8", False),
+        ("application/openmetrics-text", True),
+        ("application/openmetrics-text; version=1.0.0", True),
+        ("application/openmetrics-text; version=2.0.0", True),
+        ("application/openmetrics-text; version=0.0.1, text/plain", False),
+        (
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+            "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+            "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+            True,
+        ),
+    ],
+)
 def test_accept_negotiation_picks_a_served_format(accept: str | None, openmetrics: bool) -> None:
     from trt_heartbeat.exporter.web.exposition import OPENMETRICS as OM
     from trt_heartbeat.exporter.web.exposition import TEXT, negotiate

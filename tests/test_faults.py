@@ -21,6 +21,7 @@ import pytest
 from conftest import Faults, Running, cli_env, fake_telemetry, wait_for
 from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import Reason
+from trt_heartbeat.exporter.web.routes import health_report
 
 Start = Callable[..., Running]
 FIGURES: list[str] = []
@@ -136,11 +137,11 @@ def test_probe_faults(
 def test_slow_probes_degrade_and_recover(exporter: tuple[Running, Scraper], faults: Faults) -> None:
     r, scraper = exporter
     faults.set(probe="slow", delay=0.15)  # slower than the 100 ms objective, inside the timeout
-    wait_for(lambda: r.exporter.health_report()[0]["reason"] == "slow")
-    assert r.exporter.health_report()[1], "slow is degraded, still ready"
+    wait_for(lambda: health_report(r.exporter)[0]["reason"] == "slow")
+    assert health_report(r.exporter)[1], "slow is degraded, still ready"
     cleared = time.time()
     faults.set()
-    wait_for(lambda: r.exporter.health_report()[0]["reason"] == "ok")
+    wait_for(lambda: health_report(r.exporter)[0]["reason"] == "ok")
     recover(r, cleared, failures(r), scraper, "slow probes (150 ms)")
 
 

@@ -20,15 +20,18 @@ from conftest import Faults, Running, cli, cli_env, free_port, settings, wait_fo
 from trt_heartbeat.domain import MigInstance, Target
 from trt_heartbeat.errors import ConfigError, Reason, UnknownBackendError
 from trt_heartbeat.exporter import gpus
-from trt_heartbeat.exporter.app import gpu_visible, probes_gpus, select_backend, targets_for
 from trt_heartbeat.exporter.cuda_host import cuda_failure
+from trt_heartbeat.exporter.gpus import gpu_visible, probes_gpus, select_backend, targets_for
+from trt_heartbeat.exporter.web.routes import health_report
 
 FOUND = [gpus.FoundGpu(0, "GPU-aaaa"), gpus.FoundGpu(1, "GPU-bbbb")]
 PARENT = "GPU-0000aaaa-0000-4000-8000-000000000000"
-SMALL = Target("0/1/0", "MIG-00000000-0000-4000-8000-000000000000",
-               MigInstance("0", PARENT, "1g.10gb", 1, 0))  # fmt: skip
-LARGE = Target("0/2/0", "MIG-00000000-0000-4000-8000-000000000001",
-               MigInstance("0", PARENT, "3g.40gb", 2, 0))  # fmt: skip
+SMALL = Target(
+    "0/1/0", "MIG-00000000-0000-4000-8000-000000000000", MigInstance("0", PARENT, "1g.10gb", 1, 0)
+)
+LARGE = Target(
+    "0/2/0", "MIG-00000000-0000-4000-8000-000000000001", MigInstance("0", PARENT, "3g.40gb", 2, 0)
+)
 MIXED = [gpus.FoundGpu(0, PARENT, True, (SMALL, LARGE)), gpus.FoundGpu(1, "GPU-bbbb")]
 
 
@@ -74,8 +77,9 @@ def test_discovery_through_nvml_reports_mig_instances(fake_nvml: Faults) -> None
     fake_nvml.set(mode="ok", mig={"0": ["1g.10gb", "3g.40gb"]})
     found = gpus.discover(timeout=60, nvml_module="fake_nvml")
     assert [(g.index, g.uuid, g.mig_enabled) for g in found] == [
-        (0, "GPU-fake-0", True), (1, "GPU-fake-1", False)
-    ]  # fmt: skip
+        (0, "GPU-fake-0", True),
+        (1, "GPU-fake-1", False),
+    ]
     small = MigInstance("0", "GPU-fake-0", "1g.10gb", 1, 0)
     large = MigInstance("0", "GPU-fake-0", "3g.40gb", 2, 0)
     assert found[0].instances == (
@@ -125,13 +129,19 @@ def test_gpu_visible_on_a_jetson(tmp_path: Path, node: str) -> None:
         ("tensorrt", "all", True, True),
         ("reference", "all", True, False),  # the CPU reference never does
         ("reference", [0], False, False),
-        # A backend of your own is imported only by its workers, so it cannot say: it probes
-        # the GPUs where one is visible or `gpus` names some, the host elsewhere.
+        # A backend of your own says so in its class (read in a child process): a GPU one
+        # probes the GPUs like the built-in ones, visible or not; a host one never does.
+        ("declared_backends:GpuOfMine", "all", False, True),
+        ("declared_backends:GpuOfMine", "all", True, True),
+        ("declared_backends:HostOfMine", "all", True, False),
+        ("declared_backends:HostOfMine", [0], True, False),
+        # One that does not say probes the GPUs where one is visible or `gpus` names some,
+        # the host elsewhere.
         ("fault_backend:FaultBackend", "all", True, True),
         ("fault_backend:FaultBackend", [0], False, True),
         ("fault_backend:FaultBackend", "all", False, False),
     ],
-)  # fmt: skip
+)
 def test_which_backends_probe_gpus(
     backend: str, gpus_setting: Any, has_gpu: bool, expected: bool
 ) -> None:
@@ -202,7 +212,7 @@ def test_gpu_backend_on_a_cpu_host_is_unhealthy_with_a_reason(
     snap = wait_for(lambda: (s := r.snapshot()).restarts_total["error"] >= 1 and s)
     assert snap.load_failure is not None and snap.load_failure[0] is reason, snap.load_failure
     assert snap.target == Target("0", "")  # discovery failed: probe GPU 0 anyway, and say why
-    report, ready = r.exporter.health_report()
+    report, ready = health_report(r.exporter)
     assert not ready and report["reason"] == reason.value
     assert r.exporter.alive()
 
@@ -230,10 +240,26 @@ def _serve_mig(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     env = cli_env(TRT_HEARTBEAT_FAKE_NVML=str(control))
     env["PYTHONPATH"] = f"{FAKE_PYNVML}{os.pathsep}{env['PYTHONPATH']}"
     return subprocess.Popen(
-        [sys.executable, "-m", "trt_heartbeat", "serve", "--config", str(tmp_path / "c.yaml"),
-         "--backend", "cuda", "--interval", "1s", "--timeout", "900ms", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "trt_heartbeat",
+            "serve",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--backend",
+            "cuda",
+            "--interval",
+            "1s",
+            "--timeout",
+            "900ms",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_serve_probes_each_mig_instance(tmp_path: Path) -> None:
@@ -254,16 +280,22 @@ def test_serve_probes_each_mig_instance(tmp_path: Path) -> None:
                     out.setdefault(s.name, []).append(s.labels)
             return out
 
-        s = wait_for(lambda: (s := samples()).get("trt_heartbeat_gpu_memory_total_bytes") and s,
-                     timeout=60, what="NVML readings served")  # fmt: skip
+        s = wait_for(
+            lambda: (s := samples()).get("trt_heartbeat_gpu_memory_total_bytes") and s,
+            timeout=60,
+            what="NVML readings served",
+        )
         mig0, mig1 = fake_nvml_module.mig_uuid(0, 0), fake_nvml_module.mig_uuid(0, 1)
         # One target per instance of GPU 0, the whole GPU 1; each with its own worker failing
         # for want of a driver on this machine, none taking the others down.
         assert {(t["gpu"], t["uuid"]) for t in s["trt_heartbeat_up"]} == {
-            ("0/1/0", mig0), ("0/2/0", mig1), ("1", "GPU-fake-1")
-        }  # fmt: skip
-        placed = sorted((m["uuid"], m["parent_gpu"], m["profile"])
-                        for m in s["trt_heartbeat_mig_info"])  # fmt: skip
+            ("0/1/0", mig0),
+            ("0/2/0", mig1),
+            ("1", "GPU-fake-1"),
+        }
+        placed = sorted(
+            (m["uuid"], m["parent_gpu"], m["profile"]) for m in s["trt_heartbeat_mig_info"]
+        )
         assert placed == [(mig0, "0", "1g.10gb"), (mig1, "0", "3g.40gb")]
         memory = {(m["gpu"], m["source"]) for m in s["trt_heartbeat_gpu_memory_total_bytes"]}
         assert memory == {("0", "nvml"), ("0/1/0", "nvml"), ("0/2/0", "nvml"), ("1", "nvml")}

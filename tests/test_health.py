@@ -143,8 +143,21 @@ MiB = 1 << 20
 
 def reading(free_mib: int) -> GpuReading:
     used = (80_000 - free_mib) * MiB
-    return GpuReading(0, "GPU-x", "H100", "0000:3B:00.0", "9.0", 80_000 * MiB, used,
-                      free_mib * MiB, None, None, None, None, None)  # fmt: skip
+    return GpuReading(
+        0,
+        "GPU-x",
+        "H100",
+        "0000:3B:00.0",
+        "9.0",
+        80_000 * MiB,
+        used,
+        free_mib * MiB,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def test_a_worker_restart_does_not_hide_low_memory() -> None:
@@ -153,8 +166,16 @@ def test_a_worker_restart_does_not_hide_low_memory() -> None:
     # loaded; that reading is older than the new worker and must not make the target healthy.
     state, clock = make()
     state.engine_loaded(ENGINE, 0.5)
-    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
-                             gpu_memory_bytes=258 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    state.record(
+        ProbeRecord(
+            clock.now,
+            "success",
+            {"total": 0.001},
+            max_abs_error=0.0,
+            gpu_memory_bytes=258 * MiB,
+            gpu_memory_source="nvml",
+        )
+    )
     with_worker = reading(400)
     assert target_health(state.snapshot(), clock.now, S, with_worker, clock.now) == Health(
         "degraded", "gpu_memory_low"
@@ -182,8 +203,16 @@ def test_a_worker_restart_does_not_hide_low_memory() -> None:
 def test_a_reading_taken_before_the_worker_was_lost_counts_as_it_is() -> None:
     state, clock = make()
     state.engine_loaded(ENGINE, 0.5)
-    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
-                             gpu_memory_bytes=258 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    state.record(
+        ProbeRecord(
+            clock.now,
+            "success",
+            {"total": 0.001},
+            max_abs_error=0.0,
+            gpu_memory_bytes=258 * MiB,
+            gpu_memory_source="nvml",
+        )
+    )
     read_at = clock.now
     clock.now += 1
     state.record(fail(clock.now, "timeout", Reason.TIMEOUT), worker_lost="timeout")
@@ -201,8 +230,16 @@ def test_a_reading_between_the_death_and_its_notice_counts_without_the_worker() 
     # 0.43 s after the kill; the loss is recorded afterwards, counted from the last sign of life.
     state, clock = make()
     state.engine_loaded(ENGINE, 0.5)
-    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
-                             gpu_memory_bytes=263 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    state.record(
+        ProbeRecord(
+            clock.now,
+            "success",
+            {"total": 0.001},
+            max_abs_error=0.0,
+            gpu_memory_bytes=263 * MiB,
+            gpu_memory_source="nvml",
+        )
+    )
     alive, before = clock.now + 0.001, reading(400)  # read with the worker, before its death
     clock.now += 0.25
     assert target_health(state.snapshot(), clock.now, S, before, alive) == Health(
@@ -210,8 +247,9 @@ def test_a_reading_between_the_death_and_its_notice_counts_without_the_worker() 
     )
     freed, read_at = reading(663), clock.now + 0.43  # killed at clock.now, read after it
     clock.now += 0.45
-    state.record(fail(clock.now, "error", Reason.WORKER_CRASH), worker_lost="crash",
-                 gone_since=alive)  # fmt: skip
+    state.record(
+        fail(clock.now, "error", Reason.WORKER_CRASH), worker_lost="crash", gone_since=alive
+    )
     assert target_health(state.snapshot(), clock.now, S, freed, read_at).status == "unhealthy"
     clock.now += 1.7
     state.engine_loaded(ENGINE, 0.35)
@@ -230,8 +268,16 @@ def test_a_failed_reload_keeps_the_start_of_the_gap() -> None:
     # taken with no worker, also once a later replacement has loaded.
     state, clock = make()
     state.engine_loaded(ENGINE, 0.5)
-    state.record(ProbeRecord(clock.now, "success", {"total": 0.001}, max_abs_error=0.0,
-                             gpu_memory_bytes=258 * MiB, gpu_memory_source="nvml"))  # fmt: skip
+    state.record(
+        ProbeRecord(
+            clock.now,
+            "success",
+            {"total": 0.001},
+            max_abs_error=0.0,
+            gpu_memory_bytes=258 * MiB,
+            gpu_memory_source="nvml",
+        )
+    )
     clock.now += 1
     state.record(fail(clock.now, "error", Reason.WORKER_CRASH), worker_lost="crash")
     read_at = clock.now + 1
@@ -263,9 +309,12 @@ def test_the_log_and_health_endpoint_agree_after_a_timeout(
             return dict(json.load(err))
 
     def logged() -> list[str]:
-        return [f"{fields['status']}/{fields['reason']}" for rec in caplog.records
-                if rec.getMessage() == "target health changed"
-                for fields in [rec.__dict__["fields"]]]  # fmt: skip
+        return [
+            f"{fields['status']}/{fields['reason']}"
+            for rec in caplog.records
+            if rec.getMessage() == "target health changed"
+            for fields in [rec.__dict__["fields"]]
+        ]
 
     wait_for(lambda: health_endpoint()["status"] == "healthy")
     faults.set(probe="hang", load="hang")  # the probe times out, the next worker never loads

@@ -178,8 +178,11 @@ def test_constant_labels_on_every_series(run_exporter: Start, faults: Faults) ->
     r = run_exporter(constant_labels={"track": "canary", "release": "2.13.0"})
     wait_for(lambda: r.snapshot().probes_total["success"] >= 1)
     _, _, body = get(r.url + "/metrics")
-    families = [f for f in text_string_to_metric_families(body.decode())
-                if f.name.startswith("trt_heartbeat_")]  # fmt: skip
+    families = [
+        f
+        for f in text_string_to_metric_families(body.decode())
+        if f.name.startswith("trt_heartbeat_")
+    ]
     assert families
     for family in families:
         for s in family.samples:

@@ -31,8 +31,11 @@ def no_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """The test's requests log nothing at ERROR (no traceback) from the HTTP server."""
     caplog.set_level(logging.DEBUG, logger="trt_heartbeat.http")
     yield
-    errors = [r.getMessage() for r in caplog.records
-              if r.name == "trt_heartbeat.http" and r.levelno >= logging.ERROR]  # fmt: skip
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "trt_heartbeat.http" and r.levelno >= logging.ERROR
+    ]
     assert errors == []
 
 
@@ -139,8 +142,9 @@ def test_the_whole_request_head_is_bounded(
         assert s.recv(65536).startswith(b"HTTP/1.1 431 ")
     # Under the bound is served.
     small = b"".join(KIB_HEADERS.splitlines(keepends=True)[: MAX_REQUEST_HEAD // 2 // 1030])
-    assert statuses(exchange(server, b"GET /ping HTTP/1.1\r\nHost: x\r\n" + small + b"\r\n"
-                                     + THEN_PING)) == ["200", "200"]  # fmt: skip
+    assert statuses(
+        exchange(server, b"GET /ping HTTP/1.1\r\nHost: x\r\n" + small + b"\r\n" + THEN_PING)
+    ) == ["200", "200"]
 
 
 # --- (4) malformed targets ---------------------------------------------------------------------
@@ -168,9 +172,11 @@ def with_auth(tmp_path: Path) -> web_config.WebConfig:
     ],
 )
 def test_a_malformed_target_is_400_before_auth(
-    serve: Callable[..., ExporterHTTPServer], with_auth: web_config.WebConfig, no_errors: None,
+    serve: Callable[..., ExporterHTTPServer],
+    with_auth: web_config.WebConfig,
+    no_errors: None,
     target: str,
-) -> None:  # fmt: skip
+) -> None:
     server = serve(with_auth)
     reply = exchange(server, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + THEN_PING)
     assert statuses(reply) == ["400"]
@@ -366,8 +372,9 @@ def test_parsed_heads_kept_are_few_and_hold_no_credentials(
     serve: Callable[..., ExporterHTTPServer], no_errors: None
 ) -> None:
     server = serve()
-    distinct = b"".join(f"GET /ping HTTP/1.1\r\nHost: x\r\nX-N: {i}\r\n\r\n".encode()
-                        for i in range(300))  # fmt: skip
+    distinct = b"".join(
+        f"GET /ping HTTP/1.1\r\nHost: x\r\nX-N: {i}\r\n\r\n".encode() for i in range(300)
+    )
     credentials = b"GET /ping HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n"
     reply = exchange(server, distinct + credentials + THEN_PING)
     assert statuses(reply) == ["200"] * 302

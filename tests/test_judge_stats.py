@@ -18,8 +18,9 @@ from trt_heartbeat.canary.judge.verdict import tail_check
 
 
 def brute_u(canary: Sequence[float], baseline: Sequence[float]) -> float:
-    return sum(1.0 if c > b else 0.5 if c == b else 0.0
-               for c, b in itertools.product(canary, baseline))  # fmt: skip
+    return sum(
+        1.0 if c > b else 0.5 if c == b else 0.0 for c, b in itertools.product(canary, baseline)
+    )
 
 
 def test_binned_u_equals_counting_pairs() -> None:
@@ -95,9 +96,14 @@ def test_bucket_quantile_interpolates_like_prometheus() -> None:
 
 @pytest.mark.parametrize(
     ("text", "inner"),
-    [('{namespace="a"}', 'namespace="a"'), ('a="1", b=~"x|y"', 'a="1", b=~"x|y"'), ("{}", ""),
-     ('job!="a,b"', 'job!="a,b"'), ("", "")],
-)  # fmt: skip
+    [
+        ('{namespace="a"}', 'namespace="a"'),
+        ('a="1", b=~"x|y"', 'a="1", b=~"x|y"'),
+        ("{}", ""),
+        ('job!="a,b"', 'job!="a,b"'),
+        ("", ""),
+    ],
+)
 def test_selectors(text: str, inner: str) -> None:
     assert parse_selector(text) == inner
 
@@ -146,12 +152,14 @@ def test_the_judge_never_passes_a_window_the_alert_would_fire_on(
 
 def test_tail_check_verdicts() -> None:
     base = [0, 500, 4000, 450, 50, 0, 0, 0]
-    same = tail_check(BOUNDS, [float(x) for x in base], [float(x) for x in base], LIMIT, 0.01,
-                      True, "", "q")  # fmt: skip
+    same = tail_check(
+        BOUNDS, [float(x) for x in base], [float(x) for x in base], LIMIT, 0.01, True, "", "q"
+    )
     assert same.verdict == "pass" and same.statistic["p99_ratio"] == pytest.approx(1.0)
     tail = [0, 500, 3600, 400, 100, 300, 100, 0]  # same median, a long tail
-    worse = tail_check(BOUNDS, [float(x) for x in tail], [float(x) for x in base], LIMIT, 0.01,
-                       True, "", "q")  # fmt: skip
+    worse = tail_check(
+        BOUNDS, [float(x) for x in tail], [float(x) for x in base], LIMIT, 0.01, True, "", "q"
+    )
     assert worse.verdict == "fail", worse.reason
     low, high = worse.statistic["p99_ratio_interval"]
     assert low <= worse.statistic["p99_ratio"] <= high
@@ -207,8 +215,9 @@ def test_the_tail_check_promotes_an_identical_canary_and_holds_a_slower_tail() -
     baseline, canary = _binned(draw[:540]), _binned(draw[540:])
     same = tail_check(BOUNDS, canary, baseline, LIMIT, 0.01, True, "", "q")
     assert same.verdict == "pass", same.reason
-    slower = tail_check(BOUNDS, _binned([x * 1.7 for x in draw[540:]]), baseline, LIMIT, 0.01,
-                        True, "", "q")  # fmt: skip
+    slower = tail_check(
+        BOUNDS, _binned([x * 1.7 for x in draw[540:]]), baseline, LIMIT, 0.01, True, "", "q"
+    )
     assert slower.statistic["p99_ratio"] > LIMIT
     assert slower.verdict in ("fail", "marginal"), slower.reason
 

@@ -24,9 +24,18 @@ ROLLOUTS = ROOT / "rules" / "rollouts"
 RULES = ROOT / "rules"
 # Fields of the published CRDs these examples use (Argo Rollouts v1.7 AnalysisTemplate, Flagger
 # v1beta1 MetricTemplate), as listed in their API references; no package ships the CRD schemas.
-ARGO_METRIC_FIELDS = {"name", "interval", "count", "failureLimit", "inconclusiveLimit",
-                      "consecutiveErrorLimit", "successCondition", "failureCondition",
-                      "initialDelay", "provider"}  # fmt: skip
+ARGO_METRIC_FIELDS = {
+    "name",
+    "interval",
+    "count",
+    "failureLimit",
+    "inconclusiveLimit",
+    "consecutiveErrorLimit",
+    "successCondition",
+    "failureCondition",
+    "initialDelay",
+    "provider",
+}
 ARGO_PROMETHEUS_FIELDS = {"address", "query", "timeout", "headers", "authentication"}
 FLAGGER_SPEC_FIELDS = {"provider", "query"}
 FLAGGER_PROVIDER_FIELDS = {"type", "address", "secretRef", "insecureSkipVerify"}
@@ -69,18 +78,30 @@ def _flagger_query(name: str) -> str:
 
 def test_queries_read_the_failing_canary(tmp_path: Path) -> None:
     # The 1.5%-errors scenario of rules/tests/service-canary.test.yml, 10 minutes after the step.
-    promql_on_scenario(tmp_path, "service-canary.test.yml", 0, "20m", {
-        _argo_query("canary-error-ratio"): 0.015,
-        _flagger_query("trt-heartbeat-service-error-ratio"): 0.015,
-    })  # fmt: skip
+    promql_on_scenario(
+        tmp_path,
+        "service-canary.test.yml",
+        0,
+        "20m",
+        {
+            _argo_query("canary-error-ratio"): 0.015,
+            _flagger_query("trt-heartbeat-service-error-ratio"): 0.015,
+        },
+    )
 
 
 def test_queries_read_the_long_tail(tmp_path: Path) -> None:
     p99 = 4.242424242424246  # the long-tail scenario: p99 of 210 ms against 49.5 ms
-    promql_on_scenario(tmp_path, "service-canary.test.yml", 2, "30m", {
-        _argo_query("canary-latency-ratio"): p99,
-        _flagger_query("trt-heartbeat-service-p99-ratio"): p99,
-    })  # fmt: skip
+    promql_on_scenario(
+        tmp_path,
+        "service-canary.test.yml",
+        2,
+        "30m",
+        {
+            _argo_query("canary-latency-ratio"): p99,
+            _flagger_query("trt-heartbeat-service-p99-ratio"): p99,
+        },
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.015, 0.5])
@@ -89,10 +110,13 @@ def test_argo_conditions_pause_rather_than_abort(ratio: float) -> None:
     args = {a["name"]: a.get("value") for a in _argo()["spec"]["args"]}
 
     def holds(condition: str) -> bool:  # Argo's expr language, for this simple shape
-        expression = (condition.replace("{{args.pause-ratio}}", args["pause-ratio"])
-                      .replace("{{args.abort-ratio}}", args["abort-ratio"])
-                      .replace("&&", "and").replace("len(result)", "1")
-                      .replace("result[0]", repr(ratio)))  # fmt: skip
+        expression = (
+            condition.replace("{{args.pause-ratio}}", args["pause-ratio"])
+            .replace("{{args.abort-ratio}}", args["abort-ratio"])
+            .replace("&&", "and")
+            .replace("len(result)", "1")
+            .replace("result[0]", repr(ratio))
+        )
         return bool(eval(expression))
 
     # Neither condition met: an inconclusive measurement, and Argo pauses the rollout.
@@ -128,8 +152,13 @@ def gate() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
 def _bridge(*args: str) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    command = [sys.executable, str(ROLLOUTS / "pause_webhook.py"), "--listen",
-               f"127.0.0.1:{port}", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROLLOUTS / "pause_webhook.py"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        *args,
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -145,8 +174,11 @@ def _bridge(*args: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def _notify(url: str, alerts: list[dict[str, Any]]) -> int:
-    request = urllib.request.Request(url + "/alerts", data=json.dumps({"alerts": alerts}).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        url + "/alerts",
+        data=json.dumps({"alerts": alerts}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return int(response.status)
@@ -154,9 +186,16 @@ def _notify(url: str, alerts: list[dict[str, Any]]) -> int:
         return int(err.code)
 
 
-PAUSE = {"status": "firing", "labels": {"alertname": "TrtHeartbeatServiceCanaryErrorRatioHigh",
-                                        "action": "pause-rollout", "service": "inference",
-                                        "namespace": "prod", "track": "v2"}}  # fmt: skip
+PAUSE = {
+    "status": "firing",
+    "labels": {
+        "alertname": "TrtHeartbeatServiceCanaryErrorRatioHigh",
+        "action": "pause-rollout",
+        "service": "inference",
+        "namespace": "prod",
+        "track": "v2",
+    },
+}
 
 
 def test_pause_webhook_closes_the_flagger_gate(gate: tuple[str, list[dict[str, Any]]]) -> None:

@@ -17,6 +17,7 @@ from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import Reason
 from trt_heartbeat.exporter.nvml import GpuReading, NvmlSnapshot
 from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry, TelemetryState
+from trt_heartbeat.exporter.web.routes import health_report
 
 Start = Callable[..., Running]
 
@@ -25,8 +26,12 @@ def test_steady_state_counts_successes(run_exporter: Start, faults: Faults) -> N
     r = run_exporter()
     snap = wait_for(lambda: (s := r.snapshot()).probes_total["success"] >= 3 and s)
     assert snap.loaded and snap.consecutive_failures == 0
-    assert snap.probes_total == {"success": snap.probes_total["success"], "error": 0,
-                                 "timeout": 0, "mismatch": 0}  # fmt: skip
+    assert snap.probes_total == {
+        "success": snap.probes_total["success"],
+        "error": 0,
+        "timeout": 0,
+        "mismatch": 0,
+    }
     assert snap.restarts_total == {"timeout": 0, "crash": 0, "error": 0}
     assert snap.durations["total"].count == snap.probes_total["success"]
     assert snap.engine is not None and snap.engine.backend == "fault"
@@ -85,8 +90,9 @@ def test_timeout_kills_respawns_and_recovers(run_exporter: Start, faults: Faults
     assert snap.probes_total["timeout"] >= 1
     assert snap.last_failure is not None and snap.last_failure.reason is Reason.TIMEOUT
     faults.set()
-    snap = wait_for(lambda: (s := r.snapshot()).last_probe.result == "success" and s,
-                    what="recovery")  # fmt: skip
+    snap = wait_for(
+        lambda: (s := r.snapshot()).last_probe.result == "success" and s, what="recovery"
+    )
     assert snap.consecutive_failures == 0 and snap.loaded
     assert loop.worker_pid not in (None, first_pid)
     # The hung worker was killed, not left behind.
@@ -125,8 +131,10 @@ def test_worker_killed_from_outside_is_a_crash(run_exporter: Start, faults: Faul
     os.kill(pid, signal.SIGKILL)
     snap = wait_for(lambda: (s := r.snapshot()).restarts_total["crash"] >= 1 and s)
     assert snap.last_failure.message == "worker killed by SIGKILL"
-    wait_for(lambda: loop.worker_pid not in (None, pid) and r.snapshot().last_probe.result
-             == "success", what="new worker passing")  # fmt: skip
+    wait_for(
+        lambda: loop.worker_pid not in (None, pid) and r.snapshot().last_probe.result == "success",
+        what="new worker passing",
+    )
 
 
 def test_frozen_worker_times_out_and_recovers(run_exporter: Start, faults: Faults) -> None:
@@ -212,8 +220,21 @@ class StubTelemetry(NvmlTelemetry):
 
     def publish(self, free_mib: int, at: float) -> None:
         total, free = 80_000 * MiB, free_mib * MiB
-        gpu = GpuReading(0, "GPU-fake-0", "H200", "0000:3B:00.0", "9.0", total, total - free,
-                         free, None, None, None, None, None)  # fmt: skip
+        gpu = GpuReading(
+            0,
+            "GPU-fake-0",
+            "H200",
+            "0000:3B:00.0",
+            "9.0",
+            total,
+            total - free,
+            free,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
         self._published = TelemetryState(True, at, NvmlSnapshot("580", "13.0", (gpu,)))
 
     def state(self) -> TelemetryState:
@@ -235,12 +256,13 @@ def test_a_worker_killed_between_probes_never_leaves_low_memory_healthy(
     # (2 s) would have found the worker gone. That reading must count as taken without the
     # worker: before the loss is noticed, and after the new worker's first probe passes.
     telemetry = StubTelemetry()
-    r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=telemetry, interval=2.0,
-                     timeout=1.0)  # fmt: skip
+    r = run_exporter(
+        targets=[Target("0", "GPU-fake-0")], telemetry=telemetry, interval=2.0, timeout=1.0
+    )
     loop = r.exporter.scheduler.loops[0]
 
     def health() -> tuple[str, str]:
-        report = r.exporter.health_report()[0]
+        report = health_report(r.exporter)[0]
         return report["status"], report["reason"]
 
     telemetry.publish(400, time.time())
@@ -262,8 +284,12 @@ def test_a_worker_killed_between_probes_never_leaves_low_memory_healthy(
             published = True
         seen.append((round(now - killed, 3), *health()))
         snap = r.snapshot()
-        if back is None and loop.worker_pid not in (None, pid) and snap.last_success is not None \
-                and snap.last_success > killed:  # fmt: skip
+        if (
+            back is None
+            and loop.worker_pid not in (None, pid)
+            and snap.last_success is not None
+            and snap.last_success > killed
+        ):
             back = now
         time.sleep(0.02)
     assert not [s for s in seen if s[1] == "healthy"], seen
@@ -279,14 +305,18 @@ def test_the_log_follows_a_new_nvml_reading_between_probes(
     caplog.set_level(logging.INFO, logger="trt_heartbeat")
     telemetry = StubTelemetry()
     telemetry.publish(2000, time.time())
-    r = run_exporter(targets=[Target("0", "GPU-fake-0")], telemetry=telemetry, interval=10.0,
-                     timeout=1.0)  # fmt: skip
+    r = run_exporter(
+        targets=[Target("0", "GPU-fake-0")], telemetry=telemetry, interval=10.0, timeout=1.0
+    )
     wait_for(lambda: r.snapshot().probes_total["success"] >= 1, what="first probe")
 
     def logged() -> list[str]:
-        return [f"{fields['status']}/{fields['reason']}" for rec in caplog.records
-                if rec.getMessage() == "target health changed"
-                for fields in [rec.__dict__["fields"]]]  # fmt: skip
+        return [
+            f"{fields['status']}/{fields['reason']}"
+            for rec in caplog.records
+            if rec.getMessage() == "target health changed"
+            for fields in [rec.__dict__["fields"]]
+        ]
 
     wait_for(lambda: logged()[-1:] == ["healthy/ok"], what="healthy in the log")
     telemetry.publish(400, time.time())

@@ -80,39 +80,50 @@ def test_a_custom_source_file_gets_working_rules(tmp_path: Path) -> None:
     custom = tmp_path / "tf-serving.rules.yml"
     custom.write_text(result.stdout)
     promtool = require("promtool")
-    check = subprocess.run([promtool, "check", "rules", str(custom)], capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+    check = subprocess.run(
+        [promtool, "check", "rules", str(custom)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0 and "WARNING" not in check.stdout, check.stdout + check.stderr
     test = tmp_path / "custom.test.yml"
-    test.write_text(CUSTOM_TEST.format(thresholds=RULES / "thresholds.rules.yml", custom=custom,
-                                       canary=RULES / "service-canary.rules.yml",
-                                       runbook=RUNBOOK_BASE))  # fmt: skip
-    run = subprocess.run([promtool, "test", "rules", str(test)], capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    test.write_text(
+        CUSTOM_TEST.format(
+            thresholds=RULES / "thresholds.rules.yml",
+            custom=custom,
+            canary=RULES / "service-canary.rules.yml",
+            runbook=RUNBOOK_BASE,
+        )
+    )
+    run = subprocess.run(
+        [promtool, "test", "rules", str(test)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
 INVALID = {
     "invalid-missing-metric.yaml": "requests.metric: required, but missing",
     "invalid-unknown-key.yaml": "errors.matcher: unknown key (expected one of: matchers, metric)",
-    "invalid-metric-name.yaml":
-        'requests.metric: expected a metric name or a list of metric names, '
-        'got "http-requests-total"',
-    "invalid-latency-both.yaml":
-        "latency: expected either `histogram`, or both `sum` and `count`, got a mapping",
-    "invalid-unit.yaml":
-        'latency.unit: expected seconds, milliseconds or microseconds, got "ms"',
+    "invalid-metric-name.yaml": (
+        "requests.metric: expected a metric name or a list of metric names, "
+        'got "http-requests-total"'
+    ),
+    "invalid-latency-both.yaml": (
+        "latency: expected either `histogram`, or both `sum` and `count`, got a mapping"
+    ),
+    "invalid-unit.yaml": 'latency.unit: expected seconds, milliseconds or microseconds, got "ms"',
     "invalid-no-version.yaml": "labels.version: required, but missing",
-    "invalid-track-is-a-label.yaml":
-        'labels.track: expected {label, stable, canary}: the role from a label\'s value (the '
-        'release label goes under `version`), got "version"',
-    "invalid-roles-regex.yaml":
-        "labels.track.stable: '.+-primary(' is not a regular expression (missing ), unterminated "
-        "subpattern at position 10)",
-    "invalid-matchers.yaml":
-        "requests.matchers: 'job=tf-serving' is not a label matcher like name=\"value\"",
+    "invalid-track-is-a-label.yaml": (
+        "labels.track: expected {label, stable, canary}: the role from a label's value "
+        '(the release label goes under `version`), got "version"'
+    ),
+    "invalid-roles-regex.yaml": (
+        "labels.track.stable: '.+-primary(' is not a regular expression "
+        "(missing ), unterminated subpattern at position 10)"
+    ),
+    "invalid-matchers.yaml": (
+        "requests.matchers: 'job=tf-serving' is not a label matcher like name=\"value\""
+    ),
     "invalid-not-a-mapping.yaml": "expected a mapping of source keys at the top level, got a list",
-}  # fmt: skip
+}
 
 
 def test_every_invalid_source_file_is_tested() -> None:
@@ -130,16 +141,26 @@ def test_an_invalid_source_file_is_one_line_and_exit_2(name: str, message: str) 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--source", "envoy"], "--source: unknown source 'envoy' (built in: istio, triton; "
-                                "or the path of a source file)"),
-        (["--source", "/nonexistent/source.yaml"],
-         "--source: /nonexistent/source.yaml: cannot read source file: No such file or directory"),
-        (["--source", "istio", "--source", "istio"],
-         "--source: two sources are named 'istio'; names must differ"),
-        (["--canary", "--source", "istio"],
-         "--canary writes the source-agnostic rules: leave out --source"),
+        (
+            ["--source", "envoy"],
+            "--source: unknown source 'envoy' (built in: istio, triton; "
+            "or the path of a source file)",
+        ),
+        (
+            ["--source", "/nonexistent/source.yaml"],
+            "--source: /nonexistent/source.yaml: cannot read source file: "
+            "No such file or directory",
+        ),
+        (
+            ["--source", "istio", "--source", "istio"],
+            "--source: two sources are named 'istio'; names must differ",
+        ),
+        (
+            ["--canary", "--source", "istio"],
+            "--canary writes the source-agnostic rules: leave out --source",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_service_rules_flags(args: list[str], message: str) -> None:
     result = cli("service-rules", *args)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", f"Error: {message}\n")
@@ -189,11 +210,19 @@ tests:
             value: 1
 """
 CONTROLLERS = {
-    "flagger-istio": ("destination_workload", "destination_workload_namespace",
-                      "inference-primary", "inference"),
-    "argo-istio-services": ("destination_service_name", "destination_service_namespace",
-                            "inference-stable", "inference-canary"),
-}  # fmt: skip
+    "flagger-istio": (
+        "destination_workload",
+        "destination_workload_namespace",
+        "inference-primary",
+        "inference",
+    ),
+    "argo-istio-services": (
+        "destination_service_name",
+        "destination_service_namespace",
+        "inference-stable",
+        "inference-canary",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", CONTROLLERS)
@@ -207,10 +236,23 @@ def test_a_controllers_source_declares_the_roles_past_half_the_traffic(
     generated.write_text(result.stdout)
     label, ns, stable, canary = CONTROLLERS[name]
     test = tmp_path / "controller.test.yml"
-    test.write_text(CONTROLLER_TEST.format(
-        thresholds=RULES / "thresholds.rules.yml", rules=generated, name=name,
-        canary_rules=RULES / "service-canary.rules.yml", label=label, ns=ns, stable=stable,
-        canary=canary, runbook=RUNBOOK_BASE))  # fmt: skip
-    run = subprocess.run([require("promtool"), "test", "rules", str(test)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    test.write_text(
+        CONTROLLER_TEST.format(
+            thresholds=RULES / "thresholds.rules.yml",
+            rules=generated,
+            name=name,
+            canary_rules=RULES / "service-canary.rules.yml",
+            label=label,
+            ns=ns,
+            stable=stable,
+            canary=canary,
+            runbook=RUNBOOK_BASE,
+        )
+    )
+    run = subprocess.run(
+        [require("promtool"), "test", "rules", str(test)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -18,6 +18,7 @@ from conftest import Faults, Running, fake_telemetry, wait_for
 from trt_heartbeat.domain import MigInstance, Target
 from trt_heartbeat.exporter.backends.gpu_backend import NvmlView
 from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry
+from trt_heartbeat.exporter.web.routes import health_report
 
 Start = Callable[..., Running]
 GPU0 = Target("0", "GPU-fake-0")
@@ -48,8 +49,11 @@ def test_readings(telemetry: NvmlTelemetry) -> None:
     assert state.snapshot.cuda_driver_version == "13.0"
     gpu = state.gpu("GPU-fake-0")
     assert (gpu.index, gpu.name, gpu.pci_bus_id, gpu.compute_capability) == (
-        0, "NVIDIA Fake H200", "0000:3B:00.0", "9.0",
-    )  # fmt: skip
+        0,
+        "NVIDIA Fake H200",
+        "0000:3B:00.0",
+        "9.0",
+    )
     assert gpu.memory_total == 80 << 30 and gpu.memory_free == 60 << 30
     assert gpu.memory_used == (20 << 30) - (350 << 20), "v2 query: reserved memory not used"
     assert (gpu.utilization, gpu.temperature, gpu.power) == (0.37, 41.0, 123.456)
@@ -120,15 +124,19 @@ def test_nvml_module_not_installed(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_metrics_and_health(run_exporter: Start, fake_nvml: Faults, faults: Faults) -> None:
-    r = run_exporter(targets=[GPU0], telemetry=fake_telemetry(),
-                     gpu_memory_low_threshold="512MiB")  # fmt: skip
+    r = run_exporter(targets=[GPU0], telemetry=fake_telemetry(), gpu_memory_low_threshold="512MiB")
     wait_for(lambda: r.exporter.telemetry_state().up and r.snapshot().probes_total["success"])
     s = scrape(r)
     assert s["trt_heartbeat_nvml_up{}"] == 1
     assert s["trt_heartbeat_gpu_memory_free_bytes{gpu=0,source=nvml,uuid=GPU-fake-0}"] == 60 << 30
     assert s["trt_heartbeat_gpu_memory_total_bytes{gpu=0,source=nvml,uuid=GPU-fake-0}"] == 80 << 30
-    assert s["trt_heartbeat_gpu_info{compute_capability=9.0,gpu=0,name=NVIDIA Fake H200,"
-             "pci_bus_id=0000:3B:00.0,uuid=GPU-fake-0}"] == 1  # fmt: skip
+    assert (
+        s[
+            "trt_heartbeat_gpu_info{compute_capability=9.0,gpu=0,name=NVIDIA Fake H200,"
+            "pci_bus_id=0000:3B:00.0,uuid=GPU-fake-0}"
+        ]
+        == 1
+    )
     assert s["trt_heartbeat_gpu_ecc_errors_total{gpu=0,type=corrected,uuid=GPU-fake-0}"] == 2
     assert s["trt_heartbeat_gpu_memory_low_threshold_bytes{}"] == 512 << 20
     build = next(k for k in s if k.startswith("trt_heartbeat_build_info"))
@@ -136,9 +144,10 @@ def test_metrics_and_health(run_exporter: Start, fake_nvml: Faults, faults: Faul
     assert "trt_heartbeat_gpu_power_watts{gpu=1,uuid=GPU-fake-1}" not in s
 
     fake_nvml.set(mode="ok", free=100 << 20)
-    report = wait_for(lambda: (h := r.exporter.health_report()[0])["reason"] == "gpu_memory_low"
-                      and h)  # fmt: skip
-    assert report["status"] == "degraded" and r.exporter.health_report()[1]
+    report = wait_for(
+        lambda: (h := health_report(r.exporter)[0])["reason"] == "gpu_memory_low" and h
+    )
+    assert report["status"] == "degraded" and health_report(r.exporter)[1]
     assert report["targets"][0]["gpu_memory"] == {
         "free_mib": 100,
         "total_mib": 81920,
@@ -152,17 +161,19 @@ def test_metrics_and_health(run_exporter: Start, fake_nvml: Faults, faults: Faul
     assert not any(k.startswith("trt_heartbeat_gpu_memory_free_bytes") for k in s)
     assert s["trt_heartbeat_nvml_last_success_timestamp_seconds{}"] > 0
     # No reading, no low-memory verdict: health goes by the probes alone.
-    assert r.exporter.health_report()[0]["reason"] == "ok"
+    assert health_report(r.exporter)[0]["reason"] == "ok"
 
 
 def test_low_memory_is_hidden_with_hardware_details(
     run_exporter: Start, fake_nvml: Faults, faults: Faults
 ) -> None:
     fake_nvml.set(mode="ok", free=100 << 20)
-    r = run_exporter(targets=[GPU0], telemetry=fake_telemetry(),
-                     web={"hide_hardware_details": True})  # fmt: skip
-    report = wait_for(lambda: (h := r.exporter.health_report()[0])["reason"] == "gpu_memory_low"
-                      and h)  # fmt: skip
+    r = run_exporter(
+        targets=[GPU0], telemetry=fake_telemetry(), web={"hide_hardware_details": True}
+    )
+    report = wait_for(
+        lambda: (h := health_report(r.exporter)[0])["reason"] == "gpu_memory_low" and h
+    )
     assert "gpu_memory" not in report["targets"][0]
     assert json.dumps(report).count("MiB") == 0
 
@@ -213,20 +224,25 @@ def test_memory_from_the_probe_where_nvml_is_absent(run_exporter: Start, faults:
     assert s[f"trt_heartbeat_gpu_memory_total_bytes{{{cuda}}}"] == 80 << 30
     assert s[f"trt_heartbeat_gpu_memory_used_bytes{{{cuda}}}"] == 20 << 30
     assert s["trt_heartbeat_nvml_up{}"] == 0
-    assert r.exporter.health_report()[0]["reason"] == "ok"
+    assert health_report(r.exporter)[0]["reason"] == "ok"
 
     # An external process leaves 400 MiB: the next probe says so, and health follows.
     faults.set(device_memory=[400 << 20, 80 << 30])
-    report = wait_for(lambda: (h := r.exporter.health_report()[0])["reason"] == "gpu_memory_low"
-                      and h)  # fmt: skip
+    report = wait_for(
+        lambda: (h := health_report(r.exporter)[0])["reason"] == "gpu_memory_low" and h
+    )
     assert report["status"] == "degraded"
-    assert report["targets"][0]["gpu_memory"] == {"free_mib": 400, "total_mib": 81920,
-                                                  "source": "cuda"}  # fmt: skip
+    assert report["targets"][0]["gpu_memory"] == {
+        "free_mib": 400,
+        "total_mib": 81920,
+        "source": "cuda",
+    }
 
     # A lost worker's reading is not current: the series goes with it, not stale numbers.
     faults.set(probe="cuda", device_memory=[400 << 20, 80 << 30])
-    wait_for(lambda: not any(k.startswith("trt_heartbeat_gpu_memory_free_bytes")
-                             for k in scrape(r)))  # fmt: skip
+    wait_for(
+        lambda: not any(k.startswith("trt_heartbeat_gpu_memory_free_bytes") for k in scrape(r))
+    )
 
 
 def test_nvml_wins_over_the_probe_reading(
@@ -243,9 +259,12 @@ def test_nvml_wins_over_the_probe_reading(
     }
     # NVML down: the probe's reading takes over for the probed GPU.
     fake_nvml.set(mode="error")
-    wait_for(lambda: "trt_heartbeat_gpu_memory_free_bytes{gpu=0,source=cuda,uuid=GPU-fake-0}"
-             in scrape(r))  # fmt: skip
-    assert r.exporter.health_report()[0]["targets"][0]["gpu_memory"]["source"] == "cuda"
+    wait_for(
+        lambda: (
+            "trt_heartbeat_gpu_memory_free_bytes{gpu=0,source=cuda,uuid=GPU-fake-0}" in scrape(r)
+        )
+    )
+    assert health_report(r.exporter)[0]["targets"][0]["gpu_memory"]["source"] == "cuda"
 
 
 def test_mig_instances_are_read_one_by_one(
@@ -260,14 +279,18 @@ def test_mig_instances_are_read_one_by_one(
     mig = f"gpu=0/1/0,source=nvml,uuid={small.uuid}"
     assert s[f"trt_heartbeat_gpu_memory_total_bytes{{{mig}}}"] == 10 << 30
     assert s[f"trt_heartbeat_gpu_memory_free_bytes{{{mig}}}"] == 5 << 30
-    info = (f"compute_capability=9.0,gpu=0/1/0,name=NVIDIA Fake H200 MIG 1g.10gb,"
-            f"pci_bus_id=0000:3B:00.0,uuid={small.uuid}")  # fmt: skip
+    info = (
+        f"compute_capability=9.0,gpu=0/1/0,name=NVIDIA Fake H200 MIG 1g.10gb,"
+        f"pci_bus_id=0000:3B:00.0,uuid={small.uuid}"
+    )
     assert s[f"trt_heartbeat_gpu_info{{{info}}}"] == 1
-    where = (f"compute_instance_id=0,gpu=0/1/0,gpu_instance_id=1,parent_gpu=0,"
-             f"parent_uuid=GPU-fake-0,profile=1g.10gb,uuid={small.uuid}")  # fmt: skip
+    where = (
+        f"compute_instance_id=0,gpu=0/1/0,gpu_instance_id=1,parent_gpu=0,"
+        f"parent_uuid=GPU-fake-0,profile=1g.10gb,uuid={small.uuid}"
+    )
     assert s[f"trt_heartbeat_mig_info{{{where}}}"] == 1
     assert s[f"trt_heartbeat_up{{gpu=0/1/0,uuid={small.uuid}}}"] == 1
     # Utilization, temperature, power and ECC are the parent's: not repeated per instance.
     assert not any(k.startswith("trt_heartbeat_gpu_temperature_celsius{gpu=0/") for k in s)
     # The instance's own memory decides its health.
-    assert r.exporter.health_report()[0]["targets"][0]["gpu_memory"]["total_mib"] == 10240
+    assert health_report(r.exporter)[0]["targets"][0]["gpu_memory"]["total_mib"] == 10240

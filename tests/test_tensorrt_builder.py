@@ -103,8 +103,9 @@ class FakeHost:
 
 
 def plan_for(cache_dir: Path, flavour: str) -> tuple[TensorRTBackend, fake.Runtime, str]:
-    backend = TensorRTBackend(Target("0", "GPU-1"), "fp32",
-                              BackendOptions(engine_cache_dir=str(cache_dir)))  # fmt: skip
+    backend = TensorRTBackend(
+        Target("0", "GPU-1"), "fp32", BackendOptions(engine_cache_dir=str(cache_dir))
+    )
     backend._logger = make_logger(fake)
     runtime = fake.Runtime(backend._logger)
     request = plan_request(fake, FakeHost(), "fp32")  # type: ignore[arg-type]

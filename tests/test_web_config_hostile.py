@@ -81,8 +81,10 @@ def test_checks_beyond_the_bound_fail_instead_of_queueing() -> None:
     spy = Spy(block=True)
     auth = web_config.BasicAuth({"prometheus": HASH}, checkpw=spy, concurrency=2, wait=0.01)
     results: list[bool] = []
-    running = [threading.Thread(target=lambda: results.append(auth.check("prometheus", "wrong")))
-               for _ in range(2)]  # fmt: skip
+    running = [
+        threading.Thread(target=lambda: results.append(auth.check("prometheus", "wrong")))
+        for _ in range(2)
+    ]
     for t in running:
         t.start()
     for _ in running:
@@ -166,11 +168,28 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pki = tmp_path_factory.mktemp("pki")
     for name in ("server", "renewed"):
         subprocess.run(
-            [require("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-             "-keyout", str(pki / f"{name}.key"), "-out", str(pki / f"{name}.crt")],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+            [
+                require("openssl"),
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                f"/CN={name}",
+                "-keyout",
+                str(pki / f"{name}.key"),
+                "-out",
+                str(pki / f"{name}.crt"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     return pki
 
 
@@ -197,9 +216,11 @@ def test_a_tls_file_turned_into_a_fifo_keeps_the_previous_certificate(
     for name, source in files.items():
         (tmp_path / name).write_bytes((pki / source).read_bytes())
     settings = web_config.TLSSettings(
-        cert_file=tmp_path / "cert_file", key_file=tmp_path / "key_file",
-        client_auth_type="RequireAndVerifyClientCert", client_ca_file=tmp_path / "client_ca_file",
-    )  # fmt: skip
+        cert_file=tmp_path / "cert_file",
+        key_file=tmp_path / "key_file",
+        client_auth_type="RequireAndVerifyClientCert",
+        client_ca_file=tmp_path / "client_ca_file",
+    )
     tls = web_config.TLSContext(settings)
     before = tls.context()
     (tmp_path / key).unlink()
@@ -223,8 +244,16 @@ def test_a_tls_file_turned_into_a_fifo_keeps_the_previous_certificate(
 def test_serve_with_a_fifo_file_exits_2_with_one_line(tmp_path: Path, flag: str) -> None:
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
-    result = cli("serve", flag, str(fifo), "--web.listen-address", "127.0.0.1:0",
-                 "--backend", "reference", timeout=GUARD)  # fmt: skip
+    result = cli(
+        "serve",
+        flag,
+        str(fifo),
+        "--web.listen-address",
+        "127.0.0.1:0",
+        "--backend",
+        "reference",
+        timeout=GUARD,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(fifo) in lines[0] and "not a regular file" in lines[0]

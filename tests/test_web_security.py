@@ -391,8 +391,9 @@ def test_half_open_connections_do_not_shut_prometheus_out(
 ) -> None:
     # Regression: 45 unfinished requests used to take all 40 slots until they timed out.
     server = serve()
-    half_open = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
-                 for _ in range(45)]  # fmt: skip
+    half_open = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(45)
+    ]
     try:
         for s in half_open:
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line, ever
@@ -427,8 +428,9 @@ def test_unfinished_headers_are_cut_at_the_deadline(
 def test_a_slow_tls_handshake_is_cut_at_the_deadline_and_scrapes_go_on(
     serve: Callable[..., ExporterHTTPServer], pki: Path, tmp_path: Path
 ) -> None:
-    server = serve(web_config.load(write(tmp_path, {"tls_server_config": tls(pki)})),
-                   header_timeout=0.5)  # fmt: skip
+    server = serve(
+        web_config.load(write(tmp_path, {"tls_server_config": tls(pki)})), header_timeout=0.5
+    )
     slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(45)]
     try:
         for s in slow:  # the first bytes of a ClientHello, and nothing more
@@ -536,8 +538,10 @@ def test_header_names_are_case_insensitive_and_the_first_one_counts(
 ) -> None:
     server = serve()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\naccept-ENCODING: gzip\r\n"
-                  b"Accept-Encoding: identity\r\nConnection: close\r\n\r\n")  # fmt: skip
+        s.sendall(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\naccept-ENCODING: gzip\r\n"
+            b"Accept-Encoding: identity\r\nConnection: close\r\n\r\n"
+        )
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any, TypeVar
 
 import click
 
 from trt_heartbeat import documents
+from trt_heartbeat.errors import HeartbeatError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ENV_PREFIX = "TRT_HEARTBEAT"
 
@@ -17,6 +23,19 @@ class BadInput(click.ClickException):
     """Invalid configuration or flag values: exit code 2, one line, no traceback."""
 
     exit_code = 2
+
+
+def domain_errors_as_bad_input(func: F) -> F:
+    """A command whose domain errors (HeartbeatError) become one clear line and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HeartbeatError as exc:
+            raise BadInput(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def env_name(flag: str) -> str:

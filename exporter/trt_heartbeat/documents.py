@@ -127,8 +127,12 @@ class _StrictLoader(yaml.SafeLoader):
                 children = [n for pair in node.value for n in pair]
             weight = 1 + sum(self._weight.get(id(c), 1) for c in children)
             if weight > MAX_NODES:
-                raise _Refused(None, None, f"expands to more than {MAX_NODES} values "
-                               "(aliases count at every use)", node.start_mark)  # fmt: skip
+                raise _Refused(
+                    None,
+                    None,
+                    f"expands to more than {MAX_NODES} values (aliases count at every use)",
+                    node.start_mark,
+                )
             self._weight[id(node)] = weight
         return node
 

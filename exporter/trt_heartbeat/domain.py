@@ -54,9 +54,26 @@ class EngineInfo:
 # 10 us (a GPU kernel) ... 10 s (a probe about to time out): the resolution canary-judge's
 # rank tests and p99 intervals are tuned for.
 BUCKETS: tuple[float, ...] = (
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 # Named bucket sets of the `metrics.buckets` setting; `coarse` keeps a factor of about 2-5
 # between bounds for fleets that count series.
 BUCKET_SETS: dict[str, tuple[float, ...]] = {

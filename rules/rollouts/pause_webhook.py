@@ -41,12 +41,20 @@ def targets(payload: dict[str, Any], name_label: str, namespace: str) -> list[tu
 
 def pause(mode: str, name: str, namespace: str, kubectl: str, gate: str) -> None:
     if mode == "argo":
-        subprocess.run([kubectl, "argo", "rollouts", "pause", name, "-n", namespace],
-                       check=True, capture_output=True, text=True, timeout=30)  # fmt: skip
+        subprocess.run(
+            [kubectl, "argo", "rollouts", "pause", name, "-n", namespace],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     else:
         body = json.dumps({"name": name, "namespace": namespace}).encode()
-        request = urllib.request.Request(gate.rstrip("/") + "/gate/close", data=body,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            gate.rstrip("/") + "/gate/close",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30):
             pass
 
@@ -91,10 +99,14 @@ def main() -> None:
     parser.add_argument("--listen", default=":8080")
     parser.add_argument("--mode", choices=["argo", "flagger"], default="argo")
     parser.add_argument("--kubectl", default="kubectl", help="kubectl with the argo plugin")
-    parser.add_argument("--flagger-gate", default="http://flagger-loadtester.test",
-                        help="base URL of the Flagger load tester")  # fmt: skip
-    parser.add_argument("--name-label", default="service",
-                        help="alert label that names the Rollout or Canary")  # fmt: skip
+    parser.add_argument(
+        "--flagger-gate",
+        default="http://flagger-loadtester.test",
+        help="base URL of the Flagger load tester",
+    )
+    parser.add_argument(
+        "--name-label", default="service", help="alert label that names the Rollout or Canary"
+    )
     parser.add_argument("--namespace", default="default", help="when the alert has none")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s")

@@ -42,11 +42,13 @@ class Pod:
             # Counter: exported as gauges, the names and values are Triton's own.
             self.success, self.failure, self.count, self.duration = (
                 Gauge(name, help_, names, registry=registry)
-                for name, help_ in (("nv_inference_request_success", "OK."),
-                                    ("nv_inference_request_failure", "Failed."),
-                                    ("nv_inference_count", "Inferences."),
-                                    ("nv_inference_request_duration_us", "Latency sum."))
-            )  # fmt: skip
+                for name, help_ in (
+                    ("nv_inference_request_success", "OK."),
+                    ("nv_inference_request_failure", "Failed."),
+                    ("nv_inference_count", "Inferences."),
+                    ("nv_inference_request_duration_us", "Latency sum."),
+                )
+            )
             for gauge in (self.success, self.failure, self.count, self.duration):
                 gauge.labels(*self.labels.values())
         else:
@@ -58,17 +60,29 @@ class Pod:
                 "destination_workload": f"{spec['service']}-{spec['version']}",
             }
             self.labels = dest
-            self.requests = Counter("istio_requests_total", "Requests.", [*dest, "response_code"],
-                                    registry=registry)  # fmt: skip
-            self.latency = Histogram("istio_request_duration_milliseconds", "Latency.",
-                                     list(dest), buckets=MS_BUCKETS, registry=registry)  # fmt: skip
+            self.requests = Counter(
+                "istio_requests_total", "Requests.", [*dest, "response_code"], registry=registry
+            )
+            self.latency = Histogram(
+                "istio_request_duration_milliseconds",
+                "Latency.",
+                list(dest),
+                buckets=MS_BUCKETS,
+                registry=registry,
+            )
             for code in ("200", "503"):
                 self.requests.labels(*dest.values(), code)
         # The drift contract (docs/service-canary.md), as the service itself would export it.
-        self.classes = Counter("model_predictions", "Predictions per class.", ["model", "class"],
-                               registry=registry)  # fmt: skip
-        self.scores = Histogram("model_prediction_score", "Output score.", ["model"],
-                                buckets=SCORE_BUCKETS, registry=registry)  # fmt: skip
+        self.classes = Counter(
+            "model_predictions", "Predictions per class.", ["model", "class"], registry=registry
+        )
+        self.scores = Histogram(
+            "model_prediction_score",
+            "Output score.",
+            ["model"],
+            buckets=SCORE_BUCKETS,
+            registry=registry,
+        )
         for name in spec.get("classes", {}):
             self.classes.labels("resnet", name)
         start_http_server(spec["port"], "127.0.0.1", registry=registry)

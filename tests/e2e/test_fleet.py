@@ -160,16 +160,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def tear_down(processes: list[subprocess.Popen[bytes]], hook_server: ThreadingHTTPServer | None,
-              work: Path, name: str) -> None:  # fmt: skip
+def tear_down(
+    processes: list[subprocess.Popen[bytes]],
+    hook_server: ThreadingHTTPServer | None,
+    work: Path,
+    name: str,
+) -> None:
     """Stop what a stack started, newest first; keep its logs under $OUT/name where set."""
     for process in reversed(processes):
         _stop(process)
     if hook_server is not None:
         hook_server.shutdown()
     if os.environ.get("OUT"):
-        shutil.copytree(work, Path(os.environ["OUT"]) / name, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*-data"))  # fmt: skip
+        shutil.copytree(
+            work,
+            Path(os.environ["OUT"]) / name,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("*-data"),
+        )
 
 
 PACK_INTERVAL = 15.0  # the evaluation interval the pack's group intervals are set against
@@ -196,9 +204,14 @@ def scaled_rule_files(work: Path, interval: float) -> list[Path]:
     return out
 
 
-def start_alerting(work: Path, processes: list[subprocess.Popen[bytes]],
-                   receivers: dict[str, str], scrape_configs: list[dict[str, Any]],
-                   interval: float, ports: tuple[int, int]) -> tuple[str, str]:  # fmt: skip
+def start_alerting(
+    work: Path,
+    processes: list[subprocess.Popen[bytes]],
+    receivers: dict[str, str],
+    scrape_configs: list[dict[str, Any]],
+    interval: float,
+    ports: tuple[int, int],
+) -> tuple[str, str]:
     """A real Alertmanager with the example configuration (receiver URLs replaced as given) and
     a real Prometheus with the rule pack unchanged, scraping and evaluating every `interval`;
     the URLs of both once they are ready."""
@@ -207,47 +220,73 @@ def start_alerting(work: Path, processes: list[subprocess.Popen[bytes]],
     for url, local in receivers.items():
         am_config = am_config.replace(url, local)
     (work / "alertmanager.yml").write_text(am_config)
-    processes.append(_start(
-        [require("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
-         f"--storage.path={work / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-         "--cluster.listen-address="], work / "alertmanager.log"))  # fmt: skip
+    processes.append(
+        _start(
+            [
+                require("prometheus-alertmanager"),
+                f"--config.file={work / 'alertmanager.yml'}",
+                f"--storage.path={work / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{am_port}",
+                "--cluster.listen-address=",
+            ],
+            work / "alertmanager.log",
+        )
+    )
     config = {
-        "global": {"scrape_interval": f"{interval:g}s",
-                   "scrape_timeout": f"{min(interval, 10.0):g}s",
-                   "evaluation_interval": f"{interval:g}s"},
+        "global": {
+            "scrape_interval": f"{interval:g}s",
+            "scrape_timeout": f"{min(interval, 10.0):g}s",
+            "evaluation_interval": f"{interval:g}s",
+        },
         "rule_files": [str(p) for p in scaled_rule_files(work, interval)],
-        "alerting": {"alertmanagers": [{"static_configs": [
-            {"targets": [f"127.0.0.1:{am_port}"]}]}]},
+        "alerting": {
+            "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]
+        },
         "scrape_configs": scrape_configs,
-    }  # fmt: skip
+    }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    processes.append(_start(
-        [require("prometheus"), f"--config.file={work / 'prometheus.yml'}",
-         f"--storage.tsdb.path={work / 'prom-data'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))  # fmt: skip
+    processes.append(
+        _start(
+            [
+                require("prometheus"),
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'prom-data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            work / "prometheus.log",
+        )
+    )
     prometheus, alertmanager = f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}"
-    wait_for(lambda: http_ready(prometheus) and http_ready(alertmanager), timeout=60,
-             what="prometheus and alertmanager ready")  # fmt: skip
+    wait_for(
+        lambda: http_ready(prometheus) and http_ready(alertmanager),
+        timeout=60,
+        what="prometheus and alertmanager ready",
+    )
     return prometheus, alertmanager
 
 
-def alerting_stack(work: Path, processes: list[subprocess.Popen[bytes]],
-                   exporters: dict[str, Exporter],
-                   scrape_configs: Callable[[list[Exporter]], list[dict[str, Any]]],
-                   interval: float) -> tuple[Stack, ThreadingHTTPServer]:  # fmt: skip
+def alerting_stack(
+    work: Path,
+    processes: list[subprocess.Popen[bytes]],
+    exporters: dict[str, Exporter],
+    scrape_configs: Callable[[list[Exporter]], list[dict[str, Any]]],
+    interval: float,
+) -> tuple[Stack, ThreadingHTTPServer]:
     """Once every exporter listens: a webhook receiver, and Prometheus and Alertmanager
     (start_alerting) with every receiver of the example configuration sent to it."""
     for e in exporters.values():
-        e.port = wait_for(partial(listening_port, e.log), timeout=60,
-                          what=f"{e.name} listening")  # fmt: skip
+        e.port = wait_for(partial(listening_port, e.log), timeout=60, what=f"{e.name} listening")
     hook_port, am_port, prom_port = free_port(), free_port(), free_port()
     hook_server, hook = start_webhook(hook_port)
     try:
         prometheus, alertmanager = start_alerting(
-            work, processes,
+            work,
+            processes,
             {"http://alert-router.monitoring.svc:8080": f"http://127.0.0.1:{hook_port}"},
-            scrape_configs(list(exporters.values())), interval, (am_port, prom_port),
-        )  # fmt: skip
+            scrape_configs(list(exporters.values())),
+            interval,
+            (am_port, prom_port),
+        )
     except BaseException:
         hook_server.shutdown()
         raise
@@ -362,8 +401,17 @@ def test_fleet_end_to_end(stack: Stack) -> None:
 
     # --- canary-judge on the series just scraped: half the canary track is 50 ms slower ------
     def judged() -> dict[str, Any] | None:
-        result = cli("canary-judge", "--prometheus", stack.prometheus, "--window", "1m",
-                     "--min-samples", "30", "--output", "json")  # fmt: skip
+        result = cli(
+            "canary-judge",
+            "--prometheus",
+            stack.prometheus,
+            "--window",
+            "1m",
+            "--min-samples",
+            "30",
+            "--output",
+            "json",
+        )
         report = json.loads(result.stdout)
         assert result.returncode == report["exit_code"], result.stderr
         return None if report["verdict"] == "inconclusive" else report

@@ -50,11 +50,14 @@ EXPORTERS = {  # name: (fault control, config file)
 
 
 def scrape_configs(exporters: list[Exporter]) -> list[dict[str, Any]]:
-    return [{
-        "job_name": "trt-heartbeat-exporter",
-        "static_configs": [{"targets": [e.instance], "labels": {"pod": e.name}}
-                           for e in exporters],
-    }]  # fmt: skip
+    return [
+        {
+            "job_name": "trt-heartbeat-exporter",
+            "static_configs": [
+                {"targets": [e.instance], "labels": {"pod": e.name}} for e in exporters
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +72,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             control.write_text(json.dumps(faults))
             (work / f"{name}.yaml").write_text(f"startup_timeout: {STARTUP_TIMEOUT:g}s\n{config}")
             process = _start(
-                [sys.executable, "-m", "trt_heartbeat", "serve",
-                 "--backend", "fault_backend:FaultBackend", "--gpus", "0", "--interval", INTERVAL,
-                 "--web.listen-address", "127.0.0.1:0", "--log.format", "json",
-                 "--config", str(work / f"{name}.yaml")],
-                log, cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "trt_heartbeat",
+                    "serve",
+                    "--backend",
+                    "fault_backend:FaultBackend",
+                    "--gpus",
+                    "0",
+                    "--interval",
+                    INTERVAL,
+                    "--web.listen-address",
+                    "127.0.0.1:0",
+                    "--log.format",
+                    "json",
+                    "--config",
+                    str(work / f"{name}.yaml"),
+                ],
+                log,
+                cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
+            )
             processes.append(process)
             exporters[name] = Exporter(name, "stable", process, control, log)
         stack, hook_server = alerting_stack(work, processes, exporters, scrape_configs, SCRAPE)
@@ -115,8 +133,9 @@ def test_cold_starts_and_edge_nodes_do_not_page(stack: Stack) -> None:
     # The edge node's NVML is down by contract; the broken one is a fault.
     nvml = {pod for a, pod, _ in seen if a == "TrtHeartbeatNvmlDown"}
     assert nvml == {"nvml-broken"}, seen
-    ages = {r["metric"]["pod"]: float(r["value"][1])
-            for r in stack.query("trt_heartbeat_age_seconds")}  # fmt: skip
+    ages = {
+        r["metric"]["pod"]: float(r["value"][1]) for r in stack.query("trt_heartbeat_age_seconds")
+    }
     assert ages["slow-load"] < 30, ages  # counted from the load, not from the exporter's start
     print(
         f"\nModelNotLoaded paged {paged_at:.0f}s after the exporters started "

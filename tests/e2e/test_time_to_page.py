@@ -40,8 +40,11 @@ INTERVAL, TIMEOUT = 10.0, 5.0  # the exporter's defaults
 SCRAPE = EVAL = 15.0
 RUNS = 3
 STAGGER = 5.0  # seconds between the runs of one kind
-KINDS = {"wedge": "TrtHeartbeatStale", "mismatch": "TrtHeartbeatOutputMismatch",
-         "down": "TrtHeartbeatExporterDown"}  # fmt: skip
+KINDS = {
+    "wedge": "TrtHeartbeatStale",
+    "mismatch": "TrtHeartbeatOutputMismatch",
+    "down": "TrtHeartbeatExporterDown",
+}
 
 
 @dataclass
@@ -54,11 +57,15 @@ class Node(Exporter):
 
 
 def scrape_configs(nodes: list[Exporter]) -> list[dict[str, Any]]:
-    return [{
-        "job_name": "trt-heartbeat-exporter",
-        "static_configs": [{"targets": [n.instance], "labels": {"pod": n.name, "track": n.track}}
-                           for n in nodes],
-    }]  # fmt: skip
+    return [
+        {
+            "job_name": "trt-heartbeat-exporter",
+            "static_configs": [
+                {"targets": [n.instance], "labels": {"pod": n.name, "track": n.track}}
+                for n in nodes
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +81,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 control, log = work / f"{name}.faults.json", work / f"{name}.log"
                 control.write_text("{}")
                 process = _start(
-                    [sys.executable, "-m", "trt_heartbeat", "serve",
-                     "--backend", "fault_backend:FaultBackend", "--interval", f"{INTERVAL:g}s",
-                     "--timeout", f"{TIMEOUT:g}s", "--web.listen-address", "127.0.0.1:0",
-                     "--log.format", "json"],
-                    log, cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "trt_heartbeat",
+                        "serve",
+                        "--backend",
+                        "fault_backend:FaultBackend",
+                        "--interval",
+                        f"{INTERVAL:g}s",
+                        "--timeout",
+                        f"{TIMEOUT:g}s",
+                        "--web.listen-address",
+                        "127.0.0.1:0",
+                        "--log.format",
+                        "json",
+                    ],
+                    log,
+                    cli_env(TRT_HEARTBEAT_FAULT_FILE=str(control)),
+                )
                 processes.append(process)
                 nodes.append(Node(name, "stable", process, control, log, kind=kind))
         stack, hook_server = alerting_stack(
@@ -114,20 +134,33 @@ def test_every_fault_pages_on_call(stack: Stack) -> None:
     nodes = _nodes(stack)
     count = len(nodes)
     # Two scrapes of every healthy target first: the mismatch counter at 0, ages fresh.
-    wait_for(lambda: len(stack.query("count_over_time(trt_heartbeat_up[1m]) >= 2")) == count
-             and len(stack.query("trt_heartbeat_up == 1")) == count,
-             timeout=120, what="every target scraped twice, passing")  # fmt: skip
+    wait_for(
+        lambda: (
+            len(stack.query("count_over_time(trt_heartbeat_up[1m]) >= 2")) == count
+            and len(stack.query("trt_heartbeat_up == 1")) == count
+        ),
+        timeout=120,
+        what="every target scraped twice, passing",
+    )
     assert stack.query('ALERTS{severity="critical"}') == [], "a healthy fleet pages nobody"
 
     start = time.monotonic()
-    schedule = sorted(((run * STAGGER, n) for n in nodes
-                       for run in [int(n.name.rsplit("-", 1)[1])]), key=lambda x: x[0])  # fmt: skip
+    schedule = sorted(
+        ((run * STAGGER, n) for n in nodes for run in [int(n.name.rsplit("-", 1)[1])]),
+        key=lambda x: x[0],
+    )
     pending = list(schedule)
     wedged = [n for n in nodes if n.kind == "wedge"]
 
     def paged(node: Node) -> float | None:
-        return next((t for t, alert, pod in stack.webhook.alerts("/pager")
-                     if alert == KINDS[node.kind] and pod == node.name), None)  # fmt: skip
+        return next(
+            (
+                t
+                for t, alert, pod in stack.webhook.alerts("/pager")
+                if alert == KINDS[node.kind] and pod == node.name
+            ),
+            None,
+        )
 
     deadline = start + 240
     while time.monotonic() < deadline:
@@ -156,21 +189,32 @@ def test_every_fault_pages_on_call(stack: Stack) -> None:
     # stale (no passing probe), a killed exporter inhibits its own stale alert.
     pages = {(alert, pod) for _, alert, pod in stack.webhook.alerts("/pager")}
     expected = {(KINDS[n.kind], n.name) for n in nodes}
-    extra = pages - expected - {("TrtHeartbeatStale", n.name) for n in nodes
-                                if n.kind == "mismatch"}  # fmt: skip
+    extra = (
+        pages - expected - {("TrtHeartbeatStale", n.name) for n in nodes if n.kind == "mismatch"}
+    )
     assert extra == set(), extra
 
-    lines = ["", f"time to page (probe {INTERVAL:g}s/{TIMEOUT:g}s, scrape and evaluation "
-             f"{SCRAPE:g}s, group_wait 10s), seconds from the fault:"]  # fmt: skip
+    lines = [
+        "",
+        f"time to page (probe {INTERVAL:g}s/{TIMEOUT:g}s, scrape and evaluation "
+        f"{SCRAPE:g}s, group_wait 10s), seconds from the fault:",
+    ]
     for kind, alert in KINDS.items():
         runs = [n for n in nodes if n.kind == kind]
         times = [paged(n) - n.injected for n in runs]  # type: ignore[operator]
-        lines.append(f"  {kind:9s} {alert:28s} " + "  ".join(f"{t:5.1f}" for t in times)
-                     + f"   median {statistics.median(times):5.1f}")  # fmt: skip
+        lines.append(
+            f"  {kind:9s} {alert:28s} "
+            + "  ".join(f"{t:5.1f}" for t in times)
+            + f"   median {statistics.median(times):5.1f}"
+        )
         for n in runs:
             if n.stages:
-                lines.append("            " + n.name + ": " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in n.stages.items()))  # fmt: skip
+                lines.append(
+                    "            "
+                    + n.name
+                    + ": "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in n.stages.items())
+                )
     print("\n".join(lines))
     out = os.environ.get("OUT")
     if out:

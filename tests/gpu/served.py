@@ -45,10 +45,22 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
         log = tmp_path / f"serve{len(processes)}.log"
         with log.open("w") as sink:
             process = subprocess.Popen(
-                [sys.executable, "-m", "trt_heartbeat", "serve", "--web.listen-address",
-                 "127.0.0.1:0", "--log.format", "json", *args],
-                stdout=sink, stderr=subprocess.STDOUT, text=True, env=cli_env(),
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "trt_heartbeat",
+                    "serve",
+                    "--web.listen-address",
+                    "127.0.0.1:0",
+                    "--log.format",
+                    "json",
+                    *args,
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=cli_env(),
+            )
         processes.append(process)
 
         def port() -> int | None:

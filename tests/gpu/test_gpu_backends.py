@@ -50,9 +50,16 @@ def run_backend(backend: CudaBackend, probes: int) -> list[dict[str, object]]:
         r = backend.run()
         memory = backend.memory()
         check = canonical.check_output(r.output, backend.precision)
-        results.append({"passed": check.passed, "err": check.max_abs_error, "phases": r.phases,
-                        "mem": memory.held_bytes, "source": memory.held_source,
-                        "output": r.output})  # fmt: skip
+        results.append(
+            {
+                "passed": check.passed,
+                "err": check.max_abs_error,
+                "phases": r.phases,
+                "mem": memory.held_bytes,
+                "source": memory.held_source,
+                "output": r.output,
+            }
+        )
     return results
 
 
@@ -113,9 +120,21 @@ def _write_plan(cache_dir: Path, plan: bytes, version: str, cc: str, name: str) 
 
     request = PlanRequest(version, name, cc, canonical.model_digest(), "fp32")
     key = plan_key(request, False, "none")
-    manifest = Manifest(1, version, name, cc, canonical.model_digest(), "fp32", f"{key}.plan",
-                        hashlib.sha256(plan).hexdigest(), len(plan), "2026-11-22T00:00:00+00:00",
-                        False, "none", "test")  # fmt: skip
+    manifest = Manifest(
+        1,
+        version,
+        name,
+        cc,
+        canonical.model_digest(),
+        "fp32",
+        f"{key}.plan",
+        hashlib.sha256(plan).hexdigest(),
+        len(plan),
+        "2026-11-22T00:00:00+00:00",
+        False,
+        "none",
+        "test",
+    )
     (cache_dir / f"{key}.plan").write_bytes(plan)
     (cache_dir / f"{key}.json").write_text(json.dumps(manifest.__dict__))
 

@@ -18,8 +18,14 @@ pytestmark = pytest.mark.gpu
 
 def test_cuda_backend_serves_passing_probes(serve: Callable[..., Served]) -> None:
     s = serve("--backend", "cuda", "--gpus", "0", "--interval", "1s", "--timeout", "900ms")
-    wait_for(lambda: any(v >= 5 for labels, v in s.samples().get("trt_heartbeat_probes_total", [])
-                         if labels["result"] == "success"), timeout=90)  # fmt: skip
+    wait_for(
+        lambda: any(
+            v >= 5
+            for labels, v in s.samples().get("trt_heartbeat_probes_total", [])
+            if labels["result"] == "success"
+        ),
+        timeout=90,
+    )
     samples = s.samples()
     (up,) = samples["trt_heartbeat_up"]
     assert up[1] == 1 and up[0]["uuid"].startswith("GPU-") and up[0]["gpu"].isdigit()

@@ -66,8 +66,9 @@ def hog() -> Iterator[Callable[[int], tuple[subprocess.Popen[str], int]]]:
 
     def start(leave: int) -> tuple[subprocess.Popen[str], int]:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": _smi("uuid")[0][0]}
-        process = subprocess.Popen([sys.executable, "-c", HOG, str(leave)], env=env,
-                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOG, str(leave)], env=env, stdout=subprocess.PIPE, text=True
+        )
         started.append(process)
         assert process.stdout is not None
         return process, int(process.stdout.readline())
@@ -89,9 +90,12 @@ def test_memory_without_nvml_agrees_and_turns_health_low(
 
     def cuda_memory() -> dict[str, float]:
         samples = s.samples()
-        return {kind: v for kind in ("free", "total")
-                for labels, v in samples.get(f"trt_heartbeat_gpu_memory_{kind}_bytes", [])
-                if labels["source"] == "cuda"}  # fmt: skip
+        return {
+            kind: v
+            for kind in ("free", "total")
+            for labels, v in samples.get(f"trt_heartbeat_gpu_memory_{kind}_bytes", [])
+            if labels["source"] == "cuda"
+        }
 
     wait_for(lambda: len(cuda_memory()) == 2, timeout=90, what="CUDA-sourced memory")
     samples = s.samples()
@@ -102,8 +106,12 @@ def test_memory_without_nvml_agrees_and_turns_health_low(
     # Compare a probe's reading with nvidia-smi taken between two probes.
     ours = cuda_memory()
     (free_mib, total_mib), *_ = [[int(v) for v in row] for row in _smi("memory.free,memory.total")]
-    agreement = {"cuda_free_mib": ours["free"] / MIB, "smi_free_mib": free_mib,
-                 "cuda_total_mib": ours["total"] / MIB, "smi_total_mib": total_mib}  # fmt: skip
+    agreement = {
+        "cuda_free_mib": ours["free"] / MIB,
+        "smi_free_mib": free_mib,
+        "cuda_total_mib": ours["total"] / MIB,
+        "smi_total_mib": total_mib,
+    }
     assert abs(ours["free"] / MIB - free_mib) <= 64, agreement
     assert json.loads(s.get("/health")[1])["reason"] == "ok"
 
@@ -119,9 +127,16 @@ def test_memory_without_nvml_agrees_and_turns_health_low(
     elapsed = time.monotonic() - taken
     target = report["targets"][0]
     assert report["status"] == "degraded" and target["gpu_memory"]["source"] == "cuda"
-    _record("memory-without-nvml.json", {**agreement, "hog_left_free_mib": left / MIB,
+    _record(
+        "memory-without-nvml.json",
+        {
+            **agreement,
+            "hog_left_free_mib": left / MIB,
             "health_free_mib": target["gpu_memory"]["free_mib"],
-            "seconds_to_gpu_memory_low": elapsed, "interval_seconds": 2.0})  # fmt: skip
+            "seconds_to_gpu_memory_low": elapsed,
+            "interval_seconds": 2.0,
+        },
+    )
 
 
 def test_one_frozen_gpu_of_several_leaves_the_others_passing(
@@ -135,8 +150,11 @@ def test_one_frozen_gpu_of_several_leaves_the_others_passing(
     s = serve("--backend", "cuda", "--interval", "1s", "--timeout", "900ms")
 
     def counts(result: str) -> dict[str, float]:
-        return {labels["gpu"]: v for labels, v in s.samples().get("trt_heartbeat_probes_total", [])
-                if labels["result"] == result}  # fmt: skip
+        return {
+            labels["gpu"]: v
+            for labels, v in s.samples().get("trt_heartbeat_probes_total", [])
+            if labels["result"] == result
+        }
 
     everyone = {str(g.index) for g in found}
     wait_for(lambda: {g for g, v in counts("success").items() if v >= 1} == everyone, timeout=120)
@@ -151,5 +169,12 @@ def test_one_frozen_gpu_of_several_leaves_the_others_passing(
     ups = {labels["gpu"]: v for labels, v in s.samples()["trt_heartbeat_up"]}
     assert all(ups[g] == 1 for g in others), ups
     wait_for(lambda: counts("success")["0"] > before["0"], timeout=60, what="GPU 0 recovers")
-    _record("frozen-one-of-several.json", {"gpus": sorted(everyone), "before": before,
-            "at_timeout": during, "after": counts("success")})  # fmt: skip
+    _record(
+        "frozen-one-of-several.json",
+        {
+            "gpus": sorted(everyone),
+            "before": before,
+            "at_timeout": during,
+            "after": counts("success"),
+        },
+    )

@@ -33,8 +33,15 @@ MIB = 1 << 20
 LEAVE = 400 * MIB
 INTERVAL = 2.0
 AFTER_BACK = 15.0
-LOGGED = ("target health changed", "worker replaced", "probe failing", "probe model loaded",
-          "probe passing", "first probe passed", "NVML read failed")  # fmt: skip
+LOGGED = (
+    "target health changed",
+    "worker replaced",
+    "probe failing",
+    "probe model loaded",
+    "probe passing",
+    "first probe passed",
+    "NVML read failed",
+)
 
 
 def _smi(query: str) -> list[list[str]]:
@@ -50,8 +57,9 @@ def hog() -> Iterator[Callable[[int], int]]:
 
     def start(leave: int) -> int:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": _smi("uuid")[0][0]}
-        process = subprocess.Popen([sys.executable, "-c", HOG, str(leave)], env=env,
-                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOG, str(leave)], env=env, stdout=subprocess.PIPE, text=True
+        )
         started.append(process)
         assert process.stdout is not None
         return int(process.stdout.readline())
@@ -94,12 +102,18 @@ class Recorder:
             t = time.time()
             report = json.loads(self.s.get("/health")[1])
             target = report["targets"][0]
-            key = (report["status"], report["reason"],
-                   target.get("gpu_memory", {}).get("free_mib"))  # fmt: skip
+            key = (report["status"], report["reason"], target.get("gpu_memory", {}).get("free_mib"))
             self.health_polls += 1
             if key != last:
-                self.health.append({"t": t, "status": key[0], "reason": key[1], "free_mib": key[2],
-                                    "loaded": target["engine_loaded"]})  # fmt: skip
+                self.health.append(
+                    {
+                        "t": t,
+                        "status": key[0],
+                        "reason": key[1],
+                        "free_mib": key[2],
+                        "loaded": target["engine_loaded"],
+                    }
+                )
                 last = key
             self.stop.wait(0.05)
 
@@ -111,10 +125,14 @@ class Recorder:
             read = samples.get("trt_heartbeat_nvml_last_success_timestamp_seconds")
             at = read[0][1] if read else None
             if at is not None and at != seen:
-                free = [v for labels, v in samples.get("trt_heartbeat_gpu_memory_free_bytes", [])
-                        if labels["gpu"] == "0" and labels["source"] == "nvml"]  # fmt: skip
-                self.nvml_reads.append({"read_at": at, "seen_at": t,
-                                        "free_mib": free[0] / MIB if free else None})  # fmt: skip
+                free = [
+                    v
+                    for labels, v in samples.get("trt_heartbeat_gpu_memory_free_bytes", [])
+                    if labels["gpu"] == "0" and labels["source"] == "nvml"
+                ]
+                self.nvml_reads.append(
+                    {"read_at": at, "seen_at": t, "free_mib": free[0] / MIB if free else None}
+                )
                 seen = at
             self.stop.wait(0.1)
 
@@ -173,8 +191,11 @@ def _back(s: Served, kill: dict[str, Any]) -> float | None:
     target = _probes(s)
     if target["worker_pid"] in (None, kill["pid"]):
         return None
-    passed = [_epoch(p["time"]) for p in target["probes"]
-              if p["result"] == "success" and _epoch(p["time"]) > kill["t_kill"]]  # fmt: skip
+    passed = [
+        _epoch(p["time"])
+        for p in target["probes"]
+        if p["result"] == "success" and _epoch(p["time"]) > kill["t_kill"]
+    ]
     return min(passed) if passed else None
 
 
@@ -216,8 +237,11 @@ def _relative(kill: dict[str, Any], rec: Recorder, events: list[dict[str, Any]])
         return t0 - 2.5 <= t <= end
 
     kill["health"] = [{**h, "t": r(h["t"])} for h in rec.health if within(h["t"])]
-    kill["nvml_reads"] = [{**n, "read_at": r(n["read_at"]), "seen_at": r(n["seen_at"])}
-                          for n in rec.nvml_reads if within(n["read_at"])]  # fmt: skip
+    kill["nvml_reads"] = [
+        {**n, "read_at": r(n["read_at"]), "seen_at": r(n["seen_at"])}
+        for n in rec.nvml_reads
+        if within(n["read_at"])
+    ]
     kill["local_free_mib"] = [(r(t), round(f, 1)) for t, f in rec.local if within(t)]
     kill["log"] = [{**e, "t": r(e["t"])} for e in events if within(e["t"])]
     for key in ("t_exit", "t_back"):
@@ -249,8 +273,9 @@ def test_worker_killed_with_400_mib_free_never_reports_healthy(
     config = tmp_path / "c.yaml"
     config.write_text("gpus: [0]\n")  # NVML on (auto), read every 5 s as by default
     s = serve("--config", str(config), "--backend", "cuda", "--interval", "2s", "--timeout", "1s")
-    wait_for(lambda: json.loads(s.get("/health")[1])["status"] == "healthy", timeout=120,
-             what="healthy")  # fmt: skip
+    wait_for(
+        lambda: json.loads(s.get("/health")[1])["status"] == "healthy", timeout=120, what="healthy"
+    )
     rec = Recorder(s)
     rec.start()
     left = hog(LEAVE)
@@ -264,20 +289,28 @@ def test_worker_killed_with_400_mib_free_never_reports_healthy(
     }
     kills: list[dict[str, Any]] = record["kills"]
     try:
-        wait_for(lambda: json.loads(s.get("/health")[1])["reason"] == "gpu_memory_low",
-                 timeout=30, what="gpu_memory_low before the kill")  # fmt: skip
+        wait_for(
+            lambda: json.loads(s.get("/health")[1])["reason"] == "gpu_memory_low",
+            timeout=30,
+            what="gpu_memory_low before the kill",
+        )
         for lead in ((0.25, 0.45), (0.25, 0.45), None):
             moment = _moment(s, rec, lead)
             pid = _probes(s)["worker_pid"]
             free_before = rec.local[-1][1]
             t_kill = time.time()
             os.kill(pid, signal.SIGKILL)
-            kill: dict[str, Any] = {"pid": pid, "t_kill": t_kill, "free_before_mib": free_before,
-                                    **moment}  # fmt: skip
+            kill: dict[str, Any] = {
+                "pid": pid,
+                "t_kill": t_kill,
+                "free_before_mib": free_before,
+                **moment,
+            }
             kills.append(kill)
             kill["t_exit"] = _watch_exit(pid)
-            kill["t_back"] = wait_for(functools.partial(_back, s, kill), timeout=60,
-                                      what="a new worker's passing probe")  # fmt: skip
+            kill["t_back"] = wait_for(
+                functools.partial(_back, s, kill), timeout=60, what="a new worker's passing probe"
+            )
             time.sleep(max(0.0, kill["t_back"] + AFTER_BACK - time.time()))
             kill["t_end"] = time.time()
             kill["final"] = json.loads(s.get("/health")[1])["targets"][0]
@@ -294,4 +327,6 @@ def test_worker_killed_with_400_mib_free_never_reports_healthy(
     for kill in kills:
         assert kill["healthy_windows_s"] == [], kill
         assert (kill["final"]["status"], kill["final"]["reason"]) == (
-            "degraded", "gpu_memory_low"), kill  # fmt: skip
+            "degraded",
+            "gpu_memory_low",
+        ), kill

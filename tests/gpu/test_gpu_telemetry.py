@@ -18,8 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import cli_env, wait_for
 
 pytestmark = pytest.mark.gpu
-QUERY = "index,uuid,name,pci.bus_id,compute_cap,memory.total,memory.used,memory.free," \
-        "utilization.gpu,temperature.gpu,power.draw"  # fmt: skip
+QUERY = (
+    "index,uuid,name,pci.bus_id,compute_cap,memory.total,memory.used,memory.free,"
+    "utilization.gpu,temperature.gpu,power.draw"
+)
 
 
 def smi() -> dict[str, str]:
@@ -32,28 +34,58 @@ def test_nvml_values_match_nvidia_smi(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "trt_heartbeat", "serve", "--backend", "cuda", "--gpus", "0",
-             "--web.listen-address", "127.0.0.1:0", "--log.format", "json", "--interval", "1s",
-             "--timeout", "900ms"],
-            stdout=sink, stderr=subprocess.STDOUT, env=cli_env(),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "trt_heartbeat",
+                "serve",
+                "--backend",
+                "cuda",
+                "--gpus",
+                "0",
+                "--web.listen-address",
+                "127.0.0.1:0",
+                "--log.format",
+                "json",
+                "--interval",
+                "1s",
+                "--timeout",
+                "900ms",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
     try:
-        port = wait_for(lambda: (m := re.search(r'"port": (\d+)', log.read_text())) and
-                        int(m.group(1)), timeout=60)  # fmt: skip
+        port = wait_for(
+            lambda: (m := re.search(r'"port": (\d+)', log.read_text())) and int(m.group(1)),
+            timeout=60,
+        )
         url = f"http://127.0.0.1:{port}/metrics"
 
         def scrape() -> dict[str, tuple[dict[str, str], float]]:
             with urllib.request.urlopen(url, timeout=5) as response:
                 text = response.read().decode()
-            return {s.name: (s.labels, s.value) for f in text_string_to_metric_families(text)
-                    for s in f.samples if s.labels.get("gpu", "0") == "0"}  # fmt: skip
+            return {
+                s.name: (s.labels, s.value)
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.labels.get("gpu", "0") == "0"
+            }
 
-        wait_for(lambda: scrape().get("trt_heartbeat_nvml_up", ({}, 0))[1] == 1
-                 and scrape().get("trt_heartbeat_up", ({}, 0))[1] == 1, timeout=90)  # fmt: skip
+        wait_for(
+            lambda: (
+                scrape().get("trt_heartbeat_nvml_up", ({}, 0))[1] == 1
+                and scrape().get("trt_heartbeat_up", ({}, 0))[1] == 1
+            ),
+            timeout=90,
+        )
         # Compare a reading taken after the probe worker holds its context, not one from before.
         probing = time.time()
-        wait_for(lambda: scrape()["trt_heartbeat_nvml_last_success_timestamp_seconds"][1]
-                 > probing, timeout=30)  # fmt: skip
+        wait_for(
+            lambda: scrape()["trt_heartbeat_nvml_last_success_timestamp_seconds"][1] > probing,
+            timeout=30,
+        )
         ours, theirs = scrape(), smi()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -79,7 +111,9 @@ def test_nvml_values_match_nvidia_smi(tmp_path: Path) -> None:
     if out:
         record = {
             "exporter": {k: v[1] for k, v in ours.items() if k.startswith("trt_heartbeat_gpu_")},
-            "gpu_info": info, "build_info": build, "probe_gpu_memory_bytes": probe_memory,
+            "gpu_info": info,
+            "build_info": build,
+            "probe_gpu_memory_bytes": probe_memory,
             "nvidia_smi": theirs,
-        }  # fmt: skip
+        }
         Path(out, "nvml-vs-smi.json").write_text(json.dumps(record, indent=2))

@@ -101,17 +101,34 @@ class NodeCollector(Collector):
         f, s = self._f, self._settings
         for name, value, doc in (
             ("interval_seconds", s.interval, "Configured time between two probes of a target."),
-            ("timeout_seconds", s.timeout, "Configured time a probe may take before it counts "
-             "as a timeout and its worker is replaced."),
-            ("startup_timeout_seconds", s.startup_timeout, "Configured time a worker may take "
-             "to load its model before it counts as a timeout and is replaced."),
-            ("max_age_seconds", s.max_age, "Configured heartbeat age beyond which a target is "
-             "unhealthy."),
-            ("latency_objective_seconds", s.latency_objective, "Configured probe latency "
-             "objective; slower passing probes make a target degraded."),
-            ("gpu_memory_low_threshold_bytes", s.gpu_memory_low_threshold, "Configured free "
-             "GPU memory below which a probed GPU makes the exporter degraded."),
-        ):  # fmt: skip
+            (
+                "timeout_seconds",
+                s.timeout,
+                "Configured time a probe may take before it counts "
+                "as a timeout and its worker is replaced.",
+            ),
+            (
+                "startup_timeout_seconds",
+                s.startup_timeout,
+                "Configured time a worker may take "
+                "to load its model before it counts as a timeout and is replaced.",
+            ),
+            (
+                "max_age_seconds",
+                s.max_age,
+                "Configured heartbeat age beyond which a target is unhealthy.",
+            ),
+            (
+                "latency_objective_seconds",
+                s.latency_objective,
+                "Configured probe latency objective; slower passing probes make a target degraded.",
+            ),
+            (
+                "gpu_memory_low_threshold_bytes",
+                s.gpu_memory_low_threshold,
+                "Configured free GPU memory below which a probed GPU makes the exporter degraded.",
+            ),
+        ):
             family = f.gauge(name, doc)
             family.add_metric(f.label_values(), value)
             yield family
@@ -143,40 +160,54 @@ class NodeCollector(Collector):
 
     def _gpu_telemetry(self, telemetry: TelemetryState) -> Iterator[Metric]:
         f = self._f
-        up = f.gauge("nvml_up", "1 when the last NVML read succeeded within its timeout, else 0 "
-                     "(per-GPU telemetry is then not exported).")  # fmt: skip
+        up = f.gauge(
+            "nvml_up",
+            "1 when the last NVML read succeeded within its timeout, else 0 "
+            "(per-GPU telemetry is then not exported).",
+        )
         up.add_metric(f.label_values(), 1 if telemetry.up else 0)
         yield up
         # Where NVML is off or absent (Jetson, `auto` on a host where it never answered), a 0
         # above is the contract, not a fault: this says whether to expect a 1.
-        enabled = f.gauge("nvml_enabled", "1 where NVML is expected to answer: nvml.enabled "
-                          "true, or auto once a read has succeeded; else 0.")  # fmt: skip
+        enabled = f.gauge(
+            "nvml_enabled",
+            "1 where NVML is expected to answer: nvml.enabled "
+            "true, or auto once a read has succeeded; else 0.",
+        )
         expected = self._settings.nvml_enabled is True or telemetry.last_success is not None
         enabled.add_metric(f.label_values(), 1 if expected else 0)
         yield enabled
-        last = f.gauge("nvml_last_success_timestamp_seconds",
-                       "Unix time of the last successful NVML read.")  # fmt: skip
+        last = f.gauge(
+            "nvml_last_success_timestamp_seconds", "Unix time of the last successful NVML read."
+        )
         if telemetry.last_success is not None:
             last.add_metric(f.label_values(), telemetry.last_success)
         yield last
         target = ["gpu", "uuid"]
-        info = f.gauge("gpu_info", "GPU (or MIG instance) identity as NVML reports it; constant 1.",
-                       [*target, "name", "pci_bus_id", "compute_capability"])  # fmt: skip
-        util = f.gauge("gpu_utilization_ratio", "Fraction of the last sample period in which a "
-                       "kernel ran on the GPU (0-1).", target)  # fmt: skip
+        info = f.gauge(
+            "gpu_info",
+            "GPU (or MIG instance) identity as NVML reports it; constant 1.",
+            [*target, "name", "pci_bus_id", "compute_capability"],
+        )
+        util = f.gauge(
+            "gpu_utilization_ratio",
+            "Fraction of the last sample period in which a kernel ran on the GPU (0-1).",
+            target,
+        )
         temp = f.gauge("gpu_temperature_celsius", "GPU core temperature.", target)
         power = f.gauge("gpu_power_watts", "GPU power draw.", target)
-        ecc = f.counter("gpu_ecc_errors", "ECC memory errors since the driver loaded (NVML "
-                        "volatile counts), by type.", [*target, "type"])  # fmt: skip
+        ecc = f.counter(
+            "gpu_ecc_errors",
+            "ECC memory errors since the driver loaded (NVML volatile counts), by type.",
+            [*target, "type"],
+        )
         for g in telemetry.snapshot.gpus if telemetry.snapshot else ():
             t = f.label_values(g.gpu, g.uuid)
             info.add_metric([*t, g.name, g.pci_bus_id, g.compute_capability], 1)
-            for family, value in ((util, g.utilization), (temp, g.temperature),
-                                  (power, g.power)):  # fmt: skip
+            for family, value in ((util, g.utilization), (temp, g.temperature), (power, g.power)):
                 if value is not None:
                     family.add_metric(t, value)
-            for kind, count in (("corrected", g.ecc_corrected),
-                                ("uncorrected", g.ecc_uncorrected)):  # fmt: skip
+            for kind, count in (("corrected", g.ecc_corrected), ("uncorrected", g.ecc_uncorrected)):
                 if count is not None:
                     ecc.add_metric([*t, kind], count)
         yield from (info, util, temp, power, ecc)
@@ -188,21 +219,38 @@ class NodeCollector(Collector):
         not read (absent, off, down: Jetson, a broken driver mount) as its probe saw it."""
         f = self._f
         labels = ["gpu", "uuid", "source"]
-        total = f.gauge("gpu_memory_total_bytes", "Total memory of the GPU (of a MIG instance: "
-                        "its share), by source (nvml, or cuda from the probe's own context).",
-                        labels)  # fmt: skip
-        used = f.gauge("gpu_memory_used_bytes", "Memory of the GPU in use by all processes; "
-                       "source nvml leaves driver-reserved memory out (as nvidia-smi shows it), "
-                       "source cuda counts it.", labels)  # fmt: skip
+        total = f.gauge(
+            "gpu_memory_total_bytes",
+            "Total memory of the GPU (of a MIG instance: "
+            "its share), by source (nvml, or cuda from the probe's own context).",
+            labels,
+        )
+        used = f.gauge(
+            "gpu_memory_used_bytes",
+            "Memory of the GPU in use by all processes; "
+            "source nvml leaves driver-reserved memory out (as nvidia-smi shows it), "
+            "source cuda counts it.",
+            labels,
+        )
         free = f.gauge("gpu_memory_free_bytes", "Free memory of the GPU, by source.", labels)
-        rows = [(g.gpu, g.uuid, g.memory_total, g.memory_used, g.memory_free, "nvml")
-                for g in (telemetry.snapshot.gpus if telemetry.snapshot else ())]  # fmt: skip
+        rows = [
+            (g.gpu, g.uuid, g.memory_total, g.memory_used, g.memory_free, "nvml")
+            for g in (telemetry.snapshot.gpus if telemetry.snapshot else ())
+        ]
         for snap in snaps:
             if telemetry.gpu(snap.target.uuid) is None:
                 memory = device_memory(snap, None, None)
                 if memory is not None:
-                    rows.append((snap.target.gpu, snap.target.uuid, memory.total, memory.used,
-                                 memory.free, memory.source))  # fmt: skip
+                    rows.append(
+                        (
+                            snap.target.gpu,
+                            snap.target.uuid,
+                            memory.total,
+                            memory.used,
+                            memory.free,
+                            memory.source,
+                        )
+                    )
         for gpu, uuid, total_bytes, used_bytes, free_bytes, source in rows:
             t = f.label_values(gpu, uuid, source)
             total.add_metric(t, total_bytes)
@@ -231,8 +279,9 @@ class TargetCollector(Collector):
     def _per_target(self, snaps: list[TargetSnapshot]) -> Iterator[Metric]:
         f = self._f
         target = ["gpu", "uuid"]
-        up = f.gauge("up", "1 when the last probe of the target passed, else 0." + _TIMER_NOTE,
-                     target)  # fmt: skip
+        up = f.gauge(
+            "up", "1 when the last probe of the target passed, else 0." + _TIMER_NOTE, target
+        )
         last_success = f.gauge(
             "last_success_timestamp_seconds",
             "Unix time at which the last passing probe of the target completed.",
@@ -292,9 +341,15 @@ class TargetCollector(Collector):
             "mig_info",
             "Where a MIG instance target lives (parent GPU, profile, GPU and compute instance); "
             "constant 1, only for MIG instances. Join on uuid to group by parent or profile.",
-            [*target, "parent_gpu", "parent_uuid", "profile", "gpu_instance_id",
-             "compute_instance_id"],
-        )  # fmt: skip
+            [
+                *target,
+                "parent_gpu",
+                "parent_uuid",
+                "profile",
+                "gpu_instance_id",
+                "compute_instance_id",
+            ],
+        )
         failure = f.gauge(
             "last_failure_info",
             "Reason code of the most recent failed probe of the target; constant 1.",
@@ -328,13 +383,34 @@ class TargetCollector(Collector):
                 memory.add_metric(t, snap.gpu_memory[0])
             placement = snap.target.mig
             if placement is not None:
-                mig.add_metric([*t, placement.parent_gpu, placement.parent_uuid,
-                                placement.profile, str(placement.gpu_instance),
-                                str(placement.compute_instance)], 1)  # fmt: skip
+                mig.add_metric(
+                    [
+                        *t,
+                        placement.parent_gpu,
+                        placement.parent_uuid,
+                        placement.profile,
+                        str(placement.gpu_instance),
+                        str(placement.compute_instance),
+                    ],
+                    1,
+                )
             if snap.last_failure is not None and snap.last_failure.reason is not None:
                 failure.add_metric([*t, str(snap.last_failure.reason)], 1)
-        yield from (up, last_success, probes, durations, last_phases, error, failures, restarts,
-                    load, engine, memory, mig, failure)  # fmt: skip
+        yield from (
+            up,
+            last_success,
+            probes,
+            durations,
+            last_phases,
+            error,
+            failures,
+            restarts,
+            load,
+            engine,
+            memory,
+            mig,
+            failure,
+        )
 
 
 class ClockCollector(Collector):
@@ -362,8 +438,10 @@ class ClockCollector(Collector):
         now = self._clock()
         snaps = [state.snapshot() for state in self._states]
         health = overall_health(target_healths(snaps, now, self._settings, self._telemetry()))
-        return [*(1.0 if name == health.status else 0.0 for name in STATUSES),
-                *(heartbeat_age(snap, now) for snap in snaps)]  # fmt: skip
+        return [
+            *(1.0 if name == health.status else 0.0 for name in STATUSES),
+            *(heartbeat_age(snap, now) for snap in snaps),
+        ]
 
     def collect(self) -> Iterator[Metric]:
         f, values = self._f, iter(self.values())

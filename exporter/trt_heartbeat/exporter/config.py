@@ -30,12 +30,36 @@ from trt_heartbeat.exporter.engine_cache import default_cache_dir
 # Labels the exporter sets itself (every label name in collector.py, and the histogram's and
 # summary's own); a constant label of the same name would overwrite them.
 RESERVED_LABELS = frozenset(
-    {"gpu", "uuid", "result", "phase", "reason", "status", "backend", "model", "precision",
-     "engine_sha256", "version", "python_version", "tensorrt_version", "cuda_driver_version",
-     "driver_version", "le", "quantile", "source", "parent_gpu", "parent_uuid", "profile",
-     "gpu_instance_id", "compute_instance_id", "type", "name", "pci_bus_id",
-     "compute_capability"}
-)  # fmt: skip
+    {
+        "gpu",
+        "uuid",
+        "result",
+        "phase",
+        "reason",
+        "status",
+        "backend",
+        "model",
+        "precision",
+        "engine_sha256",
+        "version",
+        "python_version",
+        "tensorrt_version",
+        "cuda_driver_version",
+        "driver_version",
+        "le",
+        "quantile",
+        "source",
+        "parent_gpu",
+        "parent_uuid",
+        "profile",
+        "gpu_instance_id",
+        "compute_instance_id",
+        "type",
+        "name",
+        "pci_bus_id",
+        "compute_capability",
+    }
+)
 # Constant labels go on every series of every scrape: bounded, so a config cannot blow up
 # /metrics (a 1 MiB label made a 69 MB scrape).
 MAX_CONSTANT_LABELS = 32
@@ -181,13 +205,16 @@ def _metrics(
     """(histogram phases, bucket bounds, bucket set name) of a validated `metrics` section."""
     phases = tuple(section["histogram_phases"])
     if "total" not in phases:
-        raise ConfigError(f"{prefix}metrics.histogram_phases: must include total (the latency "
-                          "alerts and canary-judge read it)")  # fmt: skip
+        raise ConfigError(
+            f"{prefix}metrics.histogram_phases: must include total (the latency "
+            "alerts and canary-judge read it)"
+        )
     chosen = section["buckets"]
     if isinstance(chosen, str):
         return phases, BUCKET_SETS[chosen], chosen
-    bounds = tuple(_checked(parse_duration, b, f"metrics.buckets[{i}]", prefix)
-                   for i, b in enumerate(chosen))  # fmt: skip
+    bounds = tuple(
+        _checked(parse_duration, b, f"metrics.buckets[{i}]", prefix) for i, b in enumerate(chosen)
+    )
     if bounds[0] <= 0:
         expected = schema()["$defs"]["duration"]["x-expected"]
         got = shown(chosen[0])
@@ -201,8 +228,9 @@ def _metrics(
     return phases, bounds, ""
 
 
-def _at_least_1ms(seconds: dict[str, float], section: dict[str, Any], key: str,
-                  prefix: str) -> None:  # fmt: skip
+def _at_least_1ms(
+    seconds: dict[str, float], section: dict[str, Any], key: str, prefix: str
+) -> None:
     if seconds[key] < MIN_TIMEOUT:
         raise ConfigError(f"{prefix}{key}: must be at least 1ms, got {shown(section[key])}")
 
@@ -216,12 +244,15 @@ def _check_labels(labels: dict[str, str], prefix: str) -> None:
             f"{prefix}constant_labels.{clashes[0]}: label is set by the exporter itself"
         )
     if len(labels) > MAX_CONSTANT_LABELS:
-        raise ConfigError(f"{prefix}constant_labels: at most {MAX_CONSTANT_LABELS} labels, "
-                          f"got {len(labels)}")  # fmt: skip
+        raise ConfigError(
+            f"{prefix}constant_labels: at most {MAX_CONSTANT_LABELS} labels, got {len(labels)}"
+        )
     for name, value in labels.items():
         if len(value) > MAX_LABEL_VALUE:
-            raise ConfigError(f"{prefix}constant_labels.{name}: value longer than "
-                              f"{MAX_LABEL_VALUE} characters ({len(value)})")  # fmt: skip
+            raise ConfigError(
+                f"{prefix}constant_labels.{name}: value longer than "
+                f"{MAX_LABEL_VALUE} characters ({len(value)})"
+            )
         bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
         if bad is not None:
             raise ConfigError(
@@ -274,8 +305,10 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         except UnknownBackendError as exc:
             raise ConfigError(f"{prefix}backend: {exc}") from exc
     nvml = merged["nvml"]
-    nvml_seconds = {key: _checked(parse_duration, nvml[key], f"nvml.{key}", prefix)
-                    for key in ("interval", "timeout")}  # fmt: skip
+    nvml_seconds = {
+        key: _checked(parse_duration, nvml[key], f"nvml.{key}", prefix)
+        for key in ("interval", "timeout")
+    }
     for key, value in nvml_seconds.items():
         if value <= 0:
             expected = schema()["$defs"]["duration"]["x-expected"]

@@ -92,12 +92,21 @@ def default_cache_dir() -> str:
 
 
 def plan_key(request: PlanRequest, version_compatible: bool, hardware: str) -> str:
-    gpu = "ampere_plus" if hardware == "ampere_plus" else (
-        "sm" + request.compute_capability.replace(".", "") + "-"
-        + "".join(c if c.isalnum() else "_" for c in request.gpu_name.lower())[:40]
-    )  # fmt: skip
-    runtime = "trt" + (request.tensorrt_version.split(".")[0] + "-vc" if version_compatible
-                       else request.tensorrt_version)  # fmt: skip
+    gpu = (
+        "ampere_plus"
+        if hardware == "ampere_plus"
+        else (
+            "sm"
+            + request.compute_capability.replace(".", "")
+            + "-"
+            + "".join(c if c.isalnum() else "_" for c in request.gpu_name.lower())[:40]
+        )
+    )
+    runtime = "trt" + (
+        request.tensorrt_version.split(".")[0] + "-vc"
+        if version_compatible
+        else request.tensorrt_version
+    )
     return f"{request.model_digest[:16]}-{request.precision}-{gpu}-{runtime}"
 
 
@@ -175,8 +184,9 @@ class EngineCache:
         problems: list[str] = []
         candidates = [(p, m) for p, m in self._manifests(problems) if _fits(m, request)]
         # Prefer a plan built for exactly this runtime and GPU: portable plans may be slower.
-        candidates.sort(key=lambda pm: (pm[1].version_compatible,
-                                        pm[1].hardware_compatibility != "none"))  # fmt: skip
+        candidates.sort(
+            key=lambda pm: (pm[1].version_compatible, pm[1].hardware_compatibility != "none")
+        )
         for path, manifest in candidates:
             plan, problem = self._read_plan(path, manifest)
             if plan is not None:

@@ -10,14 +10,19 @@ service gets, and each can wedge or run out of memory on its own.
 from __future__ import annotations
 
 import importlib
-import multiprocessing
-import multiprocessing.connection
+import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import ConfigError, HeartbeatError
+from trt_heartbeat.exporter.backends import declared_gpu_use, resolve_spec
+from trt_heartbeat.exporter.child import ChildError, call_in_child
+from trt_heartbeat.exporter.config import Settings
+
+log = logging.getLogger("trt_heartbeat")
 
 DISCOVERY_TIMEOUT = 30.0
 # The driver's older MIG name: MIG-<parent GPU UUID>/<GPU instance>/<compute instance>.
@@ -53,8 +58,10 @@ def _discover_nvml(module: str = "pynvml") -> list[FoundGpu]:
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             uuid = nvml.nvmlDeviceGetUUID(handle)
-            instances = tuple(Target(mig.label, mig_uuid, mig)
-                              for _, mig_uuid, mig in mig_devices(nvml, index, handle))  # fmt: skip
+            instances = tuple(
+                Target(mig.label, mig_uuid, mig)
+                for _, mig_uuid, mig in mig_devices(nvml, index, handle)
+            )
             text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
             found.append(FoundGpu(index, text, mig_enabled(nvml, handle), instances))
         return found
@@ -80,42 +87,30 @@ def _discover_cuda() -> list[FoundGpu]:
     return found
 
 
-def _discover_child(conn: multiprocessing.connection.Connection, nvml_module: str) -> None:
+def _discover_any(nvml_module: str) -> list[FoundGpu]:
     errors = []
     for source in ("nvml", "cuda"):
         try:
-            found = _discover_nvml(nvml_module) if source == "nvml" else _discover_cuda()
-            conn.send(("ok", source, found))
-            return
+            return _discover_nvml(nvml_module) if source == "nvml" else _discover_cuda()
         except Exception as exc:
             errors.append(f"{source}: {type(exc).__name__}: {exc}")
-    conn.send(("error", "", "; ".join(errors)))
+    raise DiscoveryError("; ".join(errors))
 
 
 def discover(
     timeout: float = DISCOVERY_TIMEOUT, context: Any = None, nvml_module: str = "pynvml"
 ) -> list[FoundGpu]:
     """Every GPU visible to this container, in NVML (PCI bus) order, with its MIG instances."""
-    ctx = context or multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_discover_child, args=(child, nvml_module),
-                          name="gpu-discovery", daemon=True)  # fmt: skip
-    process.start()
-    child.close()
     try:
-        if not parent.poll(timeout):
-            raise DiscoveryError(f"GPU discovery did not answer within {timeout:g}s")
-        status, _source, result = parent.recv()
-    except EOFError as exc:
-        raise DiscoveryError(f"GPU discovery process died (exit code {process.exitcode})") from exc
-    finally:
-        if process.is_alive():
-            process.kill()
-        process.join(5)
-        parent.close()
-    if status != "ok":
-        raise DiscoveryError(f"GPU discovery failed: {result}")
-    return list(result)
+        found = call_in_child(
+            _discover_any, nvml_module, timeout=timeout, name="gpu-discovery", context=context
+        )
+    except ChildError as exc:
+        if exc.kind == "failed":
+            detail = str(exc).removeprefix("DiscoveryError: ")
+            raise DiscoveryError(f"GPU discovery failed: {detail}") from exc
+        raise DiscoveryError(f"GPU discovery {exc}") from exc
+    return list(found)
 
 
 def _find_instance(item: str, found: list[FoundGpu]) -> Target | None:
@@ -124,9 +119,11 @@ def _find_instance(item: str, found: list[FoundGpu]) -> Target | None:
         for target in gpu.instances:
             mig = target.mig
             if target.uuid == item or (
-                legacy is not None and mig is not None and mig.parent_uuid == legacy.group(1)
+                legacy is not None
+                and mig is not None
+                and mig.parent_uuid == legacy.group(1)
                 and (mig.gpu_instance, mig.compute_instance) == (int(legacy[2]), int(legacy[3]))
-            ):  # fmt: skip
+            ):
                 return target
     return None
 
@@ -169,3 +166,65 @@ def select_targets(selection: str | list[int | str], found: list[FoundGpu]) -> l
 def visible_devices(target: Target) -> str:
     """CUDA_VISIBLE_DEVICES for a target's worker: its UUID, else its index."""
     return target.uuid or target.gpu
+
+
+# Where to probe, decided at start-up from the environment and the settings.
+
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+DEV = Path("/dev")
+
+
+def gpu_visible(proc_dir: Path = NVIDIA_PROC, dev_dir: Path = DEV) -> bool:
+    """Whether the NVIDIA driver exposes a GPU here, without loading any CUDA library.
+
+    The NVIDIA container runtime mounts the driver's procfs entries and /dev/nvidiaN nodes of
+    the GPUs a container may see, so this also holds inside Kubernetes pods. A Jetson's
+    integrated GPU has neither: its nodes are /dev/nvgpu/igpu0/* (JetPack 6) or
+    /dev/nvhost-ctrl-gpu (JetPack 5 and older).
+    """
+    try:
+        if any(proc_dir.iterdir()):
+            return True
+    except OSError:
+        pass
+    jetson = (dev_dir / "nvgpu").is_dir() or (dev_dir / "nvhost-ctrl-gpu").exists()
+    return jetson or any(dev_dir.glob("nvidia[0-9]*"))
+
+
+def select_backend(name: str, has_gpu: bool) -> str:
+    """Resolve `auto`: tensorrt where a GPU is visible, reference only where none is.
+
+    With a GPU present a broken TensorRT makes the targets unhealthy (runtime_missing); it never
+    falls back to a CPU probe that would report a healthy heartbeat for a GPU it did not touch.
+    """
+    if name != "auto":
+        resolve_spec(name)  # fail early on a typo, before any worker starts
+        return name
+    return "tensorrt" if has_gpu else "reference"
+
+
+def probes_gpus(backend: str, settings: Settings, has_gpu: bool) -> bool:
+    """Whether a backend's targets are the GPUs (one worker each, bound to its GPU) or the host.
+
+    As the backend class declares (`probes_gpus`, read in a child process: the exporter never
+    imports a backend); a backend of your own that does not say probes the GPUs wherever one
+    is visible or `gpus` names some, the host elsewhere.
+    """
+    declared = declared_gpu_use(resolve_spec(backend))
+    return declared if declared is not None else has_gpu or settings.gpus != "all"
+
+
+def targets_for(backend: str, settings: Settings, has_gpu: bool = False) -> list[Target]:
+    if not probes_gpus(backend, settings, has_gpu):
+        return [Target(gpu="cpu")]
+    try:
+        found = discover()
+    except DiscoveryError as exc:
+        # Probe what was asked for anyway: each worker then reports the real failure reason.
+        log.error("GPU discovery failed", extra={"fields": {"error": str(exc)}})
+        found = []
+    targets = select_targets(settings.gpus, found)
+    if not targets:
+        log.error("no GPU found to probe", extra={"fields": {"gpus": str(settings.gpus)}})
+        targets = [Target(gpu="0")]
+    return targets

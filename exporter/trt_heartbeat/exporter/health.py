@@ -20,8 +20,13 @@ from trt_heartbeat.exporter.state import TargetSnapshot
 STATUSES = ("healthy", "degraded", "unhealthy")
 # Health reasons beyond the failure Reasons: states, not failures.
 OK, STARTING, STALE, SLOW, AWAITING_FIRST_PROBE, GPU_MEMORY_LOW = (
-    "ok", "starting", "stale", "slow", "awaiting_first_probe", "gpu_memory_low",
-)  # fmt: skip
+    "ok",
+    "starting",
+    "stale",
+    "slow",
+    "awaiting_first_probe",
+    "gpu_memory_low",
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,9 @@ class Health:
 def heartbeat_age(snap: TargetSnapshot, now: float) -> float:
     """Seconds since the last passing probe; while none has passed, since the model first loaded
     (a cold start is not a lost heartbeat), and before that since probing began."""
-    since = next(t for t in (snap.last_success, snap.first_loaded_at, snap.started_at)
-                 if t is not None)  # fmt: skip
+    since = next(
+        t for t in (snap.last_success, snap.first_loaded_at, snap.started_at) if t is not None
+    )
     return max(0.0, now - since)
 
 
@@ -123,8 +129,10 @@ def target_health(
 def target_healths(
     snaps: list[TargetSnapshot], now: float, settings: Settings, telemetry: TelemetryState
 ) -> list[Health]:
-    return [target_health(s, now, settings, telemetry.gpu(s.target.uuid), telemetry.last_success)
-            for s in snaps]  # fmt: skip
+    return [
+        target_health(s, now, settings, telemetry.gpu(s.target.uuid), telemetry.last_success)
+        for s in snaps
+    ]
 
 
 def overall_health(healths: list[Health]) -> Health:

@@ -143,13 +143,24 @@ def _gpu(nvml: Any, index: int) -> tuple[GpuReading, ...]:
     instances = []
     for mig, uuid, placement in mig_devices(nvml, index, handle):
         share = _memory(nvml, mig)
-        instances.append(GpuReading(
-            index=index, uuid=uuid, name=_text(nvml.nvmlDeviceGetName(mig)),
-            pci_bus_id=whole.pci_bus_id, compute_capability=whole.compute_capability,
-            memory_total=int(share.total), memory_used=int(share.used),
-            memory_free=int(share.free), utilization=None, temperature=None, power=None,
-            ecc_corrected=None, ecc_uncorrected=None, mig=placement,
-        ))  # fmt: skip
+        instances.append(
+            GpuReading(
+                index=index,
+                uuid=uuid,
+                name=_text(nvml.nvmlDeviceGetName(mig)),
+                pci_bus_id=whole.pci_bus_id,
+                compute_capability=whole.compute_capability,
+                memory_total=int(share.total),
+                memory_used=int(share.used),
+                memory_free=int(share.free),
+                utilization=None,
+                temperature=None,
+                power=None,
+                ecc_corrected=None,
+                ecc_uncorrected=None,
+                mig=placement,
+            )
+        )
     return (whole, *instances)
 
 
@@ -166,8 +177,10 @@ def _missing(exc: BaseException) -> bool:
     """NVML's library or driver is absent: a CPU host, not a failure worth shouting about."""
     name = type(exc).__name__
     return isinstance(exc, ImportError) or name in (
-        "NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded", "NVMLError_NoPermission",
-    )  # fmt: skip
+        "NVMLError_LibraryNotFound",
+        "NVMLError_DriverNotLoaded",
+        "NVMLError_NoPermission",
+    )
 
 
 def reader_main(conn: multiprocessing.connection.Connection, module_name: str) -> None:

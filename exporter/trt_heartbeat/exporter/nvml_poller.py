@@ -80,8 +80,9 @@ class NvmlTelemetry:
 
     def _spawn(self) -> bool:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=reader_main, args=(child, self.module),
-                                    name="trt-heartbeat-nvml", daemon=True)  # fmt: skip
+        process = self._ctx.Process(
+            target=reader_main, args=(child, self.module), name="trt-heartbeat-nvml", daemon=True
+        )
         process.start()
         child.close()
         self._process, self._conn = process, parent
@@ -146,7 +147,6 @@ class NvmlTelemetry:
             return  # log state changes, not every failed read
         self._last_problem = kind
         if kind == "missing":
-            log.info("NVML not available; GPU telemetry off",
-                     extra={"fields": {"error": message}})  # fmt: skip
+            log.info("NVML not available; GPU telemetry off", extra={"fields": {"error": message}})
         else:
             log.warning("NVML read failed", extra={"fields": {"kind": kind, "error": message}})

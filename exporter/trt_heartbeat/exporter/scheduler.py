@@ -157,8 +157,10 @@ class TargetLoop:
         except WorkerFailure as failure:
             self.state.engine_failed(failure.reason, str(failure))
             result = "timeout" if failure.reason is Reason.STARTUP_TIMEOUT else "error"
-            self._record(ProbeRecord(self._wall_clock(), result, {}, failure.reason, str(failure)),
-                         lost=failure.restart_reason)  # fmt: skip
+            self._record(
+                ProbeRecord(self._wall_clock(), result, {}, failure.reason, str(failure)),
+                lost=failure.restart_reason,
+            )
             return False
         self._worker = worker
         self.state.engine_loaded(info, seconds)
@@ -166,10 +168,13 @@ class TargetLoop:
         log.info(
             "probe model loaded",
             extra=self._fields(
-                backend=info.backend, model=info.model, precision=info.precision,
-                load_seconds=round(seconds, 3), pid=worker.pid,
+                backend=info.backend,
+                model=info.model,
+                precision=info.precision,
+                load_seconds=round(seconds, 3),
+                pid=worker.pid,
             ),
-        )  # fmt: skip
+        )
         self._log_health()
         return True
 
@@ -222,8 +227,9 @@ class TargetLoop:
     def _log_health(self) -> None:
         """Log a change of health, decided as /health decides it: same function, same inputs
         (the GPU's NVML reading included), after every change of the target's state."""
-        (health,) = target_healths([self.state.snapshot()], self._wall_clock(), self.settings,
-                                   self._telemetry())  # fmt: skip
+        (health,) = target_healths(
+            [self.state.snapshot()], self._wall_clock(), self.settings, self._telemetry()
+        )
         label = f"{health.status}/{health.reason}"
         if label != self._last_health:
             level = logging.INFO if health.status == "healthy" else logging.WARNING

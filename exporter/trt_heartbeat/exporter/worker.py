@@ -267,8 +267,11 @@ class Worker:
             remaining = deadline.at - time.monotonic()
             if remaining <= 0:
                 self.kill()
-                raise WorkerFailure(deadline.late, deadline.restart_reason,
-                                    f"no answer within {deadline.seconds:g}s")  # fmt: skip
+                raise WorkerFailure(
+                    deadline.late,
+                    deadline.restart_reason,
+                    f"no answer within {deadline.seconds:g}s",
+                )
             if channel.poll(min(_SLICE, remaining)):
                 return
             if not self._process.is_alive():

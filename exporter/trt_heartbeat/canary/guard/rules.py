@@ -92,24 +92,33 @@ def source_rules(src: Source) -> list[dict[str, Any]]:
     rules = [
         (f"{ROUTE}:service_requests:rate{w}", _sum(requests, lab)),
         # Without the fallback a version that never failed would have no error series at all.
-        (f"{ROUTE}:service_request_errors:rate{w}",
-         f"{_sum(_each(src.errors, lab, 'rate', w), lab)}\nor\n{_sum(requests, lab)} * 0"),
-        (f"{ROUTE}:service_requests:increase{cw}",
-         _sum(_each(src.requests, lab, "increase", cw), lab)),
-    ]  # fmt: skip
+        (
+            f"{ROUTE}:service_request_errors:rate{w}",
+            f"{_sum(_each(src.errors, lab, 'rate', w), lab)}\nor\n{_sum(requests, lab)} * 0",
+        ),
+        (
+            f"{ROUTE}:service_requests:increase{cw}",
+            _sum(_each(src.requests, lab, "increase", cw), lab),
+        ),
+    ]
     lat = src.latency
     prefix = f"{ROUTE}:service_request_duration_seconds"
     if lat.histogram:
         buckets = selector(lat.histogram + "_bucket", lat.matchers, *lab.present())
         per_le = _sum(f"rate({buckets}[{cw}])", lab, "le")
         for name, q in (("p50", 0.5), ("p99", 0.99)):
-            rules.append((f"{prefix}:{name}_rate{cw}",
-                          _scaled(f"histogram_quantile({q}, {per_le})", lat.scale)))  # fmt: skip
+            rules.append(
+                (
+                    f"{prefix}:{name}_rate{cw}",
+                    _scaled(f"histogram_quantile({q}, {per_le})", lat.scale),
+                )
+            )
         total, count = lat.histogram + "_sum", lat.histogram + "_count"
     else:
         total, count = lat.sum, lat.count
-    total_rate, count_rate = (f"rate({selector(m, lat.matchers, *lab.present())}[{cw}])"
-                              for m in (total, count))  # fmt: skip
+    total_rate, count_rate = (
+        f"rate({selector(m, lat.matchers, *lab.present())}[{cw}])" for m in (total, count)
+    )
     mean = f"{_sum(total_rate, lab)}\n/\n{_sum(count_rate, lab)}"
     rules.append((f"{prefix}:mean_rate{cw}", _scaled(mean, lat.scale)))
     if isinstance(lab.track, Roles):
@@ -130,24 +139,32 @@ def source_rules(src: Source) -> list[dict[str, Any]]:
                 rules.append((DECLARED, _declared(declared, pl)))
         if pods.gpu_memory:
             memory = selector(pods.gpu_memory, *pl.present())
-            rules.append(("service_version:service_gpu_memory_used_bytes:avg",
-                          _sum(memory, pl, op="avg")))  # fmt: skip
+            rules.append(
+                ("service_version:service_gpu_memory_used_bytes:avg", _sum(memory, pl, op="avg"))
+            )
     if src.drift is not None and pods is not None:
         dl = Labels(pods.labels.service, pods.labels.version, pods.labels.namespace, src.drift.by)
         if src.drift.classes:
             rate = f"rate({selector(src.drift.classes, *dl.present())}[{cw}])"
-            rules.append((f"{ROUTE}:model_prediction_classes:share_rate{cw}",
-                          f"{_sum(rate, dl, 'class')}\n/ ignoring (class) group_left ()\n"
-                          f"{_sum(rate, dl)}"))  # fmt: skip
+            rules.append(
+                (
+                    f"{ROUTE}:model_prediction_classes:share_rate{cw}",
+                    f"{_sum(rate, dl, 'class')}\n/ ignoring (class) group_left ()\n"
+                    f"{_sum(rate, dl)}",
+                )
+            )
         if src.drift.scores:
             buckets = selector(src.drift.scores + "_bucket", *dl.present())
             everything = selector(src.drift.scores + "_bucket", *dl.present(), 'le="+Inf"')
-            rules.append((f"{ROUTE}:model_prediction_score_bucket:share_rate{cw}",
-                          f"{_sum(f'rate({buckets}[{cw}])', dl, 'le')}\n"
-                          f"/ ignoring (le) group_left ()\n"
-                          f"{_sum(f'rate({everything}[{cw}])', dl)}"))  # fmt: skip
-    return [{"record": name, "expr": expr, "labels": {"source": src.name}}
-            for name, expr in rules]  # fmt: skip
+            rules.append(
+                (
+                    f"{ROUTE}:model_prediction_score_bucket:share_rate{cw}",
+                    f"{_sum(f'rate({buckets}[{cw}])', dl, 'le')}\n"
+                    f"/ ignoring (le) group_left ()\n"
+                    f"{_sum(f'rate({everything}[{cw}])', dl)}",
+                )
+            )
+    return [{"record": name, "expr": expr, "labels": {"source": src.name}} for name, expr in rules]
 
 
 def source_group(src: Source) -> dict[str, Any]:
@@ -164,8 +181,10 @@ def _role(series: str, role: str) -> str:
 
 
 def _canary_over_baseline(series: str, op: str = "/") -> str:
-    return (f"{_role(series, 'canary')}\n{op} ignoring (version) group_left ()\n"
-            f"{_role(series, 'baseline')}")  # fmt: skip
+    return (
+        f"{_role(series, 'canary')}\n{op} ignoring (version) group_left ()\n"
+        f"{_role(series, 'baseline')}"
+    )
 
 
 def _sufficient(series: str) -> str:
@@ -198,22 +217,34 @@ def _tracks() -> str:
     """
     or_ = f"\nor on ({VERSION})\n"
     on_service = "on (cluster, namespace, service)"
-    versions = (f"max by ({VERSION}) (\n  service_version:service_requests:increase{COMPARE_WINDOW}"
-                "\n  or service_version:service_pods:count\n)")  # fmt: skip
+    versions = (
+        f"max by ({VERSION}) (\n  service_version:service_requests:increase{COMPARE_WINDOW}"
+        "\n  or service_version:service_pods:count\n)"
+    )
     traffic = f"sum by ({VERSION}) (service_version:service_requests:increase{COMPARE_WINDOW})"
     undeclared = f"(\n{_indent(versions)}\n  unless on ({VERSION}) {DECLARED}\n)"
-    declared = or_.join([
-        f'max by ({VERSION}, track) ({DECLARED}{{track="canary"}})',
-        f'max by ({VERSION}, track) ({DECLARED}{{track="stable"}})',
-        _as(f'{undeclared}\nand {on_service} {DECLARED}{{track="canary"}}', track="stable"),
-        _as(f"{undeclared}\nand {on_service} {DECLARED}", track="canary"),
-    ])  # fmt: skip
-    roles = or_.join([
-        _as(declared, roles_from="declaration"),
-        _as(f"topk by (cluster, namespace, service) (1,\n  {traffic}\n"
-            f"  unless {on_service} {DECLARED}\n)", track="stable", roles_from="traffic"),
-        _as(f"{versions}\nunless {on_service} {DECLARED}", track="canary", roles_from="traffic"),
-    ])  # fmt: skip
+    declared = or_.join(
+        [
+            f'max by ({VERSION}, track) ({DECLARED}{{track="canary"}})',
+            f'max by ({VERSION}, track) ({DECLARED}{{track="stable"}})',
+            _as(f'{undeclared}\nand {on_service} {DECLARED}{{track="canary"}}', track="stable"),
+            _as(f"{undeclared}\nand {on_service} {DECLARED}", track="canary"),
+        ]
+    )
+    roles = or_.join(
+        [
+            _as(declared, roles_from="declaration"),
+            _as(
+                f"topk by (cluster, namespace, service) (1,\n  {traffic}\n"
+                f"  unless {on_service} {DECLARED}\n)",
+                track="stable",
+                roles_from="traffic",
+            ),
+            _as(
+                f"{versions}\nunless {on_service} {DECLARED}", track="canary", roles_from="traffic"
+            ),
+        ]
+    )
     return f"(\n{_indent(roles)}\n) * 0 + 1"
 
 
@@ -224,8 +255,11 @@ def canary_recording_rules() -> list[dict[str, Any]]:
     def record(name: str, expr: str, **labels: str) -> None:
         rules.append({"record": name, "expr": expr, **({"labels": labels} if labels else {})})
 
-    for name in (f"service_requests:rate{w}", f"service_request_errors:rate{w}",
-                 f"service_requests:increase{cw}"):  # fmt: skip
+    for name in (
+        f"service_requests:rate{w}",
+        f"service_request_errors:rate{w}",
+        f"service_requests:increase{cw}",
+    ):
         record(f"service_version:{name}", f"sum by ({SERVICE}) ({route}:{name})")
     record(
         f"service_version:service_request_error:ratio_rate{w}",
@@ -260,9 +294,11 @@ def canary_recording_rules() -> list[dict[str, Any]]:
         _sufficient(f"service_version:service_requests:increase{cw}"),
     )
     for stat in LATENCY_STATISTICS:
-        record(f"{route}:service_request_duration_seconds:canary_over_baseline",
-               _canary_over_baseline(f"{route}:service_request_duration_seconds:{stat}_rate{cw}"),
-               statistic=stat)  # fmt: skip
+        record(
+            f"{route}:service_request_duration_seconds:canary_over_baseline",
+            _canary_over_baseline(f"{route}:service_request_duration_seconds:{stat}_rate{cw}"),
+            statistic=stat,
+        )
     record(
         "service_version:service_gpu_memory_used_bytes:canary_over_baseline",
         _canary_over_baseline("service_version:service_gpu_memory_used_bytes:avg"),
@@ -272,9 +308,11 @@ def canary_recording_rules() -> list[dict[str, Any]]:
     # score CDFs (Kolmogorov-Smirnov distance on the buckets).
     classes = f"{route}:model_prediction_classes:share_rate{cw}"
     canary = _role(classes, "canary")
-    overlap = (f"sum without (class) (\n  {canary}\n  - clamp_min(\n    {canary}\n"
-               f"    - ignoring (version) group_left ()\n    {_role(classes, 'baseline')},\n"
-               f"  0)\n)")  # fmt: skip
+    overlap = (
+        f"sum without (class) (\n  {canary}\n  - clamp_min(\n    {canary}\n"
+        f"    - ignoring (version) group_left ()\n    {_role(classes, 'baseline')},\n"
+        f"  0)\n)"
+    )
     record(
         f"{route}:model_prediction:drift_canary_vs_baseline",
         f"1 - {overlap}\nor\nsum without (class) ({canary}) * 0 + 1",
@@ -289,15 +327,22 @@ def canary_recording_rules() -> list[dict[str, Any]]:
     return rules
 
 
-def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str,
-           **labels: str) -> dict[str, Any]:  # fmt: skip
+def _alert(
+    name: str, expr: str, for_: str, severity: str, summary: str, description: str, **labels: str
+) -> dict[str, Any]:
     return {
-        "alert": name, "expr": expr, "for": for_,
-        "labels": {k: v for k, v in {"severity": severity, "track": "canary", **labels}.items()
-                   if v},
-        "annotations": {"summary": summary, "description": description,
-                        "runbook_url": RUNBOOK + name.lower()},
-    }  # fmt: skip
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": {
+            k: v for k, v in {"severity": severity, "track": "canary", **labels}.items() if v
+        },
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": RUNBOOK + name.lower(),
+        },
+    }
 
 
 WHO = "{{ $labels.service }} ({{ $labels.source }}) version {{ $labels.version }}"
@@ -418,19 +463,26 @@ def _dump(groups: list[dict[str, Any]], header: str) -> str:
 
 
 def sources_file(sources: list[Source]) -> str:
-    header = ("# Generated by `trt-heartbeat-exporter service-rules` from the sources "
-              f"({', '.join(s.origin for s in sources)}); do not edit.\n"
-              "# Normalises each source's request, latency, GPU memory and drift metrics for "
-              "service-canary.rules.yml.\n")  # fmt: skip
+    header = (
+        "# Generated by `trt-heartbeat-exporter service-rules` from the sources "
+        f"({', '.join(s.origin for s in sources)}); do not edit.\n"
+        "# Normalises each source's request, latency, GPU memory and drift metrics for "
+        "service-canary.rules.yml.\n"
+    )
     return _dump([source_group(s) for s in sources], header)
 
 
 def canary_file() -> str:
-    header = ("# Generated by `trt-heartbeat-exporter service-rules --canary` "
-              "(exporter/trt_heartbeat/canary/guard/rules.py); do not edit.\n"
-              "# The rollout guard on the service's own traffic, whatever the source "
-              "(docs/service-canary.md).\n")  # fmt: skip
-    return _dump([
-        {"name": "trt-heartbeat-service-canary.rules", "rules": canary_recording_rules()},
-        {"name": "trt-heartbeat-service-canary.alerts", "rules": canary_alerts()},
-    ], header)  # fmt: skip
+    header = (
+        "# Generated by `trt-heartbeat-exporter service-rules --canary` "
+        "(exporter/trt_heartbeat/canary/guard/rules.py); do not edit.\n"
+        "# The rollout guard on the service's own traffic, whatever the source "
+        "(docs/service-canary.md).\n"
+    )
+    return _dump(
+        [
+            {"name": "trt-heartbeat-service-canary.rules", "rules": canary_recording_rules()},
+            {"name": "trt-heartbeat-service-canary.alerts", "rules": canary_alerts()},
+        ],
+        header,
+    )

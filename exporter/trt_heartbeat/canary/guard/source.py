@@ -135,8 +135,9 @@ def schema() -> dict[str, Any]:
 
 
 def builtin() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in SOURCES.iterdir()
-                  if p.name.endswith(".yaml"))  # fmt: skip
+    return sorted(
+        p.name.removesuffix(".yaml") for p in SOURCES.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load(name_or_path: str) -> Source:
@@ -159,8 +160,9 @@ def load(name_or_path: str) -> Source:
         sets = _tuple(node.get("matchers", "")) if isinstance(node, dict) else ()
         bad = next((b for b in map(bad_matcher, sets) if b is not None), None)
         if bad is not None:
-            raise SourceError(f'{path}: {key}.matchers: {bad!r} is not a label matcher like '
-                              'name="value"')  # fmt: skip
+            raise SourceError(
+                f'{path}: {key}.matchers: {bad!r} is not a label matcher like name="value"'
+            )
     for key, regex in _regexes(document):
         try:
             re.compile(regex)
@@ -212,8 +214,10 @@ def parse(doc: dict[str, Any], origin: str = "") -> Source:
         latency=Latency(**doc["latency"]),
         labels=labels(doc["labels"]),
         pods=Pods(labels(pods), pods.get("presence", ""), pods.get("gpu_memory", ""))
-        if pods else None,
+        if pods
+        else None,
         drift=Drift(drift.get("classes", ""), drift.get("scores", ""), tuple(drift.get("by", ())))
-        if drift else None,
+        if drift
+        else None,
         origin=origin or doc["name"],
-    )  # fmt: skip
+    )

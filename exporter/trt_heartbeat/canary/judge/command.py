@@ -191,9 +191,14 @@ def canary_judge(
         raise BadInput("--plot draws the probes' latency: use it with --checks probes or all")
     try:
         scope = queries.Scope(
-            window_s, at, queries.parse_selector(selector),
-            queries.check_label_name("--track-label", track_label), canary, baseline, phase,
-        )  # fmt: skip
+            window_s,
+            at,
+            queries.parse_selector(selector),
+            queries.check_label_name("--track-label", track_label),
+            canary,
+            baseline,
+            phase,
+        )
         client = prometheus.PrometheusClient(prometheus_url, timeout_s)
         extra = queries.parse_selector(service_selector, "--service-selector")
     except HeartbeatError as exc:
@@ -206,8 +211,10 @@ def canary_judge(
         raise BadInput("--canary and --baseline must name different tracks")
     ctx = click.get_current_context()
     # The service's roles come from the rule pack unless the versions were named.
-    named = {p: ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
-             for p in ("canary", "baseline")}  # fmt: skip
+    named = {
+        p: ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
+        for p in ("canary", "baseline")
+    }
     try:
         limits, limits_from = thresholds.read(client, at)
         parts, obs = [], None
@@ -217,21 +224,37 @@ def canary_judge(
             parts.append(judge_probes(obs, scope, t, limits))
         if checks in ("service", "all") and service:
             sscope = traffic.ServiceScope(
-                source, service, window_s, at, extra, canary if named["canary"] else None,
-                baseline if named["baseline"] else None, min_requests,
-            )  # fmt: skip
+                source,
+                service,
+                window_s,
+                at,
+                extra,
+                canary if named["canary"] else None,
+                baseline if named["baseline"] else None,
+                min_requests,
+            )
             sobs = traffic.observe(client, sscope)
             strata, why = traffic.judge(sobs, sscope, limits, alpha)
-            details = {"source": source.origin, "service": service, "canary": sobs.canary,
-                       "baseline": sobs.baseline, "roles_from": sobs.roles_from,
-                       "requests": sobs.traffic}  # fmt: skip
+            details = {
+                "source": source.origin,
+                "service": service,
+                "canary": sobs.canary,
+                "baseline": sobs.baseline,
+                "roles_from": sobs.roles_from,
+                "requests": sobs.traffic,
+            }
             parts.append(Part("service", strata, why, [], details))
     except (traffic.NoServiceSeries, queries.PhaseNotExported) as exc:
         raise BadInput(str(exc)) from exc
     except HeartbeatError as exc:
         raise JudgeUnavailable(str(exc)) from exc
-    judgement = Judgement(scope, Thresholds(alpha=alpha, min_samples=min_samples), parts,
-                          limit_names(limits), limits_from)  # fmt: skip
+    judgement = Judgement(
+        scope,
+        Thresholds(alpha=alpha, min_samples=min_samples),
+        parts,
+        limit_names(limits),
+        limits_from,
+    )
     click.echo(report.to_json(judgement) if output == "json" else report.table(judgement))
     if plot is not None:
         from trt_heartbeat.canary.judge.plot import write_plot

@@ -34,8 +34,9 @@ def write_plot(path: Path, j: Judgement, obs: Observations, tl: Timeline) -> Non
     s = j.scope
     fig, (dist, time_ax) = plt.subplots(2, 1, figsize=(10, 8), constrained_layout=True)
     window = f"window {duration_text(s.window)} ending {when(s.at)}"
-    fig.suptitle(f"canary-judge: {j.verdict.upper()}  ({s.track_label}={s.canary} vs "
-                 f"{s.baseline}, {window})")  # fmt: skip
+    fig.suptitle(
+        f"canary-judge: {j.verdict.upper()}  ({s.track_label}={s.canary} vs {s.baseline}, {window})"
+    )
 
     colour = {s.canary: "tab:red", s.baseline: "tab:blue"}
     series = sorted(obs.buckets)
@@ -50,10 +51,15 @@ def write_plot(path: Path, j: Judgement, obs: Observations, tl: Timeline) -> Non
         counts = obs.buckets[key]
         total = sum(counts) or 1.0
         offset = (i - (len(series) - 1) / 2) * width
-        dist.bar([p + offset for p in positions], [c / total for c in counts[lo:hi]], width,
-                 label=f"{track} · {model} (n={int(sum(counts))})", color=colour.get(track),
-                 alpha=0.4 + 0.6 * (i + 1) / len(series),
-                 hatch="//" if track == s.canary else None)  # fmt: skip
+        dist.bar(
+            [p + offset for p in positions],
+            [c / total for c in counts[lo:hi]],
+            width,
+            label=f"{track} · {model} (n={int(sum(counts))})",
+            color=colour.get(track),
+            alpha=0.4 + 0.6 * (i + 1) / len(series),
+            hatch="//" if track == s.canary else None,
+        )
     dist.set_xticks(positions, labels, rotation=45, ha="right", fontsize=8)
     dist.set_xlabel("probe latency bucket (upper bound)")
     dist.set_ylabel("share of probes")
@@ -64,15 +70,24 @@ def write_plot(path: Path, j: Judgement, obs: Observations, tl: Timeline) -> Non
         if not points:
             continue
         times = [datetime.fromtimestamp(t, timezone.utc) for t, _ in points]
-        time_ax.plot(times, [v * 1e3 for _, v in points], label=f"{track} p{q * 100:g}",
-                     color=colour.get(track), linestyle="-" if q == 0.5 else "--")  # fmt: skip
+        time_ax.plot(
+            times,
+            [v * 1e3 for _, v in points],
+            label=f"{track} p{q * 100:g}",
+            color=colour.get(track),
+            linestyle="-" if q == 0.5 else "--",
+        )
     canary = dict(tl.quantiles.get((s.canary, 0.5), []))
     baseline = dict(tl.quantiles.get((s.baseline, 0.5), []))
     common = sorted(t for t in canary if t in baseline and baseline[t] > 0)
     if common:
-        ratio_ax.plot([datetime.fromtimestamp(t, timezone.utc) for t in common],
-                      [canary[t] / baseline[t] for t in common], color="black", alpha=0.5,
-                      label="p50 ratio canary/baseline")  # fmt: skip
+        ratio_ax.plot(
+            [datetime.fromtimestamp(t, timezone.utc) for t in common],
+            [canary[t] / baseline[t] for t in common],
+            color="black",
+            alpha=0.5,
+            label="p50 ratio canary/baseline",
+        )
         ratio_ax.axhline(1.0, color="grey", linewidth=0.5)
         ratio_ax.set_ylabel("p50 ratio")
         ratio_ax.legend(loc="upper right", fontsize=8)

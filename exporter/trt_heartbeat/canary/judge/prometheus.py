@@ -80,11 +80,13 @@ class PrometheusClient:
     def _series(self, data: dict[str, Any]) -> list[Series]:
         kind, result = data.get("resultType"), data.get("result", [])
         if kind == "vector":
-            return [Series(r["metric"], [(float(r["value"][0]), float(r["value"][1]))])
-                    for r in result]  # fmt: skip
+            return [
+                Series(r["metric"], [(float(r["value"][0]), float(r["value"][1]))]) for r in result
+            ]
         if kind == "matrix":
-            return [Series(r["metric"], [(float(t), float(v)) for t, v in r["values"]])
-                    for r in result]  # fmt: skip
+            return [
+                Series(r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in result
+            ]
         raise PrometheusError(f"Prometheus at {self.url}: unexpected result type {kind!r}")
 
 

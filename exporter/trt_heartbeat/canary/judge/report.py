@@ -81,8 +81,19 @@ def table(j: Judgement) -> str:
         lines.append(f"  {part.name}: {_part_scope(part, j)}")
         if part.unjudged:
             lines.append(f"  {part.name}: {part.unjudged}")
-        rows += [(st.gpu_model, c.name, c.verdict, _side(c.canary), _side(c.baseline), _stat(c),
-                  c.reason) for st in part.strata for c in st.checks]  # fmt: skip
+        rows += [
+            (
+                st.gpu_model,
+                c.name,
+                c.verdict,
+                _side(c.canary),
+                _side(c.baseline),
+                _stat(c),
+                c.reason,
+            )
+            for st in part.strata
+            for c in st.checks
+        ]
     if rows:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
         lines.append("")
@@ -99,18 +110,27 @@ def table(j: Judgement) -> str:
 def _part_scope(part: Part, j: Judgement) -> str:
     s = j.scope
     if part.name == "probes":
-        return (f"{s.track_label}={s.canary!r} against {s.track_label}={s.baseline!r}, "
-                f"selector {{{s.selector}}}")  # fmt: skip
+        return (
+            f"{s.track_label}={s.canary!r} against {s.track_label}={s.baseline!r}, "
+            f"selector {{{s.selector}}}"
+        )
     d = part.details
-    return (f"service {d.get('service')!r} ({d.get('source')}): version "
-            f"{d.get('canary') or '-'!r} against {d.get('baseline')!r} (roles from "
-            f"{d.get('roles_from')})")  # fmt: skip
+    return (
+        f"service {d.get('service')!r} ({d.get('source')}): version "
+        f"{d.get('canary') or '-'!r} against {d.get('baseline')!r} (roles from "
+        f"{d.get('roles_from')})"
+    )
 
 
 def _strata(part: Part, key: str) -> list[dict[str, Any]]:
-    return [{key: st.gpu_model, "verdict": st.verdict,
-             "checks": [dataclasses.asdict(c) for c in st.checks]}
-            for st in part.strata]  # fmt: skip
+    return [
+        {
+            key: st.gpu_model,
+            "verdict": st.verdict,
+            "checks": [dataclasses.asdict(c) for c in st.checks],
+        }
+        for st in part.strata
+    ]
 
 
 def document(j: Judgement) -> dict[str, Any]:
@@ -136,9 +156,13 @@ def document(j: Judgement) -> dict[str, Any]:
     }
     service = parts.get("service")
     if service is not None:
-        out["service"] = {**service.details, "verdict": service.verdict,
-                          "unjudged": service.unjudged or None, "notes": service.notes,
-                          "strata": _strata(service, "route")}  # fmt: skip
+        out["service"] = {
+            **service.details,
+            "verdict": service.verdict,
+            "unjudged": service.unjudged or None,
+            "notes": service.notes,
+            "strata": _strata(service, "route"),
+        }
     return out
 
 

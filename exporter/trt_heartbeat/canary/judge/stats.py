@@ -134,8 +134,13 @@ def rate_test(k1: int, n1: int, k2: int, n2: int) -> RateTest:
 def _binomial_pmf(i: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 1.0 if i == n else 0.0
-    log = (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-           + i * math.log(p) + (n - i) * math.log1p(-p))  # fmt: skip
+    log = (
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+    )
     return math.exp(log)
 
 
@@ -305,8 +310,13 @@ class QuantileRatio:
     high: float
 
 
-def quantile_ratio(q: float, bounds: Sequence[float], canary: Sequence[float],
-                   baseline: Sequence[float], alpha: float) -> QuantileRatio:  # fmt: skip
+def quantile_ratio(
+    q: float,
+    bounds: Sequence[float],
+    canary: Sequence[float],
+    baseline: Sequence[float],
+    alpha: float,
+) -> QuantileRatio:
     """The q-quantile ratio as histogram_quantile() gives it, and an interval around it.
 
     Each track's quantile gets an order-statistic interval: the true q-quantile lies between the
@@ -323,8 +333,12 @@ def quantile_ratio(q: float, bounds: Sequence[float], canary: Sequence[float],
             cumulative.append(running)
         n = running
         spread = z * math.sqrt(q * (1 - q) / n) if n > 0 else 0.0
-        values.append([bucket_quantile(min(max(p, 1e-9), 1.0), bounds, cumulative)
-                       for p in (q - spread, q, q + spread)])  # fmt: skip
+        values.append(
+            [
+                bucket_quantile(min(max(p, 1e-9), 1.0), bounds, cumulative)
+                for p in (q - spread, q, q + spread)
+            ]
+        )
     (c_lo, c, c_hi), (b_lo, b, b_hi) = values
 
     def div(a: float, b: float) -> float:

@@ -55,8 +55,12 @@ class ServiceScope:
 
     def requests(self, selector: str, *extra: str) -> str:
         """`selector` narrowed to this service, the user's matchers and `extra`."""
-        parts = [selector.rstrip("}"), f"{self.source.labels.service.label}={quote(self.service)}",
-                 self.selector, *extra]  # fmt: skip
+        parts = [
+            selector.rstrip("}"),
+            f"{self.source.labels.service.label}={quote(self.service)}",
+            self.selector,
+            *extra,
+        ]
         head, _, first = parts[0].partition("{")
         body = ", ".join(p for p in [first, *parts[1:]] if p)
         return f"{head}{{{body}}}"
@@ -93,13 +97,15 @@ def _route(labels: dict[str, str], by: tuple[str, ...]) -> Route:
     return ", ".join(f"{k}={labels.get(k, '')}" for k in by) if by else ALL
 
 
-def _increase(client: PrometheusClient, scope: ServiceScope, selector: str, by: str,
-              at: float) -> list[Any]:  # fmt: skip
+def _increase(
+    client: PrometheusClient, scope: ServiceScope, selector: str, by: str, at: float
+) -> list[Any]:
     return client.query(f"sum by ({by}) (increase({selector}{scope.range}))", at)
 
 
-def _counter(client: PrometheusClient, scope: ServiceScope, counter: Counter, by: str,
-             version: str) -> tuple[dict[tuple[Route, str], float], str]:  # fmt: skip
+def _counter(
+    client: PrometheusClient, scope: ServiceScope, counter: Counter, by: str, version: str
+) -> tuple[dict[tuple[Route, str], float], str]:
     """A counter's increase per (route, version), its parts (names x matcher sets) added up."""
     by_route = scope.source.labels.by
     totals: dict[tuple[Route, str], float] = defaultdict(float)
@@ -114,8 +120,10 @@ def _counter(client: PrometheusClient, scope: ServiceScope, counter: Counter, by
 def _roles(client: PrometheusClient, scope: ServiceScope) -> dict[str, tuple[str, str]]:
     """version -> (track, where the role comes from), as the rule pack records them."""
     expr = f"service_version:service_track:info{{service={quote(scope.service)}}}"
-    return {s.labels["version"]: (s.labels.get("track", ""), s.labels.get("roles_from", ""))
-            for s in client.query(expr, scope.at)}  # fmt: skip
+    return {
+        s.labels["version"]: (s.labels.get("track", ""), s.labels.get("roles_from", ""))
+        for s in client.query(expr, scope.at)
+    }
 
 
 def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservations:
@@ -168,10 +176,15 @@ def observe(client: PrometheusClient, scope: ServiceScope) -> ServiceObservation
         for name, metric in (("sum", lat.sum), ("count", lat.count)):
             selector = scope.requests(f"{metric}{{{lat.matchers}}}")
             obs.promql[f"latency_{name}"] = f"sum by ({by}) (increase({selector}{scope.range}))"
-            per[name] = {(_route(s.labels, lab.by), s.labels[version]): s.values[0][1]
-                         for s in _increase(client, scope, selector, by, scope.at)}  # fmt: skip
-        obs.mean = {k: v * lat.scale / per["count"][k] for k, v in per["sum"].items()
-                    if per["count"].get(k, 0) > 0}  # fmt: skip
+            per[name] = {
+                (_route(s.labels, lab.by), s.labels[version]): s.values[0][1]
+                for s in _increase(client, scope, selector, by, scope.at)
+            }
+        obs.mean = {
+            k: v * lat.scale / per["count"][k]
+            for k, v in per["sum"].items()
+            if per["count"].get(k, 0) > 0
+        }
     _observe_pods(client, scope, obs)
     return obs
 
@@ -205,12 +218,14 @@ def _observe_pods(client: PrometheusClient, scope: ServiceScope, obs: ServiceObs
 # --- checks -----------------------------------------------------------------------------------
 
 
-def judge(obs: ServiceObservations, scope: ServiceScope, limits: dict[Key, float],
-          alpha: float) -> tuple[list[Stratum], str]:  # fmt: skip
+def judge(
+    obs: ServiceObservations, scope: ServiceScope, limits: dict[Key, float], alpha: float
+) -> tuple[list[Stratum], str]:
     """Strata per route (and one for the pods' GPU memory), or why nothing could be compared."""
     if not obs.canary:
-        return [], (f"service {scope.service!r} has one version only ({obs.baseline}): "
-                    "no canary to compare")  # fmt: skip
+        return [], (
+            f"service {scope.service!r} has one version only ({obs.baseline}): no canary to compare"
+        )
     if obs.traffic.get(obs.canary, 0) <= 0:
         return [], f"version {obs.canary!r} of service {scope.service!r} served no requests"
     routes = obs.routes()
@@ -228,40 +243,72 @@ def judge(obs: ServiceObservations, scope: ServiceScope, limits: dict[Key, float
         check = _drift(obs, (route, obs.canary), (route, obs.baseline), limits, alpha, scope)
         strata.append(Stratum(f"{scope.service}: predictions {route}", [check]))
     if obs.memory:
-        strata.append(Stratum(f"{scope.service}: GPUs", [ratio_of_medians(
-            obs.memory, (ALL, obs.canary), (ALL, obs.baseline), "gpu_memory",
-            limits[("service_canary_gpu_memory_ratio", "")], 1.5, 32 * 2**20, "bytes",
-            obs.promql.get("gpu_memory", ""))]))  # fmt: skip
+        strata.append(
+            Stratum(
+                f"{scope.service}: GPUs",
+                [
+                    ratio_of_medians(
+                        obs.memory,
+                        (ALL, obs.canary),
+                        (ALL, obs.baseline),
+                        "gpu_memory",
+                        limits[("service_canary_gpu_memory_ratio", "")],
+                        1.5,
+                        32 * 2**20,
+                        "bytes",
+                        obs.promql.get("gpu_memory", ""),
+                    )
+                ],
+            )
+        )
     return strata, ""
 
 
 def _too_few(n1: float, n2: float, least: int) -> str:
-    return (f"too few requests to judge: canary {int(n1)}, baseline {int(n2)} "
-            f"(--min-requests {least})")  # fmt: skip
+    return (
+        f"too few requests to judge: canary {int(n1)}, baseline {int(n2)} (--min-requests {least})"
+    )
 
 
-def _errors(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
-            least: int) -> Check:  # fmt: skip
+def _errors(
+    obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float, least: int
+) -> Check:
     n1, n2 = round(obs.requests.get(c, 0.0)), round(obs.requests.get(b, 0.0))
     k1, k2 = round(obs.errors.get(c, 0.0)), round(obs.errors.get(b, 0.0))
     bound = limits[("service_canary_error_ratio", "")]
     p = stats.two_proportion_test(k1, n1, k2, n2)
     r1, r2 = (k1 / n1 if n1 else math.nan), (k2 / n2 if n2 else math.nan)
-    rule = (f"fail if the canary's error ratio > {bound:g} (whatever the baseline's); "
-            f"marginal if higher than the baseline's with p < {alpha:.3g}")  # fmt: skip
+    rule = (
+        f"fail if the canary's error ratio > {bound:g} (whatever the baseline's); "
+        f"marginal if higher than the baseline's with p < {alpha:.3g}"
+    )
     if n1 < least or n2 < least:
         verdict, reason = INCONCLUSIVE, _too_few(n1, n2, least)
     else:
         verdict = FAIL if r1 > bound else MARGINAL if p < alpha else PASS
         reason = f"{k1} of {n1} canary requests failed ({r1:.2%}) vs {k2} of {n2} ({r2:.2%})"
-    return Check("errors", "error ratio bound, and two-proportion z-test (one-sided)", verdict,
-                 reason, {"errors": k1, "n": n1, "ratio": r1}, {"errors": k2, "n": n2,
-                 "ratio": r2}, {"p_value": p, "bound": bound}, rule,
-                 obs.promql["errors"])  # fmt: skip
+    return Check(
+        "errors",
+        "error ratio bound, and two-proportion z-test (one-sided)",
+        verdict,
+        reason,
+        {"errors": k1, "n": n1, "ratio": r1},
+        {"errors": k2, "n": n2, "ratio": r2},
+        {"p_value": p, "bound": bound},
+        rule,
+        obs.promql["errors"],
+    )
 
 
-def _latency(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
-             enough: bool, least: int) -> list[Check]:  # fmt: skip
+def _latency(
+    obs: ServiceObservations,
+    c: Any,
+    b: Any,
+    limits: dict[Key, float],
+    alpha: float,
+    enough: bool,
+    least: int,
+) -> list[Check]:
     n1, n2 = obs.requests.get(c, 0.0), obs.requests.get(b, 0.0)
     if not obs.bounds:  # a sum/count source: the mean is all there is
         cm, bm = obs.mean.get(c, math.nan), obs.mean.get(b, math.nan)
@@ -272,41 +319,72 @@ def _latency(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float],
         else:
             verdict = FAIL if ratio > limit else PASS
             reason = f"mean {cm * 1e3:.3g} ms vs {bm * 1e3:.3g} ms (ratio {ratio:.2f})"
-        return [Check("latency", "ratio of mean latencies (the source has no histogram)",
-                      verdict, reason, {"mean_seconds": cm}, {"mean_seconds": bm},
-                      {"ratio": ratio}, f"fail if canary/baseline mean > {limit:g}",
-                      obs.promql.get("latency_sum", ""))]  # fmt: skip
+        return [
+            Check(
+                "latency",
+                "ratio of mean latencies (the source has no histogram)",
+                verdict,
+                reason,
+                {"mean_seconds": cm},
+                {"mean_seconds": bm},
+                {"ratio": ratio},
+                f"fail if canary/baseline mean > {limit:g}",
+                obs.promql.get("latency_sum", ""),
+            )
+        ]
     zero = [0.0] * len(obs.bounds)
     cb, bb = obs.buckets.get(c, zero), obs.buckets.get(b, zero)
     test = stats.rank_test_binned(cb, bb)
     p50 = stats.quantile_ratio(0.5, obs.bounds, cb, bb, alpha)
     a_marginal, a_fail = 0.56, 0.64
-    rule = (f"fail if p < {alpha:.3g} and A >= {a_fail}; marginal if p < {alpha:.3g} and "
-            f"A >= {a_marginal}")  # fmt: skip
+    rule = (
+        f"fail if p < {alpha:.3g} and A >= {a_fail}; marginal if p < {alpha:.3g} and "
+        f"A >= {a_marginal}"
+    )
     if not enough:
         verdict, reason = INCONCLUSIVE, _too_few(n1, n2, least)
     else:
         verdict = graded(test.effect, test.p_value, alpha, a_marginal, a_fail)
-        reason = (f"canary slower than baseline in {test.effect:.0%} of request pairs "
-                  f"(p50 ratio {p50.ratio:.2f})")  # fmt: skip
-    rank = Check("latency", "Mann-Whitney U, one-sided, on histogram bins", verdict, reason,
-                 {"n": int(n1), "p50_seconds": p50.canary}, {"n": int(n2),
-                 "p50_seconds": p50.baseline}, {"u": test.u, "effect_a": test.effect,
-                 "p_value": test.p_value}, rule, obs.promql["latency"])  # fmt: skip
+        reason = (
+            f"canary slower than baseline in {test.effect:.0%} of request pairs "
+            f"(p50 ratio {p50.ratio:.2f})"
+        )
+    rank = Check(
+        "latency",
+        "Mann-Whitney U, one-sided, on histogram bins",
+        verdict,
+        reason,
+        {"n": int(n1), "p50_seconds": p50.canary},
+        {"n": int(n2), "p50_seconds": p50.baseline},
+        {"u": test.u, "effect_a": test.effect, "p_value": test.p_value},
+        rule,
+        obs.promql["latency"],
+    )
     limit = limits[("service_canary_latency_ratio", "p99")]
-    tail = tail_check(obs.bounds, cb, bb, limit, alpha, enough, _too_few(n1, n2, least),
-                      obs.promql["latency"])  # fmt: skip
+    tail = tail_check(
+        obs.bounds, cb, bb, limit, alpha, enough, _too_few(n1, n2, least), obs.promql["latency"]
+    )
     return [rank, tail]
 
 
-def _drift(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], alpha: float,
-           scope: ServiceScope) -> Check:  # fmt: skip
+def _drift(
+    obs: ServiceObservations,
+    c: Any,
+    b: Any,
+    limits: dict[Key, float],
+    alpha: float,
+    scope: ServiceScope,
+) -> Check:
     cd, bd = obs.drift.get(c, {}), obs.drift.get(b, {})
     promql = obs.promql.get("drift", "")
     if obs.drift_kind == "scores":
         keys = sorted({*cd, *bd}, key=float)
-        cc, bc = bins({0: {float(k): cd.get(k, 0.0) for k in keys},
-                        1: {float(k): bd.get(k, 0.0) for k in keys}})[1].values()  # fmt: skip
+        cc, bc = bins(
+            {
+                0: {float(k): cd.get(k, 0.0) for k in keys},
+                1: {float(k): bd.get(k, 0.0) for k in keys},
+            }
+        )[1].values()
         statistic_name = "ks"
     else:
         keys = sorted({*cd, *bd})
@@ -315,8 +393,10 @@ def _drift(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], a
     test = stats.homogeneity_test(cc, bc)
     effect = _ks(cc, bc) if statistic_name == "ks" else test.tvd
     limit = limits[("service_canary_prediction_drift", statistic_name)]
-    rule = (f"fail if p < {alpha:.3g} and {statistic_name} > {limit:g}; marginal if p < "
-            f"{alpha:.3g} and {statistic_name} > {limit / 2:g}")  # fmt: skip
+    rule = (
+        f"fail if p < {alpha:.3g} and {statistic_name} > {limit:g}; marginal if p < "
+        f"{alpha:.3g} and {statistic_name} > {limit / 2:g}"
+    )
     n1, n2 = sum(cc), sum(bc)
     if min(n1, n2) < scope.min_requests:
         verdict, reason = (
@@ -328,10 +408,23 @@ def _drift(obs: ServiceObservations, c: Any, b: Any, limits: dict[Key, float], a
         reason = f"{statistic_name} {effect:.3f}, PSI {test.psi:.3f} over {len(keys)} " + (
             "score buckets" if statistic_name == "ks" else "classes"
         )
-    return Check("prediction_drift", "chi-square homogeneity test on the counts", verdict,
-                 reason, {"n": int(n1)}, {"n": int(n2)}, {statistic_name: effect,
-                 "psi": test.psi, "chi2": test.statistic, "dof": test.dof,
-                 "p_value": test.p_value}, rule, promql)  # fmt: skip
+    return Check(
+        "prediction_drift",
+        "chi-square homogeneity test on the counts",
+        verdict,
+        reason,
+        {"n": int(n1)},
+        {"n": int(n2)},
+        {
+            statistic_name: effect,
+            "psi": test.psi,
+            "chi2": test.statistic,
+            "dof": test.dof,
+            "p_value": test.p_value,
+        },
+        rule,
+        promql,
+    )
 
 
 def _ks(canary: list[float], baseline: list[float]) -> float:

@@ -104,8 +104,10 @@ class Judgement:
 
 def limit_names(limits: dict[Key, float]) -> dict[str, float]:
     """`name` or `name{statistic="p99"}`, as the rule pack's series are written."""
-    return {name + (f'{{statistic="{stat}"}}' if stat else ""): value
-            for (name, stat), value in sorted(limits.items())}  # fmt: skip
+    return {
+        name + (f'{{statistic="{stat}"}}' if stat else ""): value
+        for (name, stat), value in sorted(limits.items())
+    }
 
 
 def worst(verdicts: Any) -> str:
@@ -113,8 +115,9 @@ def worst(verdicts: Any) -> str:
     return max(found, key=SEVERITY.__getitem__) if found else INCONCLUSIVE
 
 
-def judge_probes(obs: Observations, scope: Scope, thresholds: Thresholds,
-                 limits: dict[Key, float]) -> Part:  # fmt: skip
+def judge_probes(
+    obs: Observations, scope: Scope, thresholds: Thresholds, limits: dict[Key, float]
+) -> Part:
     canary, baseline = scope.tracks
     models = sorted(obs.models())
     judged = [m for m in models if _has(obs, m, canary) and _has(obs, m, baseline)]
@@ -131,11 +134,24 @@ def judge_probes(obs: Observations, scope: Scope, thresholds: Thresholds,
         if m in judged:
             strata.append(Stratum(m, _checks(obs, m, scope, thresholds, alpha, limits)))
         elif _has(obs, m, canary):
-            strata.append(Stratum(m, [Check(
-                "baseline", "-", INCONCLUSIVE,
-                f"no {baseline!r} probes on this GPU model to compare with",
-                {}, {}, {}, "a baseline on the same GPU model", obs.promql.get("probes", ""),
-            )]))  # fmt: skip
+            strata.append(
+                Stratum(
+                    m,
+                    [
+                        Check(
+                            "baseline",
+                            "-",
+                            INCONCLUSIVE,
+                            f"no {baseline!r} probes on this GPU model to compare with",
+                            {},
+                            {},
+                            {},
+                            "a baseline on the same GPU model",
+                            obs.promql.get("probes", ""),
+                        )
+                    ],
+                )
+            )
     return Part("probes", strata, "", notes)
 
 
@@ -143,23 +159,55 @@ def _has(obs: Observations, model: str, track: str) -> bool:
     return sum(obs.results.get((model, track), {}).values()) > 0
 
 
-def _checks(obs: Observations, model: str, scope: Scope, t: Thresholds, alpha: float,
-            limits: dict[Key, float]) -> list[Check]:  # fmt: skip
+def _checks(
+    obs: Observations,
+    model: str,
+    scope: Scope,
+    t: Thresholds,
+    alpha: float,
+    limits: dict[Key, float],
+) -> list[Check]:
     c, b = (model, scope.canary), (model, scope.baseline)
     n1, n2 = _latency_summary(obs, c)["n"], _latency_summary(obs, b)["n"]
     return [
         _latency(obs, c, b, t, alpha),
-        tail_check(obs.bounds, obs.bins(c), obs.bins(b), limits[("canary_latency_ratio", "")],
-                   alpha, _enough(t, n1, n2), _too_few(t, n1, n2), obs.promql["latency"]),
+        tail_check(
+            obs.bounds,
+            obs.bins(c),
+            obs.bins(b),
+            limits[("canary_latency_ratio", "")],
+            alpha,
+            _enough(t, n1, n2),
+            _too_few(t, n1, n2),
+            obs.promql["latency"],
+        ),
         _dispersion(obs, c, b, t, alpha),
         _rate(obs, c, b, t, alpha, "failures", FAILURE_RESULTS),
         _rate(obs, c, b, t, alpha, "mismatches", ("mismatch",)),
         _deviation(obs, c, b, t, alpha),
-        ratio_check(obs.memory, c, b, "gpu_memory", t.memory_marginal, t.memory_fail,
-                    t.memory_floor, "bytes", obs.promql["gpu_memory"]),
-        ratio_check(obs.engine_load, c, b, "engine_load", t.load_marginal, t.load_fail,
-                    t.load_floor, "seconds", obs.promql["engine_load"]),
-    ]  # fmt: skip
+        ratio_check(
+            obs.memory,
+            c,
+            b,
+            "gpu_memory",
+            t.memory_marginal,
+            t.memory_fail,
+            t.memory_floor,
+            "bytes",
+            obs.promql["gpu_memory"],
+        ),
+        ratio_check(
+            obs.engine_load,
+            c,
+            b,
+            "engine_load",
+            t.load_marginal,
+            t.load_fail,
+            t.load_floor,
+            "seconds",
+            obs.promql["engine_load"],
+        ),
+    ]
 
 
 def _latency_summary(obs: Observations, key: tuple[str, str]) -> dict[str, Any]:
@@ -178,8 +226,9 @@ def _enough(t: Thresholds, *counts: float) -> bool:
     return all(n >= t.min_samples for n in counts)
 
 
-def graded(effect: float, p: float, alpha: float, marginal: float, fail: float,
-           strict: bool = False) -> str:  # fmt: skip
+def graded(
+    effect: float, p: float, alpha: float, marginal: float, fail: float, strict: bool = False
+) -> str:
     """Significant and large: fail; significant and medium: marginal (strict: above, not at)."""
     if p >= alpha:
         return PASS
@@ -190,49 +239,80 @@ def graded(effect: float, p: float, alpha: float, marginal: float, fail: float,
     return PASS
 
 
-def _latency(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds,
-             alpha: float) -> Check:  # fmt: skip
+def _latency(
+    obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds, alpha: float
+) -> Check:
     cs, bs = _latency_summary(obs, c), _latency_summary(obs, b)
     test = stats.rank_test_binned(obs.bins(c), obs.bins(b))
-    rule = (f"fail if p < {alpha:.3g} and A >= {t.latency_fail}; marginal if p < {alpha:.3g} "
-            f"and A >= {t.latency_marginal}")  # fmt: skip
+    rule = (
+        f"fail if p < {alpha:.3g} and A >= {t.latency_fail}; marginal if p < {alpha:.3g} "
+        f"and A >= {t.latency_marginal}"
+    )
     if not _enough(t, cs["n"], bs["n"]):
         verdict, reason = INCONCLUSIVE, _too_few(t, cs["n"], bs["n"])
     else:
         verdict = graded(test.effect, test.p_value, alpha, t.latency_marginal, t.latency_fail)
         ratio = _ratio_text(cs["p50_seconds"], bs["p50_seconds"])
-        reason = (f"canary slower than baseline in {test.effect:.0%} of probe pairs "
-                  f"(p50 ratio {ratio})")  # fmt: skip
-    return Check("latency", "Mann-Whitney U, one-sided, on histogram bins", verdict, reason,
-                 cs, bs, _rank_stats(test), rule, obs.promql["latency"])  # fmt: skip
+        reason = (
+            f"canary slower than baseline in {test.effect:.0%} of probe pairs (p50 ratio {ratio})"
+        )
+    return Check(
+        "latency",
+        "Mann-Whitney U, one-sided, on histogram bins",
+        verdict,
+        reason,
+        cs,
+        bs,
+        _rank_stats(test),
+        rule,
+        obs.promql["latency"],
+    )
 
 
-def _dispersion(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds,
-                alpha: float) -> Check:  # fmt: skip
+def _dispersion(
+    obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds, alpha: float
+) -> Check:
     centres = stats.bin_centres(obs.bounds)
     cs, bs = _latency_summary(obs, c), _latency_summary(obs, b)
     test = stats.dispersion_test_binned(obs.bins(c), obs.bins(b), centres)
     for summary in (cs, bs):
         p50, p99 = summary["p50_seconds"], summary["p99_seconds"]
         summary["p99_over_p50"] = p99 / p50 if p50 and p50 > 0 else math.nan
-    rule = (f"fail if p < {alpha:.3g} and A >= {t.dispersion_fail}; marginal if p < "
-            f"{alpha:.3g} and A >= {t.dispersion_marginal}")  # fmt: skip
+    rule = (
+        f"fail if p < {alpha:.3g} and A >= {t.dispersion_fail}; marginal if p < "
+        f"{alpha:.3g} and A >= {t.dispersion_marginal}"
+    )
     if not _enough(t, cs["n"], bs["n"]):
         verdict, reason = INCONCLUSIVE, _too_few(t, cs["n"], bs["n"])
     else:
-        verdict = graded(test.effect, test.p_value, alpha, t.dispersion_marginal,
-                         t.dispersion_fail)  # fmt: skip
+        verdict = graded(test.effect, test.p_value, alpha, t.dispersion_marginal, t.dispersion_fail)
         reason = (
             f"canary latency further from its median than baseline's in {test.effect:.0%} "
             f"of pairs (p99/p50 {cs['p99_over_p50']:.2f} vs {bs['p99_over_p50']:.2f})"
         )
     test_name = "Mann-Whitney U on |log latency - median| (rank Brown-Forsythe), one-sided"
-    return Check("latency_dispersion", test_name, verdict, reason, cs, bs, _rank_stats(test),
-                 rule, obs.promql["latency"])  # fmt: skip
+    return Check(
+        "latency_dispersion",
+        test_name,
+        verdict,
+        reason,
+        cs,
+        bs,
+        _rank_stats(test),
+        rule,
+        obs.promql["latency"],
+    )
 
 
-def _rate(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds,
-          alpha: float, name: str, results: tuple[str, ...]) -> Check:  # fmt: skip
+def _rate(
+    obs: Observations,
+    c: tuple[str, str],
+    b: tuple[str, str],
+    t: Thresholds,
+    alpha: float,
+    name: str,
+    results: tuple[str, ...],
+) -> Check:
     counts = []
     for key in (c, b):
         by_result = obs.results.get(key, {})
@@ -252,24 +332,35 @@ def _rate(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Threshol
             verdict = MARGINAL
         else:
             verdict = PASS
-        reason = (f"{k1} of {n1} canary probes ({test.canary_ratio:.2%}) vs {k2} of {n2} "
-                  f"baseline ({test.baseline_ratio:.2%})")  # fmt: skip
+        reason = (
+            f"{k1} of {n1} canary probes ({test.canary_ratio:.2%}) vs {k2} of {n2} "
+            f"baseline ({test.baseline_ratio:.2%})"
+        )
     return Check(
-        name, "conditional binomial test (exact), one-sided", verdict, reason,
+        name,
+        "conditional binomial test (exact), one-sided",
+        verdict,
+        reason,
         {"events": k1, "n": n1, "ratio": test.canary_ratio},
         {"events": k2, "n": n2, "ratio": test.baseline_ratio},
-        {"p_value": test.p_value}, rule, obs.promql["probes"],
-    )  # fmt: skip
+        {"p_value": test.p_value},
+        rule,
+        obs.promql["probes"],
+    )
 
 
-def _deviation(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds,
-               alpha: float) -> Check:  # fmt: skip
+def _deviation(
+    obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thresholds, alpha: float
+) -> Check:
     cv, bv = obs.deviation.get(c, []), obs.deviation.get(b, [])
     test = stats.rank_test_samples(cv, bv)
-    rule = (f"marginal if p < {alpha:.3g} and A >= {t.deviation_marginal} (outputs beyond "
-            "tolerance are counted by the mismatches check)")  # fmt: skip
-    summary = [{"n": len(v), "median": stats.median(v), "max": max(v, default=math.nan)}
-               for v in (cv, bv)]  # fmt: skip
+    rule = (
+        f"marginal if p < {alpha:.3g} and A >= {t.deviation_marginal} (outputs beyond "
+        "tolerance are counted by the mismatches check)"
+    )
+    summary = [
+        {"n": len(v), "median": stats.median(v), "max": max(v, default=math.nan)} for v in (cv, bv)
+    ]
     if not cv and not bv:
         verdict, reason = SKIPPED, "no output deviation samples on either track"
     elif not cv or not bv:
@@ -277,21 +368,41 @@ def _deviation(obs: Observations, c: tuple[str, str], b: tuple[str, str], t: Thr
     else:
         grew = test.p_value < alpha and test.effect >= t.deviation_marginal
         verdict = MARGINAL if grew else PASS
-        reason = (f"max abs error median {summary[0]['median']:.3g} vs "
-                  f"{summary[1]['median']:.3g}")  # fmt: skip
-    return Check("output_deviation", "Mann-Whitney U, one-sided, on scraped samples", verdict,
-                 reason, summary[0], summary[1], _rank_stats(test), rule,
-                 obs.promql["output_deviation"])  # fmt: skip
+        reason = f"max abs error median {summary[0]['median']:.3g} vs {summary[1]['median']:.3g}"
+    return Check(
+        "output_deviation",
+        "Mann-Whitney U, one-sided, on scraped samples",
+        verdict,
+        reason,
+        summary[0],
+        summary[1],
+        _rank_stats(test),
+        rule,
+        obs.promql["output_deviation"],
+    )
 
 
-def ratio_check(values: dict[Any, list[float]], c: Any, b: Any, name: str, marginal: float,
-                fail: float, floor: float, unit: str, promql: str) -> Check:  # fmt: skip
+def ratio_check(
+    values: dict[Any, list[float]],
+    c: Any,
+    b: Any,
+    name: str,
+    marginal: float,
+    fail: float,
+    floor: float,
+    unit: str,
+    promql: str,
+) -> Check:
     cv, bv = values.get(c, []), values.get(b, [])
     cm, bm = stats.median(cv), stats.median(bv)
-    rule = (f"fail if canary/baseline >= {fail} and the difference >= {floor:g} {unit}; "
-            f"marginal if >= {marginal}")  # fmt: skip
-    summary = ({"targets": len(cv), f"median_{unit}": cm},
-               {"targets": len(bv), f"median_{unit}": bm})  # fmt: skip
+    rule = (
+        f"fail if canary/baseline >= {fail} and the difference >= {floor:g} {unit}; "
+        f"marginal if >= {marginal}"
+    )
+    summary = (
+        {"targets": len(cv), f"median_{unit}": cm},
+        {"targets": len(bv), f"median_{unit}": bm},
+    )
     ratio = cm / bm if cv and bv and bm > 0 else math.nan
     if not cv and not bv:
         verdict, reason = SKIPPED, "not exported on either track"
@@ -306,8 +417,17 @@ def ratio_check(values: dict[Any, list[float]], c: Any, b: Any, name: str, margi
         else:
             verdict = PASS
         reason = f"median per target {_fmt(cm, unit)} vs {_fmt(bm, unit)} (ratio {ratio:.2f})"
-    return Check(name, "ratio of medians per target", verdict, reason, summary[0], summary[1],
-                 {"ratio": ratio}, rule, promql)  # fmt: skip
+    return Check(
+        name,
+        "ratio of medians per target",
+        verdict,
+        reason,
+        summary[0],
+        summary[1],
+        {"ratio": ratio},
+        rule,
+        promql,
+    )
 
 
 def _rank_stats(test: stats.RankTest) -> dict[str, Any]:
@@ -315,8 +435,10 @@ def _rank_stats(test: stats.RankTest) -> dict[str, Any]:
 
 
 def _too_few(t: Thresholds, n1: float, n2: float) -> str:
-    return (f"too few probes to judge: canary {int(n1)}, baseline {int(n2)} "
-            f"(--min-samples {t.min_samples})")  # fmt: skip
+    return (
+        f"too few probes to judge: canary {int(n1)}, baseline {int(n2)} "
+        f"(--min-samples {t.min_samples})"
+    )
 
 
 def _ratio_text(a: float, b: float) -> str:
@@ -329,8 +451,16 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.3g} s"
 
 
-def tail_check(bounds: list[float], canary: list[float], baseline: list[float], limit: float,
-               alpha: float, enough: bool, too_few: str, promql: str) -> Check:  # fmt: skip
+def tail_check(
+    bounds: list[float],
+    canary: list[float],
+    baseline: list[float],
+    limit: float,
+    alpha: float,
+    enough: bool,
+    too_few: str,
+    promql: str,
+) -> Check:
     """p90 and p99 ratios with intervals against the rule pack's ratio limit.
 
     Decided on evidence: fail when the whole interval of a ratio lies above the limit; hold
@@ -347,9 +477,11 @@ def tail_check(bounds: list[float], canary: list[float], baseline: list[float], 
     n = min(sum(canary), sum(baseline))
     need = {r.q: math.ceil(round(TAIL_SEEN / (1 - r.q), 6)) for r in ratios}
     seen = {r.q: n >= need[r.q] for r in ratios}
-    rule = (f"fail if a p90/p99 ratio's interval lies above {limit:g}; marginal if a ratio is "
-            f"above {limit:g}; a quantile needs {TAIL_SEEN} observations beyond it to be judged "
-            "alone")  # fmt: skip
+    rule = (
+        f"fail if a p90/p99 ratio's interval lies above {limit:g}; marginal if a ratio is "
+        f"above {limit:g}; a quantile needs {TAIL_SEEN} observations beyond it to be judged "
+        "alone"
+    )
     if not enough:
         verdict, reason = INCONCLUSIVE, too_few
     elif any(math.isnan(r.ratio) for r in ratios):
@@ -363,10 +495,21 @@ def tail_check(bounds: list[float], canary: list[float], baseline: list[float], 
             verdict = PASS
         reason = "; ".join(
             f"p{r.q * 100:g} ratio {r.ratio:.2f} [{r.low:.2f}, {r.high:.2f}]"
-            + ("" if seen[r.q] else
-               f" (too few probes to see a p{r.q * 100:g} tail: {int(n)}, need "
-               f"{need[r.q]})")
+            + (
+                ""
+                if seen[r.q]
+                else f" (too few probes to see a p{r.q * 100:g} tail: {int(n)}, need {need[r.q]})"
+            )
             for r in ratios
-        )  # fmt: skip
-    return Check("latency_tail", "p90/p99 ratio with order-statistic intervals on the buckets",
-                 verdict, reason, side, base, statistic, rule, promql)  # fmt: skip
+        )
+    return Check(
+        "latency_tail",
+        "p90/p99 ratio with order-statistic intervals on the buckets",
+        verdict,
+        reason,
+        side,
+        base,
+        statistic,
+        rule,
+        promql,
+    )

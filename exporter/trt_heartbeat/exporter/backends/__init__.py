@@ -7,6 +7,7 @@ TensorRT and NVML code can never wedge or crash the HTTP server.
 from __future__ import annotations
 
 import importlib
+from functools import cache
 from typing import cast
 
 from trt_heartbeat.domain import EngineInfo, MigInstance, Target
@@ -18,6 +19,7 @@ from trt_heartbeat.exporter.backends.base import (
     MemoryReading,
     RunResult,
 )
+from trt_heartbeat.exporter.child import ChildError, call_in_child
 
 # name -> "module:attribute"; modules are imported only inside worker processes.
 REGISTRY: dict[str, str] = {
@@ -25,8 +27,8 @@ REGISTRY: dict[str, str] = {
     "cuda": "trt_heartbeat.exporter.backends.cuda:CudaBackend",
     "tensorrt": "trt_heartbeat.exporter.backends.tensorrt:TensorRTBackend",
 }
-# Backends that probe GPUs: one target (and one worker) per GPU.
-GPU_BACKENDS = ("tensorrt", "cuda")
+# A backend that does not answer within this is asked no further; its workers report why.
+DECLARATION_TIMEOUT = 30.0
 
 
 def known_backends() -> list[str]:
@@ -60,8 +62,26 @@ def load_backend(spec: str) -> BackendFactory:
         raise UnknownBackendError(f"cannot load backend {spec!r}: {exc}") from exc
 
 
+def _declared(spec: str) -> bool | None:
+    declared = getattr(load_backend(spec), "probes_gpus", None)
+    return declared if isinstance(declared, bool) else None
+
+
+@cache
+def declared_gpu_use(spec: str) -> bool | None:
+    """A backend class's `probes_gpus`, read in a short-lived child process (never imported
+    here); None where it does not say or cannot be loaded (its workers then say why)."""
+    try:
+        declared: bool | None = call_in_child(
+            _declared, spec, timeout=DECLARATION_TIMEOUT, name="backend-declaration"
+        )
+    except ChildError:
+        return None
+    return declared
+
+
 __all__ = [
-    "GPU_BACKENDS",
+    "DECLARATION_TIMEOUT",
     "REGISTRY",
     "Backend",
     "BackendFactory",
@@ -71,6 +91,7 @@ __all__ = [
     "MigInstance",
     "RunResult",
     "Target",
+    "declared_gpu_use",
     "known_backends",
     "load_backend",
     "resolve_spec",

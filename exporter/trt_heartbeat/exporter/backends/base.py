@@ -45,6 +45,8 @@ class MemoryReading:
 class Backend(Protocol):
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
+    # True: one target (and one worker, bound to it) per GPU; False: one target, the host.
+    probes_gpus: ClassVar[bool]
 
     def prepare(self) -> EngineInfo:
         """Build or load the probe model; raise BackendError with a reason on failure."""
@@ -62,5 +64,6 @@ class Backend(Protocol):
 class BackendFactory(Protocol):
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]
+    probes_gpus: ClassVar[bool]
 
     def __call__(self, target: Target, precision: str, options: BackendOptions) -> Backend: ...

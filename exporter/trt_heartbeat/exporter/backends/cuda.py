@@ -84,8 +84,10 @@ class CudaBackend(GpuBackend):
         self._memory = NvmlView(self.target.uuid)
         host = self._host = open_host(self.options.cuda_api)
         net = canonical.network()
-        weights = [upload(host, np.ascontiguousarray(a, dtype=dtype))
-                   for a in (net.w1, net.b1, net.w2, net.b2)]  # fmt: skip
+        weights = [
+            upload(host, np.ascontiguousarray(a, dtype=dtype))
+            for a in (net.w1, net.b1, net.w2, net.b2)
+        ]
         self._io = io_buffers(host, net.x.astype(dtype), (canonical.BATCH, canonical.OUT_FEATURES))
         image = nvrtc.compile_cubin(
             kernel_source(ctype), "canonical_mlp.cu", host.device.compute_capability

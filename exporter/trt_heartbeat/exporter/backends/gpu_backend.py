@@ -138,6 +138,7 @@ class GpuBackend:
     """
 
     name: ClassVar[str]
+    probes_gpus: ClassVar[bool] = True
     precisions: ClassVar[tuple[str, ...]]
 
     def __init__(

@@ -24,6 +24,7 @@ _DTYPES: dict[str, type[np.floating]] = {
 
 class ReferenceBackend:
     name: ClassVar[str] = "reference"
+    probes_gpus: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]] = tuple(_DTYPES)
 
     def __init__(

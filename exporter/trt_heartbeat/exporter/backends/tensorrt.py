@@ -238,8 +238,10 @@ class TensorRTBackend(GpuBackend):
                 Reason.ENGINE_LOAD_FAILED,
                 f"could not create an execution context: {self._logger.take()}",
             )
-        for name, ptr in ((canonical.INPUT_NAME, self._io.dev_in),
-                          (canonical.OUTPUT_NAME, self._io.dev_out)):  # fmt: skip
+        for name, ptr in (
+            (canonical.INPUT_NAME, self._io.dev_in),
+            (canonical.OUTPUT_NAME, self._io.dev_out),
+        ):
             if not self._context.set_tensor_address(name, ptr):
                 raise BackendError(Reason.ENGINE_LOAD_FAILED, f"set_tensor_address({name}) failed")
 

@@ -38,8 +38,10 @@ def _failure(call: str, err: Any) -> BackendError:
 
 _memcpy_htod, _memcpy_dtoh = cu.cuMemcpyHtoDAsync, cu.cuMemcpyDtoHAsync
 _event_record, _stream_synchronize, _launch_kernel = (
-    cu.cuEventRecord, cu.cuStreamSynchronize, cu.cuLaunchKernel
-)  # fmt: skip
+    cu.cuEventRecord,
+    cu.cuStreamSynchronize,
+    cu.cuLaunchKernel,
+)
 
 
 def _text(value: Any) -> str:
@@ -178,8 +180,9 @@ class CudaPythonHost:
             values = [ctypes.c_uint64(p) for p in pointers]
             params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
             self._launch = (key, values, params, ctypes.addressof(params))
-        (err,) = _launch_kernel(kernel, grid, 1, 1, block, 1, 1, 0, self._stream,
-                                self._launch[3], 0)  # fmt: skip
+        (err,) = _launch_kernel(
+            kernel, grid, 1, 1, block, 1, 1, 0, self._stream, self._launch[3], 0
+        )
         if err != _SUCCESS:
             raise _failure("cuLaunchKernel", err)
 

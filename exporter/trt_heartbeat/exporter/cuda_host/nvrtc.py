@@ -40,8 +40,11 @@ def compile_cubin(source: str, name: str, compute_capability: tuple[int, int]) -
     try:
         major, minor = compute_capability
         options = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--std=c++17"]
-        _check("nvrtcCompileProgram",
-               nvrtc.nvrtcCompileProgram(program, len(options), options), program)  # fmt: skip
+        _check(
+            "nvrtcCompileProgram",
+            nvrtc.nvrtcCompileProgram(program, len(options), options),
+            program,
+        )
         size = _check("nvrtcGetCUBINSize", nvrtc.nvrtcGetCUBINSize(program))
         image = b" " * int(size)
         _check("nvrtcGetCUBIN", nvrtc.nvrtcGetCUBIN(program, image))

@@ -58,7 +58,7 @@ class PyCudaHost:
             total_memory=int(self._device.total_memory()),
             multiprocessors=int(attrs[cuda.device_attribute.MULTIPROCESSOR_COUNT]),
             cuda_driver_version=f"{version // 1000}.{version % 1000 // 10}",
-        )  # fmt: skip
+        )
         self._stream = cuda.Stream(flags=1)  # CU_STREAM_NON_BLOCKING
         self._events = [cuda.Event() for _ in range(4)]
         self._keep: list[Any] = []
@@ -105,8 +105,14 @@ class PyCudaHost:
         return function
 
     def launch(self, kernel: Any, grid: int, block: int, pointers: list[int]) -> None:
-        self._call("cuLaunchKernel", kernel.prepared_async_call, (grid, 1), (block, 1, 1),
-                   self._stream, *pointers)  # fmt: skip
+        self._call(
+            "cuLaunchKernel",
+            kernel.prepared_async_call,
+            (grid, 1),
+            (block, 1, 1),
+            self._stream,
+            *pointers,
+        )
 
     def memory_info(self) -> tuple[int, int]:
         free, total = self._call("cuMemGetInfo", cuda.mem_get_info)

@@ -172,8 +172,11 @@ def load(path: Path) -> WebConfig:
         # another), a character outside Latin-1 cannot be sent at all.
         text = str(value)
         if not text.isprintable() or not text.isascii():
-            raise _fail(path, f"http_server_config.headers.{name}",
-                        "expected printable ASCII (no line breaks)")  # fmt: skip
+            raise _fail(
+                path,
+                f"http_server_config.headers.{name}",
+                "expected printable ASCII (no line breaks)",
+            )
     tls_doc = _mapping(path, "tls_server_config", top.get("tls_server_config"), _TLS_KEYS)
     tls = _tls(path, tls_doc) if tls_doc else None
     config = WebConfig(tls, users, {str(k): str(v) for k, v in headers.items()})

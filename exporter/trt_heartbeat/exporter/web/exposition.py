@@ -138,8 +138,9 @@ class _Template:
     def fill(self, values: Sequence[float]) -> bytes:
         out, it = [], iter(values)
         for piece in self.pieces:
-            out.append(piece if piece.startswith(b"#") else
-                       piece + _go_float(next(it)).encode() + b"\n")  # fmt: skip
+            out.append(
+                piece if piece.startswith(b"#") else piece + _go_float(next(it)).encode() + b"\n"
+            )
         return b"".join(out)
 
 
@@ -223,8 +224,9 @@ class Exposition:
                 body.gzip = GzipMember(body.stable)
             return body.gzip.member(tail), content_type
 
-    def _stable_body(self, encoder: Callable[[CollectorRegistry], bytes],
-                     content_type: str) -> _Body:  # fmt: skip
+    def _stable_body(
+        self, encoder: Callable[[CollectorRegistry], bytes], content_type: str
+    ) -> _Body:
         # Read the versions before rendering: a change during the render shows up next time.
         versions = tuple(version_of() for version_of, _ in self._stable)
         body = self._bodies.get(content_type)
@@ -237,8 +239,13 @@ class Exposition:
             body = self._bodies[content_type] = _Body(versions, stitched)
         return body
 
-    def _part(self, encoder: Callable[[CollectorRegistry], bytes], content_type: str,
-              index: int, version: object) -> Fragments:  # fmt: skip
+    def _part(
+        self,
+        encoder: Callable[[CollectorRegistry], bytes],
+        content_type: str,
+        index: int,
+        version: object,
+    ) -> Fragments:
         cached = self._cache.get((content_type, index))
         if cached is None or cached[0] != version:
             cached = (version, split_families(encoder(self._stable[index][1])))
@@ -246,8 +253,9 @@ class Exposition:
             self.renders += 1
         return cached[1]
 
-    def _clock_part(self, encoder: Callable[[CollectorRegistry], bytes],
-                    content_type: str) -> bytes:  # fmt: skip
+    def _clock_part(
+        self, encoder: Callable[[CollectorRegistry], bytes], content_type: str
+    ) -> bytes:
         values = self._clock.values()
         template = self._templates.get(content_type)
         if template is None or template.samples != len(values):
@@ -256,8 +264,7 @@ class Exposition:
             return text
         return template.fill(values)
 
-    def _slow_part(self, encoder: Callable[[CollectorRegistry], bytes],
-                   content_type: str) -> bytes:  # fmt: skip
+    def _slow_part(self, encoder: Callable[[CollectorRegistry], bytes], content_type: str) -> bytes:
         now = self._monotonic()
         cached = self._slow_cache.get(content_type)
         if cached is None or now - cached[0] >= self._slow_ttl:

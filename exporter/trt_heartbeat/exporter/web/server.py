@@ -1,4 +1,4 @@
-"""The HTTP server: /metrics, /health, /ping, /probes and a landing page.
+"""The HTTP transport that serves the routes (`routes`): /metrics, /health, /ping, /probes.
 
 Each connection runs in its own thread and only reads snapshots, so a wedged probe worker can never
 hold a request. Requests are framed by h11; only GET and HEAD are served (any other method: 405).
@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.utils
-import html
-import json
 import logging
 import re
 import socket
@@ -30,6 +28,7 @@ import h11
 
 from trt_heartbeat import __version__
 from trt_heartbeat.exporter.web.config import BasicAuth, TLSContext, WebConfig
+from trt_heartbeat.exporter.web.routes import Reply
 
 log = logging.getLogger("trt_heartbeat.http")
 
@@ -45,36 +44,10 @@ MAX_CONNECTIONS = 1024
 SLOT_WAIT_SECONDS = 0.25
 
 
-class App(Protocol):
-    @property
-    def telemetry_path(self) -> str: ...
+class Router(Protocol):
+    """What the transport asks of the application: the answer to a GET of `path`."""
 
-    def render_metrics(self, accept: str | None, gzip: bool = False) -> tuple[bytes, str]:
-        """The exposition for this Accept header; gzip-compressed when `gzip`."""
-
-    def health_report(self) -> tuple[dict[str, Any], bool]: ...
-
-    def probe_report(self) -> dict[str, Any]: ...
-
-    def alive(self) -> bool: ...
-
-
-def _landing_page(telemetry_path: str) -> bytes:
-    links = [
-        (telemetry_path, "Metrics"),
-        ("/health", "Health (readiness, JSON)"),
-        ("/ping", "Ping (liveness)"),
-        ("/probes", "Last probes per target (debug, JSON)"),
-    ]
-    items = "".join(
-        f'<li><a href="{html.escape(path)}">{html.escape(text)}</a></li>' for path, text in links
-    )
-    return (
-        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>trt-heartbeat-exporter</title>'
-        "</head><body><h1>trt-heartbeat-exporter</h1>"
-        f"<p>Version {html.escape(__version__)}. Runs a canonical inference on every GPU on a "
-        f"timer and exports the heartbeat.</p><ul>{items}</ul></body></html>\n"
-    ).encode()
+    def answer(self, path: str, accept: str | None, gzip: bool) -> Reply: ...
 
 
 # The request head (request line and every header) is read whole before anything is decided and
@@ -176,8 +149,11 @@ _parsed_lock = threading.Lock()
 
 def _remember(request: _Request) -> None:
     key = request.head_bytes
-    if (len(key) > _PARSED_HEAD_MAX or not key.endswith(b"\r\n\r\n")
-            or b"authorization" in request.fields):  # fmt: skip
+    if (
+        len(key) > _PARSED_HEAD_MAX
+        or not key.endswith(b"\r\n\r\n")
+        or b"authorization" in request.fields
+    ):
         return
     with _parsed_lock:
         while len(_PARSED) >= _PARSED_SIZE:
@@ -239,8 +215,9 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             request = self._read_request()
         except _BadRequest as bad:
-            log.debug("bad request", extra={"fields": {"status": bad.status.value,
-                                                       "error": str(bad)}})  # fmt: skip
+            log.debug(
+                "bad request", extra={"fields": {"status": bad.status.value, "error": str(bad)}}
+            )
             self._write(self._error(bad.status))
             return False
         if request is None:
@@ -328,48 +305,46 @@ class _Handler(socketserver.BaseRequestHandler):
         # closes rather than read the body as the next request.
         has_body = fields.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in fields
         close = not keep_alive or has_body
-        return _Request(method, target, path, method == "HEAD", fields, b",".join(encodings),
-                        close, keep_alive=not close and version == b"1.0",
-                        head_bytes=bytes(head))  # fmt: skip
+        return _Request(
+            method,
+            target,
+            path,
+            method == "HEAD",
+            fields,
+            b",".join(encodings),
+            close,
+            keep_alive=not close and version == b"1.0",
+            head_bytes=bytes(head),
+        )
 
     def _respond(self, request: _Request) -> bytes:
         """The whole answer to a request, head and body."""
         self._current, self._current_close = request, request.close
         if request.method not in ("GET", "HEAD"):
-            return self._answer(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n",
-                                "text/plain", extra=_ALLOW)  # fmt: skip
-        app, path, head = self.server.app, request.path, request.head
+            return self._answer(
+                HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", "text/plain", extra=_ALLOW
+            )
+        path, head = request.path, request.head
         if not self._authorized(request):
-            return self._answer(HTTPStatus.UNAUTHORIZED, b"unauthorized\n", "text/plain", head,
-                                extra=_CHALLENGE)  # fmt: skip
+            return self._answer(
+                HTTPStatus.UNAUTHORIZED, b"unauthorized\n", "text/plain", head, extra=_CHALLENGE
+            )
         try:
-            if path == app.telemetry_path:
-                gzipped = _wants_gzip(request.accept_encoding)
-                accept = request.fields.get(b"accept")
-                body, content_type = app.render_metrics(
-                    None if accept is None else accept.decode("latin-1"), gzipped
-                )
-                return self._answer(HTTPStatus.OK, body, content_type, head, gzipped=gzipped)
-            if path == "/health":
-                report, ready = app.health_report()
-                status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-                return self._answer_json(status, report, head)
-            if path == "/ping":
-                if app.alive():
-                    return self._answer(HTTPStatus.OK, b"OK\n", "text/plain", head)
-                return self._answer(HTTPStatus.SERVICE_UNAVAILABLE, b"probe loop stalled\n",
-                                    "text/plain", head)  # fmt: skip
-            if path == "/probes":
-                return self._answer_json(HTTPStatus.OK, app.probe_report(), head)
-            if path == "/":
-                return self._answer(HTTPStatus.OK, _landing_page(app.telemetry_path),
-                                    "text/html", head)  # fmt: skip
-            return self._answer(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head)
+            accept = request.fields.get(b"accept")
+            reply = self.server.routes.answer(
+                path,
+                None if accept is None else accept.decode("latin-1"),
+                _wants_gzip(request.accept_encoding),
+            )
+            return self._answer(
+                reply.status, reply.body, reply.content_type, head, gzipped=reply.gzipped
+            )
         except Exception:
             log.exception("error serving request", extra={"fields": {"path": path}})
             self._current_close = True
-            return self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n",
-                                "text/plain", head)  # fmt: skip
+            return self._answer(
+                HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n", "text/plain", head
+            )
 
     def _authorized(self, request: _Request) -> bool:
         auth = self.server.basic_auth
@@ -385,10 +360,6 @@ class _Handler(socketserver.BaseRequestHandler):
             if user and auth.check(user, password):
                 return True
         return False
-
-    def _answer_json(self, status: HTTPStatus, document: dict[str, Any], head: bool) -> bytes:
-        body = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode()
-        return self._answer(status, body, "application/json", head)
 
     def _answer(
         self,
@@ -457,8 +428,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 view = view[sock.send(view) :]
             return True
         except OSError as exc:
-            log.debug("answer not written; closing",
-                      extra={"fields": {"error": str(exc) or type(exc).__name__}})  # fmt: skip
+            log.debug(
+                "answer not written; closing",
+                extra={"fields": {"error": str(exc) or type(exc).__name__}},
+            )
             return False
 
 
@@ -485,9 +458,13 @@ class Connections:
     Requests being answered (BUSY) are never dropped: they are bounded by the request slots.
     """
 
-    def __init__(self, limit: int, header_timeout: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 write_timeout: float = WRITE_TIMEOUT_SECONDS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        limit: int,
+        header_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        write_timeout: float = WRITE_TIMEOUT_SECONDS,
+    ) -> None:
         self.limit, self.header_timeout, self.clock = limit, header_timeout, clock
         self.write_timeout = write_timeout
         self._open: dict[int, _Connection] = {}
@@ -500,8 +477,12 @@ class Connections:
         """Register a new connection; False if no room could be made."""
         with self._lock:
             if len(self._open) >= self.limit:
-                victim = (self._oldest(IDLE) or self._oldest(HEADERS)
-                          or self._oldest(HANDSHAKE) or self._oldest(WRITE))  # fmt: skip
+                victim = (
+                    self._oldest(IDLE)
+                    or self._oldest(HEADERS)
+                    or self._oldest(HANDSHAKE)
+                    or self._oldest(WRITE)
+                )
                 if victim is None:
                     return False
                 self._drop(victim, "connection limit")
@@ -546,12 +527,18 @@ class Connections:
     def reap(self) -> None:
         with self._lock:
             now = self.clock()
-            late = [c for c in self._open.values() if c.phase in (HANDSHAKE, HEADERS)
-                    and now - c.since > self.header_timeout]  # fmt: skip
+            late = [
+                c
+                for c in self._open.values()
+                if c.phase in (HANDSHAKE, HEADERS) and now - c.since > self.header_timeout
+            ]
             for conn in late:
                 self._drop(conn, "header deadline")
-            stuck = [c for c in self._open.values()
-                     if c.phase == WRITE and now - c.since > self.write_timeout]  # fmt: skip
+            stuck = [
+                c
+                for c in self._open.values()
+                if c.phase == WRITE and now - c.since > self.write_timeout
+            ]
             for conn in stuck:
                 self._drop(conn, "write deadline")
 
@@ -584,7 +571,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self,
         host: str,
         port: int,
-        app: App,
+        routes: Router,
         web: WebConfig | None = None,
         max_requests: int = 40,
         max_connections: int = MAX_CONNECTIONS,
@@ -592,12 +579,12 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         write_timeout: float = WRITE_TIMEOUT_SECONDS,
         slot_wait: float = SLOT_WAIT_SECONDS,
     ) -> None:
-        self.app = app
+        self.routes = routes
         self.write_timeout = write_timeout
-        self.connections = Connections(max_connections, header_timeout,
-                                       write_timeout=write_timeout)  # fmt: skip
-        threading.Thread(target=self.connections.run_reaper, name="http-reaper",
-                         daemon=True).start()  # fmt: skip
+        self.connections = Connections(max_connections, header_timeout, write_timeout=write_timeout)
+        threading.Thread(
+            target=self.connections.run_reaper, name="http-reaper", daemon=True
+        ).start()
         self.tls = TLSContext(web.tls) if web and web.tls else None
         self.basic_auth = BasicAuth(web.users) if web and web.users else None
         self.headers = dict(web.headers) if web else {}
@@ -643,8 +630,9 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         try:
             # Wrapping detaches the raw socket: track the TLS one before the handshake starts,
             # so that the header deadline can still cut a handshake that never ends.
-            secure = self.tls.context().wrap_socket(request, server_side=True,
-                                                    do_handshake_on_connect=False)  # fmt: skip
+            secure = self.tls.context().wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
         except (ssl.SSLError, OSError) as exc:
             log.debug("TLS handshake failed", extra={"fields": {"error": str(exc)}})
             return

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager victoria-metrics
 
-.PHONY: run test test-fast test-e2e lint bench deps system-deps clean rules
+.PHONY: run test test-fast test-e2e lint bench deps system-deps clean generate rules
 
 # Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s"). It installs what
 # running needs, not what the tests need: the base package, plus the gpu extra (and the cuda
@@ -44,11 +44,16 @@ bench: deps
 	$(PY) bench/bench_rules_fleet.py
 	$(PY) bench/bench_scrape.py
 
-# The rollout guard's rules are generated from the service sources (tests keep them equal).
-rules: $(VENV)/.installed
+# Every generated file, in dependency order: the rollout guard's rules (from the service
+# sources), the dashboards (from grafana/build_dashboards.py), then the Kubernetes files that
+# embed both. Tests fail while any of them differs from what this writes.
+generate: $(VENV)/.installed
 	$(VENV)/bin/trt-heartbeat-exporter service-rules > rules/service-sources.rules.yml
 	$(VENV)/bin/trt-heartbeat-exporter service-rules --canary > rules/service-canary.rules.yml
+	$(PY) grafana/build_dashboards.py
 	$(PY) deploy/generate.py
+
+rules: generate
 
 deps: system-deps $(VENV)/.installed
 

@@ -77,6 +77,10 @@ def settings(**overrides: Any) -> config.Settings:
     return config.load(None, config._merge(base, overrides))
 
 
+# Test servers stop within this (serve_forever's default, 0.5 s, would be paid by every test).
+POLL_INTERVAL = 0.02
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
     """Poll until predicate() is truthy; the deadline only bounds a hung test."""
     deadline = time.monotonic() + timeout
@@ -111,7 +115,7 @@ def run_exporter() -> Iterator[Callable[..., Running]]:
         s = settings(**overrides)
         exporter = Exporter(s, s.backend, targets, telemetry=telemetry)
         server = ExporterHTTPServer("127.0.0.1", 0, Routes(exporter))
-        server.start_background()
+        server.start_background(POLL_INTERVAL)
         exporter.start()
         running = Running(exporter, server)
         started.append(running)
@@ -141,7 +145,7 @@ def serve(faults: Faults) -> Iterator[Callable[..., ExporterHTTPServer]]:
         server = ExporterHTTPServer(
             "127.0.0.1", 0, Routes(wrap(exporter)), web, max_requests, **limits
         )
-        server.start_background()
+        server.start_background(POLL_INTERVAL)
         exporter.start()
         servers.append((server, exporter))
         return server

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fake_nvml
 from conftest import Faults, Running, fake_telemetry, wait_for
 from trt_heartbeat.domain import MigInstance, Target
-from trt_heartbeat.exporter.backends.gpu_backend import NvmlView
+from trt_heartbeat.exporter.nvml import NvmlView
 from trt_heartbeat.exporter.nvml_poller import NvmlTelemetry
 from trt_heartbeat.exporter.web.routes import health_report
 

@@ -9,7 +9,6 @@ service gets, and each can wedge or run out of memory on its own.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from dataclasses import dataclass
@@ -49,24 +48,9 @@ class FoundGpu:
 
 
 def _discover_nvml(module: str = "pynvml") -> list[FoundGpu]:
-    from trt_heartbeat.exporter.nvml import mig_devices, mig_enabled
+    from trt_heartbeat.exporter import nvml
 
-    nvml: Any = importlib.import_module(module)
-    nvml.nvmlInit()
-    try:
-        found = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = nvml.nvmlDeviceGetUUID(handle)
-            instances = tuple(
-                Target(mig.label, mig_uuid, mig)
-                for _, mig_uuid, mig in mig_devices(nvml, index, handle)
-            )
-            text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-            found.append(FoundGpu(index, text, mig_enabled(nvml, handle), instances))
-        return found
-    finally:
-        nvml.nvmlShutdown()
+    return [FoundGpu(*gpu) for gpu in nvml.discover(module)]
 
 
 def _discover_cuda() -> list[FoundGpu]:

@@ -1,8 +1,11 @@
-"""NVML reads, in a child process of their own (the exporter process never loads NVML).
+"""Every NVML call of the exporter, made in a child process (the exporter process never loads
+NVML): the poller's reads, GPU discovery at start-up, and a probe worker's view of its own GPU.
 
-The child answers each "read" request with one snapshot of every GPU NVML can see. A GPU that fell
-off the bus can make an NVML call hang; the parent (telemetry.py) then kills this process and
-starts another, so a hang costs one missed snapshot, never a scrape.
+The poller's child (`reader_main`) answers each "read" request with one snapshot of every GPU
+NVML can see. A GPU that fell off the bus can make an NVML call hang; the parent
+(`nvml_poller`) then kills this process and starts another, so a hang costs one missed snapshot,
+never a scrape. Discovery (`discover`) runs in a one-shot child (`gpus`); `NvmlView` in the
+probe worker of a GPU backend.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing.connection
+import os
 import re
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from trt_heartbeat.domain import MigInstance
+from trt_heartbeat.domain import MigInstance, Target
 
 _PROFILE = re.compile(r"MIG (\S+)$")  # "NVIDIA H100 80GB HBM3 MIG 1g.10gb" -> "1g.10gb"
 
@@ -209,4 +215,92 @@ def reader_main(conn: multiprocessing.connection.Connection, module_name: str) -
                     nvml.nvmlShutdown()
                 nvml = None
     if nvml is not None:
+        nvml.nvmlShutdown()
+
+
+class NvmlView:
+    """What NVML says about this worker on its GPU: the memory it holds, and the driver version.
+
+    NVML's per-process list reports host PIDs; inside a container's PID namespace our PID does not
+    appear there. Then fall back to the rise in the device's used memory across our own set-up
+    (context, buffers, module or engine), measured before and after it.
+
+    The footprint changes only with set-up, and NVML's process list is a slow call next to a
+    probe (docs/performance.md), so it is asked at most once per REFRESH seconds.
+    """
+
+    REFRESH = 10.0
+
+    def __init__(
+        self, uuid: str, nvml: Any = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._asked_at: float | None = None
+        self._last: int | None = None
+        self.source = "unavailable"
+        self.driver_version = ""
+        self._nvml: Any = None
+        self._handle: Any = None
+        self._baseline: int | None = None
+        self._delta: int | None = None
+        try:
+            if nvml is None:
+                nvml = importlib.import_module("pynvml")
+            nvml.nvmlInit()
+            version = nvml.nvmlSystemGetDriverVersion()
+            self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
+            self._handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+            self._baseline = int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._nvml = nvml
+        except Exception:
+            pass  # NVML missing or failing: the metric is simply absent
+
+    def setup_done(self) -> None:
+        if self._nvml is not None and self._baseline is not None:
+            used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            self._delta = max(0, used - self._baseline)
+
+    def current(self) -> int | None:
+        if self._nvml is None:
+            return None
+        now = self._clock()
+        if self._asked_at is not None and now - self._asked_at < self.REFRESH:
+            return self._last
+        self._asked_at = now
+        self._last = self._ask()
+        return self._last
+
+    def _ask(self) -> int | None:
+        try:
+            for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                    self.source = "nvml_process"
+                    return int(proc.usedGpuMemory)
+        except Exception:
+            pass
+        self.source = "setup_delta" if self._delta is not None else "unavailable"
+        return self._delta
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+
+
+def discover(nvml_module: str = "pynvml") -> list[tuple[int, str, bool, tuple[Target, ...]]]:
+    """(index, UUID, MIG mode, MIG instance targets) of every GPU, in NVML (PCI bus) order."""
+    nvml: Any = importlib.import_module(nvml_module)
+    nvml.nvmlInit()
+    try:
+        found = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            instances = tuple(
+                Target(mig.label, mig_uuid, mig)
+                for _, mig_uuid, mig in mig_devices(nvml, index, handle)
+            )
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            found.append((index, uuid, mig_enabled(nvml, handle), instances))
+        return found
+    finally:
         nvml.nvmlShutdown()

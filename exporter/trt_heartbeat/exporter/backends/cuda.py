@@ -17,8 +17,9 @@ from trt_heartbeat.domain import EngineInfo, Target
 from trt_heartbeat.errors import BackendError, Reason
 from trt_heartbeat.exporter import canonical
 from trt_heartbeat.exporter.backends.base import BackendOptions
-from trt_heartbeat.exporter.backends.gpu_backend import GpuBackend, NvmlView, io_buffers, upload
+from trt_heartbeat.exporter.backends.gpu_backend import GpuBackend, io_buffers, upload
 from trt_heartbeat.exporter.cuda_host import open_host
+from trt_heartbeat.exporter.nvml import NvmlView
 
 KERNEL_NAME = "canonical_mlp"
 _DTYPES = {"fp32": (np.float32, "float"), "fp64": (np.float64, "double")}

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +11,7 @@ from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import BackendError, Reason
 from trt_heartbeat.exporter.backends.base import BackendOptions, MemoryReading, RunResult
 from trt_heartbeat.exporter.cuda_host import CudaHost
+from trt_heartbeat.exporter.nvml import NvmlView
 
 
 @dataclass
@@ -59,75 +55,6 @@ def timed_probe(host: CudaHost, io: IOBuffers, compute: Any) -> tuple[np.ndarray
     record(3)
     host.synchronize()
     return out.copy(), {"h2d": elapsed(0, 1), "compute": elapsed(1, 2), "d2h": elapsed(2, 3)}
-
-
-class NvmlView:
-    """What NVML says about this worker on its GPU: the memory it holds, and the driver version.
-
-    NVML's per-process list reports host PIDs; inside a container's PID namespace our PID does not
-    appear there. Then fall back to the rise in the device's used memory across our own set-up
-    (context, buffers, module or engine), measured before and after it.
-
-    The footprint changes only with set-up, and NVML's process list is a slow call next to a
-    probe (docs/performance.md), so it is asked at most once per REFRESH seconds.
-    """
-
-    REFRESH = 10.0
-
-    def __init__(
-        self, uuid: str, nvml: Any = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._clock = clock
-        self._asked_at: float | None = None
-        self._last: int | None = None
-        self.source = "unavailable"
-        self.driver_version = ""
-        self._nvml: Any = None
-        self._handle: Any = None
-        self._baseline: int | None = None
-        self._delta: int | None = None
-        try:
-            if nvml is None:
-                nvml = importlib.import_module("pynvml")
-            nvml.nvmlInit()
-            version = nvml.nvmlSystemGetDriverVersion()
-            self.driver_version = version.decode() if isinstance(version, bytes) else str(version)
-            self._handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
-            self._baseline = int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-            self._nvml = nvml
-        except Exception:
-            pass  # NVML missing or failing: the metric is simply absent
-
-    def setup_done(self) -> None:
-        if self._nvml is not None and self._baseline is not None:
-            used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-            self._delta = max(0, used - self._baseline)
-
-    def current(self) -> int | None:
-        if self._nvml is None:
-            return None
-        now = self._clock()
-        if self._asked_at is not None and now - self._asked_at < self.REFRESH:
-            return self._last
-        self._asked_at = now
-        self._last = self._ask()
-        return self._last
-
-    def _ask(self) -> int | None:
-        try:
-            for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
-                if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
-                    self.source = "nvml_process"
-                    return int(proc.usedGpuMemory)
-        except Exception:
-            pass
-        self.source = "setup_delta" if self._delta is not None else "unavailable"
-        return self._delta
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
 
 
 class GpuBackend:

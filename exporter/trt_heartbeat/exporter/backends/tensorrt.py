@@ -17,7 +17,7 @@ from trt_heartbeat.domain import EngineInfo, Target
 from trt_heartbeat.errors import BackendError, Reason
 from trt_heartbeat.exporter import canonical
 from trt_heartbeat.exporter.backends.base import BackendOptions
-from trt_heartbeat.exporter.backends.gpu_backend import GpuBackend, NvmlView, io_buffers
+from trt_heartbeat.exporter.backends.gpu_backend import GpuBackend, io_buffers
 from trt_heartbeat.exporter.cuda_host import CudaHost, open_host
 from trt_heartbeat.exporter.engine_cache import (
     EngineCache,
@@ -25,6 +25,7 @@ from trt_heartbeat.exporter.engine_cache import (
     PlanRequest,
     default_cache_dir,
 )
+from trt_heartbeat.exporter.nvml import NvmlView
 
 # Import names, most capable first. The PyPI meta packages provide `tensorrt`/`tensorrt_lean`;
 # the bindings wheels alone provide the *_bindings modules.

@@ -678,8 +678,11 @@ class ExporterHTTPServer(ThreadingHTTPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
-    def start_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+    def start_background(self, poll_interval: float = 0.5) -> threading.Thread:
+        """Serve in a daemon thread; shutdown() returns within `poll_interval`."""
+        thread = threading.Thread(
+            target=self.serve_forever, args=(poll_interval,), name="http", daemon=True
+        )
         thread.start()
         return thread
 

@@ -9,9 +9,9 @@ DEBIAN_PACKAGES := prometheus prometheus-alertmanager victoria-metrics
 
 # Start the exporter with the arguments in ARGS (make run ARGS="--interval 5s"). It installs what
 # running needs, not what the tests need: the base package, plus the gpu extra (and the cuda
-# backend, which needs no prebuilt plan) where a GPU is visible, detected as the exporter does.
-GPU_VISIBLE := $(shell ls -d /proc/driver/nvidia/gpus/* /dev/nvidia[0-9]* /dev/nvgpu \
-                 /dev/nvhost-ctrl-gpu 2>/dev/null | head -n 1)
+# backend, which needs no prebuilt plan) where a GPU is visible, detected by the exporter's own
+# check (standard library only, so it runs before anything is installed).
+GPU_VISIBLE := $(shell python3 exporter/trt_heartbeat/exporter/devices.py 2>/dev/null)
 RUN_EXTRAS := $(if $(GPU_VISIBLE),[gpu])
 RUN_BACKEND := $(if $(GPU_VISIBLE),--backend cuda)
 

@@ -273,7 +273,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests/e2e, `prometheus` for those and every test that starts a Prometheus, Alertmanager or
     VictoriaMetrics server. Tests marked `gpu` run where an NVIDIA GPU is visible
     (docs/gpu-validation.md)."""
-    from trt_heartbeat.exporter.gpus import gpu_visible
+    from trt_heartbeat.exporter.devices import gpu_visible
 
     for item in items:
         if "e2e" in item.path.parts:

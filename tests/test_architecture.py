@@ -85,3 +85,61 @@ def test_the_canary_commands_load_no_daemon_module() -> None:
     ).stdout.split()
     assert any(m.startswith("trt_heartbeat.canary.judge") for m in loaded)
     assert not [m for m in loaded if m.startswith("trt_heartbeat.exporter")]
+
+
+CLICK_MODULES = {
+    "trt_heartbeat.cli",
+    "trt_heartbeat.cliflags",
+    "trt_heartbeat.exporter.commands",
+    "trt_heartbeat.exporter.flags",
+    "trt_heartbeat.canary.judge.command",
+    "trt_heartbeat.canary.guard.command",
+}
+
+
+def test_click_only_at_the_edge() -> None:
+    """Library code raises domain errors; only the command modules speak click."""
+    users = {_module(p) for p in PACKAGE.rglob("*.py") if "click" in _third_party(p)}
+    assert users == CLICK_MODULES
+
+
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+    return found
+
+
+def test_the_exporter_process_loads_no_backend_nor_driver_library() -> None:
+    """Serving composes everything but never imports a backend, CUDA, TensorRT or NVML: those
+    load only in worker and child processes, so they cannot wedge or crash the HTTP server."""
+    code = (
+        "import sys\n"
+        "from trt_heartbeat.cli import cli\n"
+        "from trt_heartbeat.exporter.app import Exporter\n"
+        "from trt_heartbeat.exporter.config import load\n"
+        "settings = load(None, {'backend': 'reference'})\n"
+        "Exporter(settings, 'tensorrt', has_gpu=True)\n"
+        "Exporter(settings, 'cuda', has_gpu=True)\n"
+        "print('\\n'.join(sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "trt_heartbeat.exporter.app" in loaded
+    # The backends' interface (`backends.base`) and NVML's data types (`nvml`) load; no backend
+    # implementation and no driver binding does.
+    implementations = [
+        f"trt_heartbeat.exporter.backends.{name}"
+        for name in ("reference", "cuda", "tensorrt", "gpu_backend")
+    ]
+    forbidden = [
+        m
+        for m in loaded
+        if m in implementations
+        or m.split(".")[0] in ("cuda", "pycuda", "tensorrt", "tensorrt_lean", "pynvml")
+    ]
+    assert forbidden == []

@@ -304,7 +304,7 @@ def test_npd_plugin_exit_codes(tmp_path: Path) -> None:
 def test_make_run_installs_what_running_needs(tmp_path: Path) -> None:
     """`make run` installs the base package (with the gpu extra where a GPU is visible), never
     the test, lint or TensorRT extras: a fresh clone serves /metrics in seconds."""
-    from trt_heartbeat.exporter.gpus import gpu_visible
+    from trt_heartbeat.exporter.devices import gpu_visible
 
     venv = tmp_path / "venv"
     # Not as a sub-make of `make test`: no inherited flags, no "Entering directory" lines.

@@ -21,7 +21,8 @@ from trt_heartbeat.domain import MigInstance, Target
 from trt_heartbeat.errors import ConfigError, Reason, UnknownBackendError
 from trt_heartbeat.exporter import gpus
 from trt_heartbeat.exporter.cuda_host import cuda_failure
-from trt_heartbeat.exporter.gpus import gpu_visible, probes_gpus, select_backend, targets_for
+from trt_heartbeat.exporter.devices import gpu_visible
+from trt_heartbeat.exporter.gpus import probes_gpus, select_backend, targets_for
 from trt_heartbeat.exporter.web.routes import health_report
 
 FOUND = [gpus.FoundGpu(0, "GPU-aaaa"), gpus.FoundGpu(1, "GPU-bbbb")]

@@ -1,7 +1,7 @@
 """Messages between the exporter and a probe worker: pickled, framed, one write each.
 
-multiprocessing's Connection costs about 10-18 µs per small message on a 2-vCPU machine (two reads
-per message, a selector built for every poll), more than the probe's GPU phases; this reads and
+multiprocessing's Connection costs more per small message than the probe's GPU phases take (two
+reads per message, a selector built for every poll; docs/performance.md); this reads and
 writes the same pipe directly, keeps what a read brought beyond one message, and polls through one
 `select.poll` built once.
 """

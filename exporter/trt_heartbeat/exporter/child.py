@@ -1,10 +1,11 @@
-"""A call that may hang or crash, run in a short-lived spawned process under a deadline.
+"""Child processes: how every one of the exporter's is started and ended, and the one-shot call.
 
-Start-up questions that load driver code (which GPUs are there, what a backend class declares)
-are asked here, never in the exporter's own process: a driver that hangs, or a library that
-crashes on import, costs a child process and a clear error, not the HTTP server. The probe
-workers (`worker`) and the NVML poller (`nvml_poller`) are long-lived children with their own
-request loop; this is the one-shot form.
+Whatever may load driver code, hang or crash runs in a spawned child, never in the exporter's
+own process: a probe worker per target (`worker`), the NVML reader (`nvml_poller`), and the
+start-up questions (which GPUs are there, what a backend class declares), asked through
+`call_in_child` under a deadline. Each starts with `spawn` and ends with `reap`, which works on
+a stopped or wedged process where asking cannot. A driver that hangs, or a library that crashes
+on import, costs a child process and a clear error, not the HTTP server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,37 @@ from collections.abc import Callable
 from typing import Any
 
 from trt_heartbeat.errors import HeartbeatError
+
+REAP_GRACE = 2.0  # seconds a killed child gets to be reaped before it is left to the kernel
+
+
+def spawn(
+    target: Callable[..., Any], args: tuple[Any, ...], name: str, context: Any = None
+) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]:
+    """Start `target(conn, *args)` in a spawned daemon process; the parent's end of the pipe."""
+    ctx = context or multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(child, *args), name=name, daemon=True)
+    process.start()
+    child.close()
+    return process, parent
+
+
+def reap(
+    process: multiprocessing.process.BaseProcess | None,
+    conn: multiprocessing.connection.Connection | None,
+) -> None:
+    """SIGKILL a child and release it: works on a stopped or wedged process where asking cannot."""
+    if process is not None:
+        if process.is_alive():
+            process.kill()
+        process.join(REAP_GRACE)
+        # A process stuck in the driver (D state) may outlive SIGKILL; leave it to the kernel
+        # rather than block the caller on it.
+        if process.exitcode is not None:
+            process.close()
+    if conn is not None:
+        conn.close()
 
 
 class ChildError(HeartbeatError):
@@ -42,11 +74,7 @@ def call_in_child(
     `func` and `args` must pickle (a module-level function); an exception inside it comes back
     as ChildError("failed", "<Type>: <message>").
     """
-    ctx = context or multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_run, args=(child, func, args), name=name, daemon=True)
-    process.start()
-    child.close()
+    process, parent = spawn(_run, (func, args), name, context)
     try:
         if not parent.poll(timeout):
             raise ChildError("timeout", f"did not answer within {timeout:g}s")
@@ -54,10 +82,7 @@ def call_in_child(
     except EOFError as exc:
         raise ChildError("died", f"process died (exit code {process.exitcode})") from exc
     finally:
-        if process.is_alive():
-            process.kill()
-        process.join(5)
-        parent.close()
+        reap(process, parent)
     if status != "ok":
         raise ChildError("failed", result)
     return result

@@ -22,8 +22,9 @@ from trt_heartbeat import __version__
 from trt_heartbeat.cliflags import domain_errors_as_bad_input, env_name
 from trt_heartbeat.exporter import logs
 from trt_heartbeat.exporter.app import Exporter, make_telemetry
+from trt_heartbeat.exporter.devices import gpu_visible
 from trt_heartbeat.exporter.flags import config_flags, config_options, load_settings
-from trt_heartbeat.exporter.gpus import gpu_visible, select_backend
+from trt_heartbeat.exporter.gpus import select_backend
 from trt_heartbeat.exporter.one_shot import probe_targets, summary_line
 from trt_heartbeat.exporter.web import config as web_config
 from trt_heartbeat.exporter.web.routes import Routes

@@ -1,6 +1,6 @@
-"""The exporter's config flags: every config key a flag and an environment variable
-(TRT_HEARTBEAT_<FLAG>), checked against the same schema fragment as the key, with the key's
-default in its help. Precedence is flag > environment > file > default.
+"""The exporter's config flags: the config keys that are also a flag and an environment variable
+(TRT_HEARTBEAT_<FLAG>), each checked against the same schema fragment as its key, with the key's
+default (from config.DEFAULTS) in its help. Precedence is flag > environment > file > default.
 """
 
 from __future__ import annotations

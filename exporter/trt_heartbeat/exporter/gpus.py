@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from trt_heartbeat.domain import Target
@@ -153,26 +152,6 @@ def visible_devices(target: Target) -> str:
 
 
 # Where to probe, decided at start-up from the environment and the settings.
-
-NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
-DEV = Path("/dev")
-
-
-def gpu_visible(proc_dir: Path = NVIDIA_PROC, dev_dir: Path = DEV) -> bool:
-    """Whether the NVIDIA driver exposes a GPU here, without loading any CUDA library.
-
-    The NVIDIA container runtime mounts the driver's procfs entries and /dev/nvidiaN nodes of
-    the GPUs a container may see, so this also holds inside Kubernetes pods. A Jetson's
-    integrated GPU has neither: its nodes are /dev/nvgpu/igpu0/* (JetPack 6) or
-    /dev/nvhost-ctrl-gpu (JetPack 5 and older).
-    """
-    try:
-        if any(proc_dir.iterdir()):
-            return True
-    except OSError:
-        pass
-    jetson = (dev_dir / "nvgpu").is_dir() or (dev_dir / "nvhost-ctrl-gpu").exists()
-    return jetson or any(dev_dir.glob("nvidia[0-9]*"))
 
 
 def select_backend(name: str, has_gpu: bool) -> str:

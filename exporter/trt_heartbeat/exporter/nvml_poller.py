@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from trt_heartbeat.exporter.child import reap, spawn
 from trt_heartbeat.exporter.nvml import NvmlSnapshot, reader_main
-from trt_heartbeat.exporter.worker import reap
 
 log = logging.getLogger("trt_heartbeat")
 _SLICE = 0.1
@@ -79,13 +79,9 @@ class NvmlTelemetry:
             self._kill()
 
     def _spawn(self) -> bool:
-        parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(
-            target=reader_main, args=(child, self.module), name="trt-heartbeat-nvml", daemon=True
+        self._process, self._conn = spawn(
+            reader_main, (self.module,), "trt-heartbeat-nvml", self._ctx
         )
-        process.start()
-        child.close()
-        self._process, self._conn = process, parent
         reply = self._receive(STARTUP_TIMEOUT)
         if reply is None or reply[0] != "started":
             self._kill()

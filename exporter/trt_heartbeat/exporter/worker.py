@@ -31,6 +31,7 @@ from trt_heartbeat.exporter.backends import (
     load_backend,
 )
 from trt_heartbeat.exporter.channel import Channel
+from trt_heartbeat.exporter.child import reap, spawn
 from trt_heartbeat.exporter.gpus import visible_devices
 
 _SLICE = 0.1  # seconds between liveness checks while waiting on a worker
@@ -156,8 +157,8 @@ def _memory(backend: Backend) -> MemoryReading:
 
 
 def _pack(result: RunResult) -> tuple[Any, ...]:
-    # Plain values instead of the pickled dataclass and array: that pickle cost ~50 µs more per
-    # round trip on the 2-vCPU development machine, more than a probe's GPU phases take.
+    # Plain values instead of the pickled dataclass and array: that pickle cost more per round
+    # trip than a probe's GPU phases take (docs/performance.md).
     out = np.ascontiguousarray(result.output)
     return ("ok", out.tobytes(), out.dtype.str, out.shape, tuple(result.phases.items()))
 
@@ -190,15 +191,8 @@ class Worker:
         return bool(multiprocessing.connection.wait([self._process.sentinel], max(0.0, timeout)))
 
     def start(self) -> None:
-        parent_conn, child_conn = self._ctx.Pipe()
-        process = self._ctx.Process(
-            target=worker_main,
-            args=(child_conn, self.spec),
-            name=f"trt-heartbeat-worker-{self.spec.target.gpu}",
-            daemon=True,
-        )
-        process.start()
-        child_conn.close()
+        name = f"trt-heartbeat-worker-{self.spec.target.gpu}"
+        process, parent_conn = spawn(worker_main, (self.spec,), name, self._ctx)
         self._process, self._conn = process, parent_conn
         self._channel = Channel(parent_conn.fileno())
 
@@ -307,20 +301,3 @@ class Worker:
         process, conn = self._process, self._conn
         self._process = self._conn = self._channel = None
         reap(process, conn)
-
-
-def reap(
-    process: multiprocessing.process.BaseProcess | None,
-    conn: multiprocessing.connection.Connection | None,
-) -> None:
-    """SIGKILL a child and release it: works on a stopped or wedged process where asking cannot."""
-    if process is not None:
-        if process.is_alive():
-            process.kill()
-        process.join(_CLOSE_GRACE)
-        # A process stuck in the driver (D state) may outlive SIGKILL; leave it to the kernel
-        # rather than block the caller on it.
-        if process.exitcode is not None:
-            process.close()
-    if conn is not None:
-        conn.close()

@@ -1,7 +1,7 @@
 """Renders /metrics as cached bytes: rebuilt only where the state changed since the last scrape.
 
-Formatting the targets' histograms is nearly all of a scrape's CPU (about 6 ms in client_python for
-8 targets' 550 lines), while a probe changes one target's share of them. So each versioned
+Formatting the targets' histograms is nearly all of a scrape's CPU (docs/performance.md has the
+figures), while a probe changes one target's share of them. So each versioned
 collector (one per target, one for the node) is rendered on its own and kept until its version
 changes, and the stitched body of all of them is kept, plain and compressed, until any changes.
 A scrape between changes writes those bytes plus a short tail: the clock-derived families (the
@@ -154,8 +154,8 @@ class GzipMember:
 
     The stable part is compressed once and ends on a byte boundary (a sync flush); each scrape's
     tail follows it in stored deflate blocks, with the member's CRC carried on from the stable
-    part. Compressing the tail instead (a few kB) cost 50-150 µs per scrape, for about 1.3 kB
-    less on the wire (8 targets).
+    part. Compressing the tail instead costs more CPU per scrape than the bytes it saves on the
+    wire are worth (docs/performance.md).
     """
 
     def __init__(self, stable: bytes) -> None:

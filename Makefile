@@ -23,9 +23,10 @@ test: lint
 	$(PY) -m pytest -q
 
 # Tiers for the edit loop (make test runs them all): everything that starts no Prometheus,
-# Alertmanager or VictoriaMetrics server; and the end-to-end stacks alone.
+# Alertmanager or VictoriaMetrics server, on two pytest workers (a file's tests stay on one);
+# and the end-to-end stacks alone.
 test-fast: lint
-	$(PY) -m pytest -q -m "not prometheus"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not prometheus"
 
 test-e2e: deps
 	$(PY) -m pytest -q -m e2e

@@ -44,12 +44,9 @@ def env_name(flag: str) -> str:
 
 def duration_flag(flag: str, value: str) -> float:
     try:
-        seconds = documents.parse_duration(value)
+        return documents.positive_duration(value)
     except ValueError:
-        seconds = 0.0
-    if seconds <= 0:
-        raise BadInput(f"{flag}: expected a duration like 30s, 5m or 1h, got {value!r}")
-    return seconds
+        raise BadInput(f"{flag}: expected a duration like 30s, 5m or 1h, got {value!r}") from None
 
 
 def time_flag(value: str | None) -> float:

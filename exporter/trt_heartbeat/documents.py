@@ -58,6 +58,15 @@ def parse_duration(value: float | int | str) -> float:
     return seconds
 
 
+def positive_duration(value: float | int | str) -> float:
+    """parse_duration that also refuses zero and negative values (ValueError): what a flag
+    naming a time span takes."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"not a positive duration: {value!r}")
+    return seconds
+
+
 def parse_size(value: int | str) -> int:
     """Bytes from a number or a size with a binary unit ("512MiB"); at most MAX_BYTES."""
     if isinstance(value, int) and not isinstance(value, bool):

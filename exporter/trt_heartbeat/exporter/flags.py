@@ -37,12 +37,9 @@ class ConfigValue(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if self.duration:
             try:
-                seconds = documents.parse_duration(value)
+                return documents.positive_duration(value)
             except ValueError:
-                seconds = 0.0
-            if seconds > 0:
-                return seconds
-            self.fail(f"expected {self._expected}, got {value!r}", param, ctx)
+                self.fail(f"expected {self._expected}, got {value!r}", param, ctx)
         try:
             jsonschema.validate(value, self._schema)
         except jsonschema.ValidationError:

@@ -14,6 +14,7 @@ from conftest import cli
 from trt_heartbeat import documents
 from trt_heartbeat.cli import cli as cli_group
 from trt_heartbeat.cli import main
+from trt_heartbeat.domain import BUCKET_SETS, HISTOGRAM_PHASES
 from trt_heartbeat.errors import ConfigError
 from trt_heartbeat.exporter import config
 
@@ -483,3 +484,19 @@ def test_reachable_telemetry_paths_are_accepted(path: str) -> None:
 
 def test_a_1ms_timeout_is_accepted() -> None:
     assert config.load(None, {"timeout": "1ms", "nvml": {"timeout": "1ms"}}).timeout == 0.001
+
+
+def test_every_default_lives_in_the_schema() -> None:
+    """The schema is the one home of the defaults; the code's own (Settings' field defaults,
+    the state's histogram phases) agree with it."""
+    schema = config.schema()
+    missing = []
+    for key, node in schema["properties"].items():
+        children = node.get("properties")
+        for sub, child in (children or {key: node}).items():
+            if "default" not in child and (key, sub) != ("max_age", "max_age"):
+                missing.append(f"{key}.{sub}" if children else key)
+    assert missing == []
+    loaded = config.load()
+    assert loaded.histogram_phases == HISTOGRAM_PHASES == config.Settings.histogram_phases
+    assert loaded.buckets == BUCKET_SETS["default"] == config.Settings.buckets

@@ -6,6 +6,7 @@ path (or file line) and what was expected; unknown keys are errors.
 
 from __future__ import annotations
 
+import copy
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,31 +68,21 @@ MAX_LABEL_VALUE = 1024  # characters
 MIN_TIMEOUT = 0.001  # seconds: the probe and NVML timers do not resolve less
 RESERVED_PATHS = frozenset({"/", "/health", "/ping", "/probes"})
 
-DEFAULTS: dict[str, Any] = {
-    "backend": "auto",
-    "precision": "fp32",
-    "gpus": "all",
-    "cuda_api": "cuda-python",
-    "engine_cache_dir": "",
-    "interval": "10s",
-    "timeout": "5s",
-    "startup_timeout": "5m",
-    "latency_objective": "100ms",
-    "gpu_memory_low_threshold": "512MiB",
-    "jitter": 0.1,
-    "history": 20,
-    "constant_labels": {},
-    "web": {
-        "listen_address": ":9470",
-        "telemetry_path": "/metrics",
-        "hide_hardware_details": False,
-        "config_file": "",
-        "max_requests": 40,
-    },
-    "log": {"level": "info", "format": "text"},
-    "nvml": {"enabled": "auto", "interval": "5s", "timeout": "2s"},
-    "metrics": {"histogram_phases": list(HISTOGRAM_PHASES), "buckets": "default"},
-}
+
+def _defaults(node: dict[str, Any]) -> dict[str, Any]:
+    """The `default` of every key in a schema's properties, nested as the document is."""
+    out: dict[str, Any] = {}
+    for key, child in node.get("properties", {}).items():
+        if "properties" in child:
+            out[key] = _defaults(child)
+        elif "default" in child:
+            out[key] = copy.deepcopy(child["default"])  # never the cached schema's own
+    return out
+
+
+# Every key's default, from the schema (its one home: editors show it, the flags' help shows
+# it). max_age has none: it is three intervals unless set.
+DEFAULTS: dict[str, Any] = _defaults(load_schema("trt_heartbeat.exporter", "config_schema.json"))
 DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
 
 

@@ -1,6 +1,6 @@
 """The exporter's config flags: the config keys that are also a flag and an environment variable
 (TRT_HEARTBEAT_<FLAG>), each checked against the same schema fragment as its key, with the key's
-default (from config.DEFAULTS) in its help. Precedence is flag > environment > file > default.
+default (the schema's, via config.DEFAULTS) in its help. Precedence is flag > environment > file > default.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ListValue(click.ParamType):  # type: ignore[type-arg]
 
 
 # (flag, config key, type, help). The help ends with the key's default, taken from
-# config.DEFAULTS: the one home of every default.
+# config.DEFAULTS, read from the schema: the one home of every default.
 _CONFIG_FLAGS: list[tuple[str, str, click.ParamType[Any], str]] = [
     (
         "--backend",

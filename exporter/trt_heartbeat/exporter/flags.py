@@ -1,6 +1,7 @@
 """The exporter's config flags: the config keys that are also a flag and an environment variable
 (TRT_HEARTBEAT_<FLAG>), each checked against the same schema fragment as its key, with the key's
-default (the schema's, via config.DEFAULTS) in its help. Precedence is flag > environment > file > default.
+default (the schema's, via config.DEFAULTS) in its help. Precedence is flag > environment >
+file > default.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from conftest import Faults, Running, cli, cli_env, free_port, settings, wait_fo
 from trt_heartbeat.domain import MigInstance, Target
 from trt_heartbeat.errors import ConfigError, Reason, UnknownBackendError
 from trt_heartbeat.exporter import gpus
+from trt_heartbeat.exporter.backends import REGISTRY, declared_gpu_use, load_backend
 from trt_heartbeat.exporter.cuda_host import cuda_failure
 from trt_heartbeat.exporter.devices import gpu_visible
 from trt_heartbeat.exporter.gpus import probes_gpus, select_backend, targets_for
@@ -328,3 +329,12 @@ def test_a_malformed_mig_uuid_exits_2_alike_everywhere(
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
     assert "or MIG instance UUIDs (MIG-...)" in result.stderr and value in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_the_registry_says_what_each_built_in_class_declares(name: str) -> None:
+    """Start-up reads a built-in backend's `probes_gpus` from the registry (no child process):
+    it must be what the class itself declares, as a backend of your own is asked."""
+    registered = REGISTRY[name]
+    assert load_backend(registered.spec).probes_gpus is registered.probes_gpus
+    assert declared_gpu_use(registered.spec) is registered.probes_gpus

@@ -1,8 +1,8 @@
-"""Wires settings, probe loops, the collector and the reports the HTTP server serves."""
+"""The composition root: wires settings, targets, probe loops, NVML telemetry and the collectors
+into the Exporter that the HTTP routes (`web.routes`) read."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,8 +18,6 @@ from trt_heartbeat.exporter.scheduler import Scheduler, TargetLoop, WorkerFactor
 from trt_heartbeat.exporter.state import TargetSnapshot, TargetState
 from trt_heartbeat.exporter.web.exposition import Exposition
 from trt_heartbeat.exporter.worker import Worker, WorkerSpec
-
-log = logging.getLogger("trt_heartbeat")
 
 NO_TELEMETRY = TelemetryState(up=False, last_success=None, snapshot=None)
 

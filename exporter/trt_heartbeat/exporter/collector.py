@@ -2,7 +2,7 @@
 
 Nothing here waits on a worker or touches a GPU. `NodeCollector` (configuration, versions, NVML)
 and one `TargetCollector` per target yield what depends only on recorded state, so a rendering
-can be reused until a probe, a worker load or an NVML read changes it (see exposition.py);
+can be reused until a probe, a worker load or an NVML read changes it (see web/exposition.py);
 `ClockCollector` yields the few families that also depend on the time of the scrape.
 """
 

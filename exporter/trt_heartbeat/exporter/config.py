@@ -81,7 +81,8 @@ def _defaults(node: dict[str, Any]) -> dict[str, Any]:
 
 
 # Every key's default, from the schema (its one home: editors show it, the flags' help shows
-# it). max_age has none: it is three intervals unless set.
+# it). Two are computed instead: max_age (three intervals) and engine_cache_dir (under
+# $XDG_CACHE_HOME, which `check-config` prints).
 DEFAULTS: dict[str, Any] = _defaults(load_schema("trt_heartbeat.exporter", "config_schema.json"))
 DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
 
@@ -326,7 +327,7 @@ def load(path: Path | None = None, overrides: dict[str, Any] | None = None) -> S
         precision=merged["precision"],
         gpus=merged["gpus"],
         cuda_api=merged["cuda_api"],
-        engine_cache_dir=merged["engine_cache_dir"],
+        engine_cache_dir=merged.get("engine_cache_dir", ""),
         interval=seconds["interval"],
         timeout=seconds["timeout"],
         startup_timeout=seconds["startup_timeout"],

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trt_heartbeat.domain import Target
 from trt_heartbeat.errors import ConfigError, HeartbeatError
 from trt_heartbeat.exporter.backends import declared_gpu_use, resolve_spec
 from trt_heartbeat.exporter.child import ChildError, call_in_child
-from trt_heartbeat.exporter.config import Settings
+
+if TYPE_CHECKING:  # workers import this module: keep config (jsonschema, yaml) out of them
+    from trt_heartbeat.exporter.config import Settings
 
 log = logging.getLogger("trt_heartbeat")
 
@@ -169,9 +171,10 @@ def select_backend(name: str, has_gpu: bool) -> str:
 def probes_gpus(backend: str, settings: Settings, has_gpu: bool) -> bool:
     """Whether a backend's targets are the GPUs (one worker each, bound to its GPU) or the host.
 
-    As the backend class declares (`probes_gpus`, read in a child process: the exporter never
-    imports a backend); a backend of your own that does not say probes the GPUs wherever one
-    is visible or `gpus` names some, the host elsewhere.
+    As the backend class declares (`probes_gpus`: the registry's for a built-in one, read in a
+    child process for one of your own, as the exporter never imports a backend); one of your
+    own that does not say probes the GPUs wherever one is visible or `gpus` names some, the
+    host elsewhere.
     """
     declared = declared_gpu_use(resolve_spec(backend))
     return declared if declared is not None else has_gpu or settings.gpus != "all"

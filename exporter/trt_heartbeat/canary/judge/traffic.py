@@ -1,5 +1,5 @@
 """canary-judge on the service's own traffic: requests, errors, latency, prediction drift and GPU
-memory per version, read through a source (service/source.py), compared per route (the
+memory per version, read through a source (guard/source.py), compared per route (the
 source's `by` labels, e.g. Triton's model).
 
 Roles come from the rule pack, as the alerts see them: `service_version:service_track:info` says

@@ -1,12 +1,14 @@
 """Probe backends, looked up by name and imported lazily.
 
-The exporter's parent process never imports a backend: only worker processes do, so CUDA,
-TensorRT and NVML code can never wedge or crash the HTTP server.
+The exporter's own process never imports a backend: only child processes do (the probe workers,
+and the short-lived one that reads a backend of your own's `probes_gpus`), so CUDA, TensorRT
+and NVML code can never wedge or crash the HTTP server.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from functools import cache
 from typing import cast
 
@@ -21,11 +23,21 @@ from trt_heartbeat.exporter.backends.base import (
 )
 from trt_heartbeat.exporter.child import ChildError, call_in_child
 
-# name -> "module:attribute"; modules are imported only inside worker processes.
-REGISTRY: dict[str, str] = {
-    "reference": "trt_heartbeat.exporter.backends.reference:ReferenceBackend",
-    "cuda": "trt_heartbeat.exporter.backends.cuda:CudaBackend",
-    "tensorrt": "trt_heartbeat.exporter.backends.tensorrt:TensorRTBackend",
+
+@dataclass(frozen=True)
+class Registered:
+    """A built-in backend: its import spec, and its class's `probes_gpus` as data, so that
+    start-up needs no child process for it (tests/test_gpu_selection.py keeps the two equal)."""
+
+    spec: str
+    probes_gpus: bool
+
+
+# name -> the built-in backend; modules are imported only inside child processes.
+REGISTRY: dict[str, Registered] = {
+    "reference": Registered("trt_heartbeat.exporter.backends.reference:ReferenceBackend", False),
+    "cuda": Registered("trt_heartbeat.exporter.backends.cuda:CudaBackend", True),
+    "tensorrt": Registered("trt_heartbeat.exporter.backends.tensorrt:TensorRTBackend", True),
 }
 # A backend that does not answer within this is asked no further; its workers report why.
 DECLARATION_TIMEOUT = 30.0
@@ -41,7 +53,7 @@ def resolve_spec(name: str) -> str:
     Besides the registered names, a `package.module:Class` spec loads a backend of your own.
     """
     if name in REGISTRY:
-        return REGISTRY[name]
+        return REGISTRY[name].spec
     if ":" in name:
         module, _, attr = name.partition(":")
         if module and attr:
@@ -53,7 +65,7 @@ def resolve_spec(name: str) -> str:
 
 
 def load_backend(spec: str) -> BackendFactory:
-    """Import a backend class from its spec (call only inside a worker process)."""
+    """Import a backend class from its spec (call only inside a child process)."""
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -69,8 +81,12 @@ def _declared(spec: str) -> bool | None:
 
 @cache
 def declared_gpu_use(spec: str) -> bool | None:
-    """A backend class's `probes_gpus`, read in a short-lived child process (never imported
-    here); None where it does not say or cannot be loaded (its workers then say why)."""
+    """A backend class's `probes_gpus`: from the registry for a built-in one, else read in a
+    short-lived child process (never imported here); None where it does not say or cannot be
+    loaded (its workers then say why)."""
+    builtin = next((r for r in REGISTRY.values() if r.spec == spec), None)
+    if builtin is not None:
+        return builtin.probes_gpus
     try:
         declared: bool | None = call_in_child(
             _declared, spec, timeout=DECLARATION_TIMEOUT, name="backend-declaration"
@@ -89,6 +105,7 @@ __all__ = [
     "EngineInfo",
     "MemoryReading",
     "MigInstance",
+    "Registered",
     "RunResult",
     "Target",
     "declared_gpu_use",

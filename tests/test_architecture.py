@@ -32,8 +32,9 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """The package modules a file imports, at top level or inside functions."""
+def _imported(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions (for `from m import n`,
+    both m and m.n: n may be a module)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -41,7 +42,12 @@ def _imports(path: Path) -> set[str]:
             found.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
-    return {m for m in found if m.startswith("trt_heartbeat.") and _exists(m)}
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules a file imports."""
+    return {m for m in _imported(path) if m.startswith("trt_heartbeat.") and _exists(m)}
 
 
 def _exists(module: str) -> bool:
@@ -99,18 +105,12 @@ CLICK_MODULES = {
 
 def test_click_only_at_the_edge() -> None:
     """Library code raises domain errors; only the command modules speak click."""
-    users = {_module(p) for p in PACKAGE.rglob("*.py") if "click" in _third_party(p)}
+    users = {
+        _module(p)
+        for p in PACKAGE.rglob("*.py")
+        if "click" in {m.split(".")[0] for m in _imported(p)}
+    }
     assert users == CLICK_MODULES
-
-
-def _third_party(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[0] for a in node.names)
-    return found
 
 
 def test_the_exporter_process_loads_no_backend_nor_driver_library() -> None:

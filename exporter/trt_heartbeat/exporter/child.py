@@ -50,18 +50,19 @@ def reap(
 
 
 class ChildError(HeartbeatError):
-    """The call did not return a value: `kind` says why (timeout, died, failed)."""
+    """The call did not return a value: `kind` says why (timeout, died, failed). For `failed`,
+    `message` is the exception's own text and the error reads "<Type>: <message>"."""
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: str, detail: str, message: str = "") -> None:
         super().__init__(detail)
-        self.kind = kind
+        self.kind, self.message = kind, message or detail
 
 
 def _run(conn: multiprocessing.connection.Connection, func: Callable[..., Any], args: Any) -> None:
     try:
         result = func(*args)
     except Exception as exc:
-        conn.send(("failed", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
+        conn.send(("failed", (type(exc).__name__, str(exc))))
     else:
         conn.send(("ok", result))
 
@@ -72,7 +73,7 @@ def call_in_child(
     """func(*args) in a spawned process; its return value, or ChildError.
 
     `func` and `args` must pickle (a module-level function); an exception inside it comes back
-    as ChildError("failed", "<Type>: <message>").
+    as ChildError("failed", …) carrying its message.
     """
     process, parent = spawn(_run, (func, args), name, context)
     try:
@@ -84,5 +85,6 @@ def call_in_child(
     finally:
         reap(process, parent)
     if status != "ok":
-        raise ChildError("failed", result)
+        kind, message = result
+        raise ChildError("failed", f"{kind}: {message}" if message else kind, message)
     return result

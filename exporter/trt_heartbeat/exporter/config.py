@@ -69,6 +69,10 @@ MIN_TIMEOUT = 0.001  # seconds: the probe and NVML timers do not resolve less
 RESERVED_PATHS = frozenset({"/", "/health", "/ping", "/probes"})
 
 
+def schema() -> dict[str, Any]:
+    return load_schema("trt_heartbeat.exporter", "config_schema.json")
+
+
 def _defaults(node: dict[str, Any]) -> dict[str, Any]:
     """The `default` of every key in a schema's properties, nested as the document is."""
     out: dict[str, Any] = {}
@@ -83,7 +87,7 @@ def _defaults(node: dict[str, Any]) -> dict[str, Any]:
 # Every key's default, from the schema (its one home: editors show it, the flags' help shows
 # it). Two are computed instead: max_age (three intervals) and engine_cache_dir (under
 # $XDG_CACHE_HOME, which `check-config` prints).
-DEFAULTS: dict[str, Any] = _defaults(load_schema("trt_heartbeat.exporter", "config_schema.json"))
+DEFAULTS: dict[str, Any] = _defaults(schema())
 DURATION_KEYS = ("interval", "timeout", "startup_timeout", "max_age", "latency_objective")
 
 
@@ -159,10 +163,6 @@ class Settings:
                 "buckets": self.bucket_set or [format_duration(b) for b in self.buckets],
             },
         }
-
-
-def schema() -> dict[str, Any]:
-    return load_schema("trt_heartbeat.exporter", "config_schema.json")
 
 
 def validate(document: dict[str, Any], source: str = "") -> None:

@@ -24,9 +24,10 @@ def visible_gpu_node(proc_dir: Path = NVIDIA_PROC, dev_dir: Path = DEV) -> Path 
         entry = None
     if entry is not None:
         return entry
-    for node in (dev_dir / "nvgpu", dev_dir / "nvhost-ctrl-gpu"):
-        if node.is_dir() if node.name == "nvgpu" else node.exists():
-            return node
+    if (dev_dir / "nvgpu").is_dir():  # JetPack 6
+        return dev_dir / "nvgpu"
+    if (dev_dir / "nvhost-ctrl-gpu").exists():  # JetPack 5 and older
+        return dev_dir / "nvhost-ctrl-gpu"
     return next(iter(sorted(dev_dir.glob("nvidia[0-9]*"))), None)
 
 

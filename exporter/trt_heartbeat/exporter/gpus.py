@@ -92,8 +92,7 @@ def discover(
         )
     except ChildError as exc:
         if exc.kind == "failed":
-            detail = str(exc).removeprefix("DiscoveryError: ")
-            raise DiscoveryError(f"GPU discovery failed: {detail}") from exc
+            raise DiscoveryError(f"GPU discovery failed: {exc.message}") from exc
         raise DiscoveryError(f"GPU discovery {exc}") from exc
     return list(found)
 
